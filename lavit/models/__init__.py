@@ -1,0 +1,34 @@
+"""LaViT model code: attention operators, the DP loss, and the timm-registered model family."""
+
+from .attention import AttentionDownsample, LessAttention, VanillaAttention
+from .lavit import (
+    LAVIT_CONFIGS,
+    AttentionRecord,
+    LaViT,
+    LaViTOutput,
+    checkpoint_filter_fn,
+    lavit_base,
+    lavit_cifar,
+    lavit_small,
+    lavit_tiny,
+    load_checkpoint_resized,
+)
+from .losses import attention_dp_loss, diagonality_preserving_loss
+
+__all__ = [
+    "LAVIT_CONFIGS",
+    "AttentionDownsample",
+    "AttentionRecord",
+    "LaViT",
+    "LaViTOutput",
+    "LessAttention",
+    "VanillaAttention",
+    "attention_dp_loss",
+    "checkpoint_filter_fn",
+    "diagonality_preserving_loss",
+    "lavit_base",
+    "lavit_cifar",
+    "lavit_small",
+    "lavit_tiny",
+    "load_checkpoint_resized",
+]
