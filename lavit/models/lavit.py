@@ -270,13 +270,13 @@ def _validate_config(
             )
     if any(d < 1 for d in depths):
         raise ValueError(f"depths must be ≥ 1 per stage, got {list(depths)}")
-    for m, (va, depth) in enumerate(zip(num_va_layers, depths)):
+    for m, (va, depth) in enumerate(zip(num_va_layers, depths, strict=True)):
         if not 1 <= va <= depth:
             raise ValueError(
                 f"num_va_layers[{m}] = {va} is not allowed: each stage needs 1 ≤ num_va_layers ≤ its depth "
                 f"({depth}); num_va_layers = depth means no LA layer in that stage"
             )
-    for m, (dim, heads) in enumerate(zip(embed_dims, num_heads)):
+    for m, (dim, heads) in enumerate(zip(embed_dims, num_heads, strict=True)):
         if heads < 1 or dim % heads != 0:
             raise ValueError(
                 f"embed_dims[{m}] = {dim} must be divisible by num_heads[{m}] = {heads} (≥ 1)"
@@ -478,19 +478,23 @@ class LaViT(nn.Module):
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _run_stages(self, x: torch.Tensor, collect: Literal["none", "la", "all"], stages=None):
-        """Yields ``(stage index, feature map, records)`` stage by stage."""
+    def _forward_stages(
+        self, x: torch.Tensor, collect: Literal["none", "la", "all"] = "none", stages=None
+    ) -> tuple[list[torch.Tensor], list[AttentionRecord]]:
+        """Runs the stages; returns every stage's output map and the recorded attentions."""
+        features, records = [], []
         prev_scores, prev_grids = None, None
-        for m, stage in enumerate(self.stages if stages is None else stages):
-            x, prev_scores, records = stage(x, prev_scores, prev_grids, collect)
+        for stage in self.stages if stages is None else stages:
+            x, prev_scores, stage_records = stage(x, prev_scores, prev_grids, collect)
             prev_grids = (stage.grid, stage.key_grid)
-            yield m, x, records
+            features.append(x)
+            records.extend(stage_records)
+        return features, records
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) → last stage map (B, C4, H/32, W/32)."""
-        for _, x, _ in self._run_stages(x, "none"):
-            pass
-        return x
+        features, _ = self._forward_stages(x)
+        return features[-1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
@@ -515,11 +519,9 @@ class LaViT(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[: max_index + 1] if stop_early else self.stages
-        intermediates = []
-        for m, x, _ in self._run_stages(x, "none", stages):
-            if m in take_indices:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
+        features, _ = self._forward_stages(x, stages=stages)
+        intermediates = [features[m] for m in take_indices]
+        return intermediates if intermediates_only else (features[-1], intermediates)
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
@@ -547,10 +549,8 @@ class LaViT(nn.Module):
             if (collect_attn or (want_dp and self.dp_loss_layers == "all"))
             else ("la" if want_dp else "none")
         )
-        records: list[AttentionRecord] = []
-        for _, x, stage_records in self._run_stages(x, collect):
-            records.extend(stage_records)
-        logits = self.forward_head(x)
+        features, records = self._forward_stages(x, collect)
+        logits = self.forward_head(features[-1])
         dp = None
         if want_dp:
             covered = [r for r in records if self.dp_loss_layers == "all" or r.kind == "la"]
