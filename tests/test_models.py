@@ -1,0 +1,404 @@
+"""The model library: the maths of each layer, the loss, the switches and the timm API."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import lavit  # noqa: F401  (registers the models)
+from lavit.models import LaViT, LessAttention, VanillaAttention, diagonality_preserving_loss
+from lavit.models.attention import AttentionDownsample
+from lavit.models.lavit import LABlock, checkpoint_filter_fn, resize_token_mixing
+from lavit.models.losses import attention_dp_loss, region_attention
+
+# A small 32×32 configuration with LA layers in every stage, for fast tests.
+SMALL = dict(
+    img_size=32,
+    stem_stride=2,
+    embed_dims=(16, 32, 48, 64),
+    depths=(2, 2, 3, 2),
+    num_heads=(1, 2, 3, 4),
+    mlp_ratios=(2, 2, 2, 2),
+    sr_ratios=(4, 2, 1, 1),
+    num_va_layers=(1, 1, 1, 1),
+    num_classes=7,
+)
+
+
+def small_model(**overrides) -> LaViT:
+    torch.manual_seed(0)
+    return LaViT(**{**SMALL, **overrides})
+
+
+# --- Less-Attention ------------------------------------------------------------------------------
+
+
+def test_identity_less_attention_reproduces_given_attention_exactly():
+    la = LessAttention(dim=12, num_heads=3, num_queries=16, num_keys=4, sr_ratio=2, init="identity")
+    scores = torch.randn(2, 3, 16, 4) * 5
+    transformed = la.transform(scores)
+    assert torch.equal(transformed, scores)
+    _, out_scores, probs = la(torch.randn(2, 16, 12), (4, 4), scores)
+    assert torch.equal(probs, scores.softmax(-1))
+    assert torch.equal(out_scores, scores)
+
+
+def test_random_less_attention_matches_plain_recomputation():
+    torch.manual_seed(1)
+    la = LessAttention(dim=8, num_heads=2, num_queries=9, num_keys=9, init="random")
+    scores = torch.randn(3, 2, 9, 9)
+    got = la.transform(scores)
+    psi, theta, b_theta = la.psi.detach(), la.theta.detach(), la.theta_bias.detach()
+    for b in range(3):
+        for h in range(2):
+            # Ψ(Θ(S)ᵀ)ᵀ with nn.Linear semantics y = x Wᵀ + b, written out literally.
+            theta_out = scores[b, h] @ theta.T + b_theta  # Θ on the key axis
+            expected = (theta_out.T @ psi.T).T  # Ψ on the query axis (no bias)
+            torch.testing.assert_close(got[b, h], expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                got[b, h], psi @ scores[b, h] @ theta.T + torch.outer(psi.sum(1), b_theta)
+            )
+
+
+def test_identity_la_layers_in_a_model_reuse_the_va_attention():
+    model = small_model().eval()
+    with torch.no_grad():
+        records = model.forward_with_aux(torch.randn(2, 3, 32, 32), collect_attn=True).attentions
+    by_stage: dict[int, list] = {}
+    for r in records:
+        by_stage.setdefault(r.stage, []).append(r)
+    for stage, recs in by_stage.items():
+        va = recs[0]
+        assert va.kind == "va"
+        for la in recs[1:]:
+            assert la.kind == "la"
+            assert torch.equal(la.probs, va.probs), f"stage {stage} layer {la.layer}"
+
+
+def test_attn_state_probs_hands_softmax_to_first_la_layer():
+    model = small_model(attn_state="probs").eval()
+    with torch.no_grad():
+        records = model.forward_with_aux(torch.randn(1, 3, 32, 32), collect_attn=True).attentions
+    va, la = records[0], records[1]
+    assert (va.kind, la.kind) == ("va", "la")
+    # identity Ψ/Θ: the LA layer's scores are the VA probabilities, so its probs are softmax(probs)
+    torch.testing.assert_close(la.probs, va.probs.softmax(-1))
+
+
+def test_vanilla_attention_scores_match_fused_path():
+    torch.manual_seed(2)
+    attn = VanillaAttention(dim=16, num_heads=2, sr_ratio=2).eval()
+    x = torch.randn(2, 16, 16)
+    bias = torch.randn(2, 2, 16, 4)
+    explicit, scores, probs = attn(x, (4, 4), bias, return_scores=True)
+    fused, none_scores, _ = attn(x, (4, 4), bias, return_scores=False)
+    assert none_scores is None
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs, scores.softmax(-1))
+    assert scores.shape == (2, 2, 16, 4)  # (B, H, N, N')
+
+
+# --- residual attention downsampling -------------------------------------------------------------
+
+
+def test_attention_downsample_starts_as_2x2_average_and_head_average():
+    down = AttentionDownsample(in_heads=2, out_heads=3)
+    scores = torch.randn(1, 2, 16, 4)  # 4×4 query grid, 2×2 key grid
+    out = down(scores, (4, 4), (2, 2), (2, 2))
+    assert out.shape == (1, 3, 4, 4)
+    grid = scores.reshape(1, 2, 4, 4, 4)  # (B, H, h, w, N')
+    pooled = grid.reshape(1, 2, 2, 2, 2, 2, 4).mean(dim=(3, 5)).reshape(1, 2, 4, 4)
+    expected = pooled.mean(dim=1, keepdim=True).expand(1, 3, 4, 4)
+    torch.testing.assert_close(out, expected)
+
+
+def test_residual_downsampling_changes_next_stage_attention():
+    torch.manual_seed(0)
+    on = small_model(residual_attn_downsample=True).eval()
+    off = small_model(residual_attn_downsample=False).eval()
+    off.load_state_dict(on.state_dict(), strict=False)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        rec_on = on.forward_with_aux(x, collect_attn=True).attentions
+        rec_off = off.forward_with_aux(x, collect_attn=True).attentions
+    assert torch.equal(rec_on[0].probs, rec_off[0].probs)  # stage 1 has no residual
+    first_stage2 = next(i for i, r in enumerate(rec_on) if r.stage == 1)
+    assert not torch.allclose(rec_on[first_stage2].probs, rec_off[first_stage2].probs)
+
+
+# --- DP loss -------------------------------------------------------------------------------------
+
+A2 = torch.tensor([[0.5, 0.5], [0.2, 0.8]])
+A3 = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.0, 0.5, 0.5]])
+
+
+def test_dp_loss_hand_computed_2x2():
+    # asymmetry Σ|A_ij − A_ji| = 2·|0.5 − 0.2| = 0.6
+    # paper diagonal term Σ_i (A_ii − Σ_{j≠i} A_ij) = (0.5 − 0.5) + (0.8 − 0.2) = 0.6 → (0.6 + 0.6) / 2
+    assert diagonality_preserving_loss(A2, "paper").item() == pytest.approx(0.6)
+    # corrected diagonal term Σ_i (Σ_{j≠i} A_ij − A_ii + 1) / 2 = 0.5 + 0.2 = 0.7 → (0.6 + 0.7) / 2
+    assert diagonality_preserving_loss(A2, "corrected").item() == pytest.approx(0.65)
+
+
+def test_dp_loss_hand_computed_3x3():
+    # asymmetry: pairs (0,1) 0.1, (0,2) 0.1, (1,2) 0.4, each counted twice → 1.2
+    # paper: Σ_i (2·A_ii − off_i) = (1.2 − 0.4) + (1.4 − 0.3) + (1.0 − 0.5) = 2.4 → (1.2 + 2.4) / 3 = 1.2
+    assert diagonality_preserving_loss(A3, "paper").item() == pytest.approx(1.2)
+    # corrected: Σ_i (off_i − 2·A_ii + 2) / 3 = (0.4 − 1.2 + 2 + 0.3 − 1.4 + 2 + 0.5 − 1.0 + 2) / 3 = 1.2
+    # → (1.2 + 1.2) / 3 = 0.8
+    assert diagonality_preserving_loss(A3, "corrected").item() == pytest.approx(0.8)
+
+
+def test_dp_loss_averages_over_leading_dims():
+    stacked = torch.stack([A2, torch.eye(2)])
+    assert diagonality_preserving_loss(stacked, "corrected").item() == pytest.approx(0.65 / 2)
+
+
+def test_corrected_dp_loss_zero_on_identity_and_grows_off_diagonal():
+    n = 6
+    eye = torch.eye(n)
+    assert diagonality_preserving_loss(eye, "corrected").item() == 0.0
+    shift = torch.roll(eye, 1, dims=1)  # all mass on the next token: asymmetric and off-diagonal
+    uniform = torch.full((n, n), 1.0 / n)  # symmetric, off-diagonal
+    for target in (shift, uniform):
+        values = [
+            diagonality_preserving_loss((1 - t) * eye + t * target, "corrected").item()
+            for t in (0.0, 0.25, 0.5, 0.75, 1.0)
+        ]
+        assert all(b > a for a, b in zip(values, values[1:], strict=False)), values
+
+
+def test_corrected_dp_loss_bounded_on_row_stochastic_input():
+    torch.manual_seed(0)
+    for n in (2, 7, 49, 196):
+        probs = (torch.randn(8, n, n) * 10).softmax(-1)
+        loss = diagonality_preserving_loss(probs, "corrected").item()
+        assert 0.0 <= loss < 3.0
+    # the printed form is not: it rewards a larger diagonal with a larger loss
+    assert diagonality_preserving_loss(torch.eye(4), "paper") > diagonality_preserving_loss(
+        torch.full((4, 4), 0.25), "paper"
+    )
+
+
+def test_region_attention_pools_queries_and_stays_row_stochastic():
+    probs = torch.rand(2, 3, 16, 4).softmax(-1)  # 4×4 queries, 2×2 keys
+    region = region_attention(probs, (4, 4), (2, 2))
+    assert region.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(region.sum(-1), torch.ones(2, 3, 4))
+    top_left = probs[:, :, [0, 1, 4, 5]].mean(2)  # queries of the top-left 2×2 region
+    torch.testing.assert_close(region[:, :, 0], top_left)
+    assert attention_dp_loss(probs, (4, 4), (2, 2)).ndim == 0
+
+
+def test_unknown_dp_variant_raises():
+    with pytest.raises(ValueError, match="dp_loss_variant"):
+        diagonality_preserving_loss(A2, "nope")
+
+
+# --- gradients and switches ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dp_loss_layers", ["la", "all"])
+def test_every_parameter_receives_a_gradient_with_all_components_on(dp_loss_layers):
+    model = small_model(
+        la_init="random",
+        residual_attn_downsample=True,
+        dp_loss_weight=0.1,
+        dp_loss_layers=dp_loss_layers,
+        drop_path_rate=0.1,
+    )
+    model.train()
+    out = model.forward_with_aux(torch.randn(2, 3, 32, 32))
+    assert out.dp_loss is not None and out.dp_loss.requires_grad
+    (torch.nn.functional.cross_entropy(out.logits, torch.tensor([1, 2])) + out.dp_loss).backward()
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)
+    ]
+    assert missing == []
+
+
+def test_switching_components_off_removes_their_parameters():
+    names = lambda m: {n for n, _ in m.named_parameters()}  # noqa: E731
+    full = names(small_model())
+    assert any(".attn_downsample." in n for n in full)
+    assert any(n.endswith(".psi") for n in full)
+    no_residual = names(small_model(residual_attn_downsample=False))
+    assert not any(".attn_downsample." in n for n in no_residual)
+    all_va = small_model(num_va_layers=SMALL["depths"])
+    assert not any(n.endswith((".psi", ".theta", ".theta_bias")) for n in names(all_va))
+    assert not any(isinstance(m, LABlock) for m in all_va.modules())
+    # with λ = 0 the DP loss is not computed at all
+    assert small_model().forward_with_aux(torch.randn(1, 3, 32, 32)).dp_loss is None
+
+
+def test_num_va_layers_sets_la_blocks_per_stage():
+    model = small_model(num_va_layers=(2, 1, 2, 1))
+    la_per_stage = [sum(isinstance(b, LABlock) for b in s.blocks) for s in model.stages]
+    assert la_per_stage == [0, 1, 1, 1]
+
+
+def test_la_init_switch():
+    eye = small_model(la_init="identity")
+    rnd = small_model(la_init="random")
+    la_eye = next(m for m in eye.modules() if isinstance(m, LessAttention))
+    la_rnd = next(m for m in rnd.modules() if isinstance(m, LessAttention))
+    assert torch.equal(la_eye.psi, torch.eye(la_eye.psi.shape[0]))
+    assert not torch.equal(la_rnd.psi, torch.eye(la_rnd.psi.shape[0]))
+
+
+def test_no_weight_decay_lists_pos_embed_and_transforms():
+    nwd = small_model().no_weight_decay()
+    assert "stages.0.pos_embed" in nwd
+    assert any(n.endswith(".psi") for n in nwd) and any(n.endswith(".theta") for n in nwd)
+
+
+# --- shapes, timm API, resizing ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, size, strides",
+    [
+        ("lavit_tiny", 224, (4, 8, 16, 32)),
+        ("lavit_small", 224, (4, 8, 16, 32)),
+        ("lavit_base", 224, (4, 8, 16, 32)),
+        ("lavit_cifar", 32, (2, 4, 8, 16)),
+    ],
+)
+def test_variant_output_and_intermediate_shapes(name, size, strides):
+    model = timm.create_model(name, num_classes=10).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        logits = model(x)
+        final, feats = model.forward_intermediates(x)
+    assert logits.shape == (1, 10)
+    assert [f.shape[1] for f in feats] == [info["num_chs"] for info in model.feature_info]
+    assert [size // f.shape[-1] for f in feats] == list(strides)
+    assert [info["reduction"] for info in model.feature_info] == list(strides)
+    assert final.shape == feats[-1].shape
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (
+        1,
+        model.num_features,
+    )
+
+
+def test_features_only_and_intermediate_selection():
+    model = timm.create_model("lavit_cifar", features_only=True, out_indices=(1, 3))
+    feats = model(torch.randn(2, 3, 32, 32))
+    assert [tuple(f.shape) for f in feats] == [(2, 64, 8, 8), (2, 256, 2, 2)]
+    full = timm.create_model("lavit_cifar")
+    only = full.forward_intermediates(
+        torch.randn(1, 3, 32, 32), indices=[0], intermediates_only=True, stop_early=True
+    )
+    assert len(only) == 1 and only[0].shape == (1, 32, 16, 16)
+
+
+def test_cifar_variant_keeps_la_layers_on_more_than_one_token():
+    model = timm.create_model("lavit_cifar")
+    for stage in model.stages[2:]:
+        las = [b for b in stage.blocks if isinstance(b, LABlock)]
+        assert las, f"stage {stage.stage_index + 1} has no LA layer"
+        assert all(b.attn.psi.shape[0] > 1 for b in las)
+
+
+def test_forward_at_second_size_after_set_input_size():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
+    model.set_input_size(64)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == before.shape and torch.isfinite(out).all()
+    la = next(m for m in model.modules() if isinstance(m, LessAttention))
+    assert la.psi.shape == (32 * 32, 32 * 32)  # stage 1 at 64² with a stride-2 stem
+    with pytest.raises(ValueError, match="img_size"):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_checkpoint_at_another_size_loads_with_resizing():
+    small = small_model()
+    big = LaViT(**{**SMALL, "img_size": 64})
+    state = checkpoint_filter_fn(small.state_dict(), big)
+    big.load_state_dict(state)  # strict: every shape now matches
+    torch.testing.assert_close(
+        big.stages[3].blocks[0].attn.q.weight, small.stages[3].blocks[0].attn.q.weight
+    )
+    assert torch.isfinite(big(torch.randn(1, 3, 64, 64))).all()
+
+
+def test_resized_token_mixing_keeps_row_sums():
+    psi = torch.rand(16, 16)
+    resized = resize_token_mixing(psi, (4, 4), (8, 8))
+    assert resized.shape == (64, 64)
+    # mixing a constant map gives (about) the same constants after resizing
+    torch.testing.assert_close(resized.sum(1).mean(), psi.sum(1).mean(), rtol=0.05, atol=0.05)
+
+
+# --- published size -------------------------------------------------------------------------------
+
+PUBLISHED = {
+    "lavit_tiny": (10.9e6, 1.6e9),
+    "lavit_small": (22.4e6, 3.3e9),
+    "lavit_base": (39.6e6, 6.1e9),
+}
+
+
+def count_params_and_macs(name: str) -> tuple[int, float]:
+    """Parameters and MACs at 224², 1000 classes; MACs = FLOPs / 2 of every matmul and conv."""
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=1000).eval()
+        with (
+            torch.no_grad(),
+            sdpa_kernel(SDPBackend.MATH),
+            FlopCounterMode(display=False) as counter,
+        ):
+            model(torch.empty(1, 3, 224, 224))
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 2
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_params_and_macs_match_the_paper(name):
+    params, macs = count_params_and_macs(name)
+    want_params, want_macs = PUBLISHED[name]
+    assert abs(params / want_params - 1) <= 0.03, f"{name}: {params / 1e6:.2f} M params"
+    assert abs(macs / want_macs - 1) <= 0.05, f"{name}: {macs / 1e9:.3f} G MACs"
+
+
+def test_flop_counter_counts_the_psi_theta_transforms():
+    la = LessAttention(dim=8, num_heads=2, num_queries=16, num_keys=4)
+    scores = torch.randn(3, 2, 16, 4)  # (B, H, N, N')
+    with FlopCounterMode(display=False) as counter:
+        la.transform(scores)
+    # Θ: B·H·N·N'·N' MACs, Ψ: B·H·N·N·N' MACs, 2 FLOPs each
+    assert counter.get_total_flops() == 2 * 3 * 2 * (16 * 4 * 4 + 16 * 16 * 4)
+
+
+# --- invalid arguments ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, argument",
+    [
+        (dict(num_va_layers=(3, 1, 1, 1)), "num_va_layers"),
+        (dict(num_va_layers=(0, 1, 1, 1)), "num_va_layers"),
+        (dict(num_va_layers=(1, 1, 1)), "num_va_layers"),
+        (dict(dp_loss_weight=-0.1), "dp_loss_weight"),
+        (dict(dp_loss_weight=float("nan")), "dp_loss_weight"),
+        (dict(img_size=36), "img_size"),
+        (dict(img_size=48, sr_ratios=(4, 2, 4, 1)), "img_size"),
+        (dict(la_init="zeros"), "la_init"),
+        (dict(attn_state="logits"), "attn_state"),
+        (dict(dp_loss_variant="flipped"), "dp_loss_variant"),
+        (dict(dp_loss_layers="va"), "dp_loss_layers"),
+        (dict(embed_dims=(16, 32, 48, 65)), "embed_dims"),
+        (dict(drop_path_rate=1.5), "drop_path_rate"),
+        (dict(mlp_ratios=(2, 0, 2, 2)), "mlp_ratios"),
+        (dict(sr_ratios=(0, 2, 1, 1)), "sr_ratios"),
+        (dict(depths=(2, 0, 3, 2)), "depths"),
+    ],
+)
+def test_invalid_arguments_raise_value_error_naming_them(overrides, argument):
+    with pytest.raises(ValueError, match=argument):
+        LaViT(**{**SMALL, **overrides})
