@@ -12,7 +12,7 @@ CONSTRAINTS = ("-c", "constraints.txt")
 def tests(session: nox.Session) -> None:
     """The default test run (CPU, offline, no ../shared needed)."""
     session.install(*CONSTRAINTS, "-e", ".[dev]")
-    session.run("pytest", *(session.posargs or ["-q"]), env={"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"})
+    session.run("pytest", *(session.posargs or ["-q"]), env={"WANDB_MODE": "offline"})
 
 
 @nox.session
