@@ -19,13 +19,19 @@ PUBLISHED = {"lavit_tiny": (10.9, 1.6), "lavit_small": (22.4, 3.3), "lavit_base"
 def params_and_macs(name: str, img_size: int = 224) -> tuple[float, float]:
     with torch.device("meta"):
         model = timm.create_model(name, num_classes=1000, img_size=img_size).eval()
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        with (
+            torch.no_grad(),
+            sdpa_kernel(SDPBackend.MATH),
+            FlopCounterMode(display=False) as counter,
+        ):
             model(torch.empty(1, 3, img_size, img_size))
     return sum(p.numel() for p in model.parameters()) / 1e6, counter.get_total_flops() / 2e9
 
 
 def main() -> None:
-    print("| variant | depths | mlp_ratios | num_va_layers | params (M) | paper | MACs (G) | paper |")
+    print(
+        "| variant | depths | mlp_ratios | num_va_layers | params (M) | paper | MACs (G) | paper |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, (paper_params, paper_macs) in PUBLISHED.items():
         cfg = LAVIT_CONFIGS[name]
