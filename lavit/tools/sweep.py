@@ -1,0 +1,543 @@
+"""Offline sweep runner: a W&B sweep file run locally, with W&B's own engine choosing the runs.
+
+``lavit sweep sweeps/va_layers.yaml [--count N] [--devices cpu|0,1,...] [--sweep-dir DIR]
+[--override key=value ...]``
+
+* The ``sweeps`` package (the engine behind W&B's sweep server) validates the file and proposes
+  each run (grid, random or bayes; finished runs' metrics are fed back, which bayes uses).
+* Each run is a subprocess of the sweep's own ``command``, expanded exactly as ``wandb agent``
+  expands it (``${env}``, ``${interpreter}``, ``${program}``, ``${args}``...), with the
+  ``--override`` values appended, and with its own run directory and log under the sweep dir.
+* One run at a time per listed device; several devices run in parallel, each subprocess seeing only
+  its device through ``CUDA_VISIBLE_DEVICES`` (``cpu`` hides every GPU).
+* A run that fails is recorded as failed and the sweep goes on.
+* The sweep's state lives in ``<sweep dir>/sweep_state.json`` (written atomically after every
+  change): running the same command again resumes the sweep, skipping finished and failed runs and
+  redoing those that an interruption cut short.
+
+``lavit report <sweep dir>`` turns the runs into the ablation table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "RunRecord",
+    "SweepState",
+    "agent_command",
+    "load_sweep_config",
+    "load_state",
+    "main",
+    "read_metric_history",
+    "run_sweep",
+]
+
+STATE_FILE = "sweep_state.json"
+RUNS_DIR = "runs"
+RUN_LOG = "run.log"
+DEFAULT_SWEEP_ROOT = Path("runs") / "sweeps"
+# What `wandb agent` puts in the command when the sweep file has none.
+DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
+POLL_INTERVAL_S = 0.5
+
+
+def _import_sweeps():
+    """The ``sweeps`` package, without the pydantic-v2 warning it triggers on import."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import sweeps
+
+    return sweeps
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def load_sweep_config(path: str | Path) -> dict[str, Any]:
+    """Read a sweep file and validate it against W&B's sweep-config schema (raises if invalid)."""
+    sweeps = _import_sweeps()
+    with open(path, encoding="utf-8") as stream:
+        config = yaml.safe_load(stream)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a sweep file must be a YAML mapping, got {type(config).__name__}")
+    violations = sweeps.schema_violations_from_proposed_config(config)
+    if violations:
+        raise ValueError(f"{path} is not a valid W&B sweep config:\n  " + "\n  ".join(violations))
+    return config
+
+
+def agent_command(
+    command_template: list[str] | None,
+    run_config: dict[str, dict[str, Any]],
+    program: str | None = None,
+    interpreter: str = "python",
+) -> list[str]:
+    """The command ``wandb agent`` runs for one proposed run, as a list of arguments.
+
+    Uses W&B's own helpers for the macro values, so ``${args}`` renders exactly as the agent does
+    (``--key=value``, with ``str()`` of the value: a list becomes ``[1, 2, 1, 1]``, a bool
+    ``True``). A token that is exactly ``${name}`` is replaced by that macro's list (dropped when
+    empty), ``${envvar:NAME}`` by the environment variable; anything else is kept verbatim.
+
+    Args:
+        command_template: the sweep file's ``command`` (W&B's default when ``None``).
+        run_config: the proposed run's config, ``{param: {"value": v}}``.
+        program: the sweep file's ``program`` (for ``${program}``).
+        interpreter: ``${interpreter}``; the agent uses ``python`` (the one on PATH).
+    """
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+    template = create_sweep_command(list(command_template or DEFAULT_COMMAND))
+    macros: dict[str, Any] = create_sweep_command_args({"args": run_config})
+    macros["interpreter"] = [interpreter]
+    macros["program"] = [program] if program else []
+    macros["env"] = ["/usr/bin/env"] if os.name != "nt" else []
+    command: list[str] = []
+    for token in map(str, template):
+        if token.startswith("${") and token.endswith("}"):
+            command += macros.get(token[2:-1]) or []
+        else:
+            command.append(token)
+    return command
+
+
+def run_values(run_config: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{param: value}`` from a W&B run config ``{param: {"value": value}}``."""
+    return {name: entry["value"] for name, entry in run_config.items()}
+
+
+def override_args(overrides: list[str]) -> list[str]:
+    """``key=value`` overrides as the CLI's ``--key=value`` arguments (a leading ``--`` is kept)."""
+    args = []
+    for override in overrides:
+        if "=" not in override.lstrip("-"):
+            raise ValueError(f"--override expects key=value, got {override!r}")
+        args.append(override if override.startswith("--") else f"--{override}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------- state
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunRecord:
+    """One run of the sweep, as stored in the state file."""
+
+    name: str
+    config: dict[str, dict[str, Any]]  # W&B run config: {param: {"value": v}}
+    run_dir: str  # relative to the sweep dir
+    state: str = "pending"  # pending | running | finished | failed
+    device: str | None = None
+    command: list[str] = field(default_factory=list)
+    exitcode: int | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    duration_s: float | None = None
+    summary_metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_sweep_run(self):
+        """This run as the engine's ``SweepRun`` (state and metrics included, for bayes)."""
+        sweeps = _import_sweeps()
+        return sweeps.SweepRun(
+            name=self.name,
+            config=self.config,
+            state=self.state,
+            summary_metrics=self.summary_metrics,
+            history=self.history,
+            exitcode=self.exitcode,
+        )
+
+
+@dataclass
+class SweepState:
+    """Everything a resumed sweep needs: the sweep config, the overrides and the runs so far."""
+
+    sweep_file: str
+    sweep_config: dict[str, Any]
+    overrides: list[str] = field(default_factory=list)
+    runs: list[RunRecord] = field(default_factory=list)
+    created_at: str = field(default_factory=_now)
+
+    @property
+    def metric_name(self) -> str | None:
+        return (self.sweep_config.get("metric") or {}).get("name")
+
+
+def load_state(sweep_dir: str | Path) -> SweepState:
+    """Read ``<sweep_dir>/sweep_state.json``."""
+    data = json.loads((Path(sweep_dir) / STATE_FILE).read_text(encoding="utf-8"))
+    runs = [RunRecord(**run) for run in data.pop("runs", [])]
+    return SweepState(**data, runs=runs)
+
+
+def save_state(state: SweepState, sweep_dir: Path) -> None:
+    """Write the state file atomically: a temporary file, flushed, then renamed over the old one."""
+    path = sweep_dir / STATE_FILE
+    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as stream:
+        json.dump(asdict(state), stream, indent=2, default=str)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------- metrics
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_metric_history(run_dir: Path) -> list[dict[str, Any]]:
+    """Rows of the run's CSV log(s) (Lightning's ``metrics.csv``), numbers only, in log order."""
+    history: list[dict[str, Any]] = []
+    for path in sorted(run_dir.rglob("metrics.csv")):
+        with open(path, newline="", encoding="utf-8") as stream:
+            for row in csv.DictReader(stream):
+                values = {k: _number(v) for k, v in row.items() if k and v not in (None, "")}
+                values = {k: v for k, v in values.items() if v is not None}
+                if values:
+                    history.append(values)
+    return history
+
+
+def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """W&B-style summary: the last logged value of every metric."""
+    summary: dict[str, Any] = {}
+    for row in history:
+        summary.update(row)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- runner
+
+
+@dataclass
+class _ActiveRun:
+    record: RunRecord
+    process: subprocess.Popen
+    log: Any
+    started: float
+
+
+class SweepRunner:
+    """Proposes runs with the ``sweeps`` engine and runs them, one per device slot at a time."""
+
+    def __init__(
+        self,
+        sweep_file: Path,
+        sweep_dir: Path,
+        devices: list[str],
+        count: int | None,
+        overrides: list[str],
+        retry_failed: bool = False,
+    ) -> None:
+        self.sweep_file = sweep_file
+        self.sweep_dir = sweep_dir
+        self.devices = devices
+        self.count = count
+        self.retry_failed = retry_failed
+        config = load_sweep_config(sweep_file)
+        self.state = self._open_state(config, overrides)
+        self.extra_args = override_args(self.state.overrides)
+        self.launched = 0
+        self.exhausted = False
+
+    def _open_state(self, config: dict[str, Any], overrides: list[str]) -> SweepState:
+        """A new state, or the stored one (resume) after checking it is the same sweep."""
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.sweep_dir / STATE_FILE).exists():
+            state = SweepState(str(self.sweep_file), config, list(overrides))
+            save_state(state, self.sweep_dir)
+            return state
+        state = load_state(self.sweep_dir)
+        if state.sweep_config != config:
+            raise SystemExit(
+                f"{self.sweep_dir} holds a sweep of a different sweep config ({state.sweep_file}); "
+                f"pass another --sweep-dir to start a new sweep from {self.sweep_file}"
+            )
+        if overrides and overrides != state.overrides:
+            print(
+                f"[sweep] overrides changed from {state.overrides} to {overrides}: "
+                "runs from now on use the new ones",
+                flush=True,
+            )
+            state.overrides = list(overrides)
+        for run in state.runs:
+            # A run still marked running was cut short (the runner died): redo it.
+            if run.state == "running" or (self.retry_failed and run.state == "failed"):
+                run.state = "pending"
+        done = sum(run.state in ("finished", "failed") for run in state.runs)
+        print(f"[sweep] resuming {self.sweep_dir}: {done} run(s) done, skipping them", flush=True)
+        save_state(state, self.sweep_dir)
+        return state
+
+    # -- proposing -------------------------------------------------------------------------------
+    def _run_cap_reached(self) -> bool:
+        cap = self.state.sweep_config.get("run_cap")
+        started = sum(run.state != "pending" for run in self.state.runs)
+        return cap is not None and started >= cap
+
+    def _next_record(self) -> RunRecord | None:
+        """A pending run (cut short earlier), else the engine's next proposal, else ``None``."""
+        for run in self.state.runs:
+            if run.state == "pending":
+                return run
+        if self.exhausted or self._run_cap_reached():
+            return None
+        sweeps = _import_sweeps()
+        proposal = sweeps.next_run(
+            self.state.sweep_config, [run.to_sweep_run() for run in self.state.runs]
+        )
+        if proposal is None:  # grid: every point has been proposed
+            self.exhausted = True
+            return None
+        name = f"run-{len(self.state.runs):03d}"
+        record = RunRecord(name=name, config=proposal.config, run_dir=f"{RUNS_DIR}/{name}")
+        self.state.runs.append(record)
+        return record
+
+    # -- running ---------------------------------------------------------------------------------
+    def _command(self, record: RunRecord, run_dir: Path) -> list[str]:
+        config = self.state.sweep_config
+        command = agent_command(
+            config.get("command"), record.config, config.get("program"), sys.executable
+        )
+        return command + self.extra_args + run_location_args(run_dir, record.name)
+
+    def _launch(self, record: RunRecord, device: str) -> _ActiveRun:
+        run_dir = self.sweep_dir / record.run_dir
+        if run_dir.exists():  # a run cut short earlier starts again from scratch
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        record.command = self._command(record, run_dir)
+        record.state, record.device, record.started_at = "running", device, _now()
+        record.exitcode = record.ended_at = record.duration_s = None
+        record.summary_metrics, record.history = {}, []
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
+        env["LAVIT_SWEEP_RUN"] = record.name
+        (run_dir / "sweep_run.json").write_text(
+            json.dumps({"name": record.name, "config": record.config, "command": record.command})
+        )
+        log = open(run_dir / RUN_LOG, "w", encoding="utf-8")  # noqa: SIM115 (closed in _finish)
+        log.write("$ " + " ".join(record.command) + "\n")
+        log.flush()
+        print(
+            f"[sweep] {record.name} on {device}: {format_values(run_values(record.config))}",
+            flush=True,
+        )
+        # Its own session, so that stopping the sweep stops the run's whole process group.
+        process = subprocess.Popen(
+            record.command,
+            cwd=Path.cwd(),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        save_state(self.state, self.sweep_dir)
+        return _ActiveRun(record, process, log, time.monotonic())
+
+    def _finish(self, active: _ActiveRun, exitcode: int) -> None:
+        record = active.record
+        active.log.close()
+        record.exitcode = exitcode
+        record.ended_at = _now()
+        record.duration_s = round(time.monotonic() - active.started, 1)
+        record.history = read_metric_history(self.sweep_dir / record.run_dir)
+        record.summary_metrics = summarise(record.history)
+        record.state = "finished" if exitcode == 0 else "failed"
+        metric = self.state.metric_name
+        shown = record.summary_metrics.get(metric) if metric else None
+        outcome = (
+            f"{metric} = {shown:.4g}"
+            if shown is not None
+            else f"exit code {exitcode}, log: {self.sweep_dir / record.run_dir / RUN_LOG}"
+        )
+        print(
+            f"[sweep] {record.name} {record.state} in {record.duration_s:.0f} s ({outcome})",
+            flush=True,
+        )
+        save_state(self.state, self.sweep_dir)
+
+    def _stop_all(self, active: dict[int, _ActiveRun]) -> None:
+        """Stop the running subprocesses; they stay ``running`` in the state, so resume redoes them."""
+        for run in active.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+                os.killpg(run.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for run in active.values():
+            try:
+                run.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+                    os.killpg(run.process.pid, signal.SIGKILL)
+            run.log.close()
+        save_state(self.state, self.sweep_dir)
+
+    def run(self) -> SweepState:
+        """Run until the sweep is exhausted or ``count`` runs have been started."""
+        active: dict[int, _ActiveRun] = {}  # device slot → its run
+        try:
+            while True:
+                for slot, device in enumerate(self.devices):
+                    if slot in active or (self.count is not None and self.launched >= self.count):
+                        continue
+                    record = self._next_record()
+                    if record is None:
+                        break
+                    active[slot] = self._launch(record, device)
+                    self.launched += 1
+                if not active:
+                    break
+                time.sleep(POLL_INTERVAL_S)
+                for slot, run in list(active.items()):
+                    exitcode = run.process.poll()
+                    if exitcode is not None:
+                        self._finish(run, exitcode)
+                        del active[slot]
+        except BaseException:  # KeyboardInterrupt, SIGTERM (via _raise_on_sigterm), errors
+            self._stop_all(active)
+            raise
+        return self.state
+
+
+def run_location_args(run_dir: Path, name: str) -> list[str]:
+    """CLI arguments that put a run's outputs (logs, checkpoints, run info) in ``run_dir``."""
+    return [f"--trainer.default_root_dir={run_dir}"]
+
+
+def format_values(values: dict[str, Any]) -> str:
+    """``a=1 b=[1, 2]`` for log lines."""
+    return " ".join(f"{name}={value}" for name, value in values.items())
+
+
+def run_sweep(
+    sweep_file: str | Path,
+    sweep_dir: str | Path | None = None,
+    devices: list[str] | None = None,
+    count: int | None = None,
+    overrides: list[str] | None = None,
+    retry_failed: bool = False,
+) -> SweepState:
+    """Run (or resume) a sweep locally; see the module docstring. Returns the final state."""
+    sweep_file = Path(sweep_file)
+    sweep_dir = Path(sweep_dir) if sweep_dir else DEFAULT_SWEEP_ROOT / sweep_file.stem
+    runner = SweepRunner(
+        sweep_file, sweep_dir, devices or ["cpu"], count, list(overrides or []), retry_failed
+    )
+    method = runner.state.sweep_config.get("method")
+    if method in ("random", "bayes") and count is None and "run_cap" not in runner.state.sweep_config:
+        raise SystemExit(f"a {method} sweep never ends by itself: pass --count N (or set run_cap)")
+    return runner.run()
+
+
+def parse_devices(text: str) -> list[str]:
+    """``cpu`` or ``0,1,...``: one run slot per entry (repeat ``cpu`` for parallel CPU runs)."""
+    devices = [part.strip() for part in text.split(",") if part.strip()]
+    for device in devices:
+        if device != "cpu" and not device.isdigit():
+            raise argparse.ArgumentTypeError(f"devices are 'cpu' or GPU indices, got {device!r}")
+    if not devices:
+        raise argparse.ArgumentTypeError("no device given")
+    return devices
+
+
+def _raise_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str]) -> int:
+    """``lavit sweep``: run a W&B sweep file offline (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="lavit sweep",
+        description="Run a W&B sweep file locally, with W&B's sweep engine choosing the runs.",
+    )
+    parser.add_argument("sweep_file", type=Path, help="a sweep file, e.g. sweeps/va_layers.yaml")
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        help="start at most N runs in this invocation (default: until a grid is done)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=parse_devices,
+        default=["cpu"],
+        help="'cpu' or GPU indices '0,1,...': one run at a time per entry, in parallel "
+        "(each run sees its GPU as CUDA_VISIBLE_DEVICES); default: cpu",
+    )
+    parser.add_argument(
+        "--sweep-dir",
+        type=Path,
+        default=None,
+        help=f"state, runs and logs (default: {DEFAULT_SWEEP_ROOT}/<sweep file name>); "
+        "an existing one is resumed",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra CLI argument appended to every run, e.g. --override trainer.max_epochs=3 "
+        "(repeatable; a second --config works too: --override config=experiments/base.yaml)",
+    )
+    parser.add_argument(
+        "--retry-failed", action="store_true", help="on resume, run failed runs again"
+    )
+    args = parser.parse_args(argv)
+    if args.count is not None and args.count < 1:
+        parser.error("--count must be ≥ 1")
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        state = run_sweep(
+            args.sweep_file,
+            args.sweep_dir,
+            args.devices,
+            args.count,
+            args.override,
+            args.retry_failed,
+        )
+    except KeyboardInterrupt:
+        print("[sweep] interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        print(f"lavit sweep: error: {err}", file=sys.stderr)
+        return 2
+    counts = {s: sum(r.state == s for r in state.runs) for s in ("finished", "failed", "pending")}
+    sweep_dir = args.sweep_dir or DEFAULT_SWEEP_ROOT / args.sweep_file.stem
+    print(
+        f"[sweep] {counts['finished']} finished, {counts['failed']} failed"
+        + (f", {counts['pending']} pending" if counts["pending"] else "")
+        + f"; table: lavit report {sweep_dir}",
+        flush=True,
+    )
+    return 0
