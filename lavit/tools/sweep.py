@@ -47,6 +47,7 @@ __all__ = [
     "load_state",
     "main",
     "read_metric_history",
+    "replace_configs",
     "run_sweep",
 ]
 
@@ -77,7 +78,9 @@ def load_sweep_config(path: str | Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as stream:
         config = yaml.safe_load(stream)
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: a sweep file must be a YAML mapping, got {type(config).__name__}")
+        raise ValueError(
+            f"{path}: a sweep file must be a YAML mapping, got {type(config).__name__}"
+        )
     violations = sweeps.schema_violations_from_proposed_config(config)
     if violations:
         raise ValueError(f"{path} is not a valid W&B sweep config:\n  " + "\n  ".join(violations))
@@ -117,6 +120,32 @@ def agent_command(
         else:
             command.append(token)
     return command
+
+
+def replace_configs(command: list[str], configs: list[str]) -> list[str]:
+    """``command`` with its ``--config FILE`` arguments replaced by ``--config`` each of ``configs``.
+
+    The new ones take the place of the first old one, so that later arguments still override them
+    (e.g. the sweep file's CIFAR-10 config swapped for ``experiments/base.yaml`` for a quick test).
+    """
+    result: list[str] = []
+    inserted = False
+    skip_next = False
+    for token in command:
+        if skip_next:
+            skip_next = False
+            continue
+        if token == "--config" or token.startswith("--config="):
+            skip_next = token == "--config"
+            if not inserted:
+                for config in configs:
+                    result += ["--config", config]
+                inserted = True
+            continue
+        result.append(token)
+    if not inserted:
+        raise ValueError(f"the command has no --config to replace: {command}")
+    return result
 
 
 def run_values(run_config: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -178,6 +207,7 @@ class SweepState:
     sweep_file: str
     sweep_config: dict[str, Any]
     overrides: list[str] = field(default_factory=list)
+    configs: list[str] = field(default_factory=list)  # replace the command's --config files
     runs: list[RunRecord] = field(default_factory=list)
     created_at: str = field(default_factory=_now)
 
@@ -258,6 +288,7 @@ class SweepRunner:
         count: int | None,
         overrides: list[str],
         retry_failed: bool = False,
+        configs: list[str] | None = None,
     ) -> None:
         self.sweep_file = sweep_file
         self.sweep_dir = sweep_dir
@@ -265,23 +296,25 @@ class SweepRunner:
         self.count = count
         self.retry_failed = retry_failed
         config = load_sweep_config(sweep_file)
-        self.state = self._open_state(config, overrides)
+        self.state = self._open_state(config, overrides, list(configs or []))
         self.extra_args = override_args(self.state.overrides)
         self.launched = 0
         self.exhausted = False
 
-    def _open_state(self, config: dict[str, Any], overrides: list[str]) -> SweepState:
+    def _open_state(
+        self, config: dict[str, Any], overrides: list[str], configs: list[str]
+    ) -> SweepState:
         """A new state, or the stored one (resume) after checking it is the same sweep."""
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         if not (self.sweep_dir / STATE_FILE).exists():
-            state = SweepState(str(self.sweep_file), config, list(overrides))
+            state = SweepState(str(self.sweep_file), config, list(overrides), configs)
             save_state(state, self.sweep_dir)
             return state
         state = load_state(self.sweep_dir)
-        if state.sweep_config != config:
-            raise SystemExit(
-                f"{self.sweep_dir} holds a sweep of a different sweep config ({state.sweep_file}); "
-                f"pass another --sweep-dir to start a new sweep from {self.sweep_file}"
+        if state.sweep_config != config or (configs and configs != state.configs):
+            raise ValueError(
+                f"{self.sweep_dir} holds another sweep (from {state.sweep_file}, configs "
+                f"{state.configs or 'of the sweep file'}); pass another --sweep-dir to start a new one"
             )
         if overrides and overrides != state.overrides:
             print(
@@ -330,7 +363,20 @@ class SweepRunner:
         command = agent_command(
             config.get("command"), record.config, config.get("program"), sys.executable
         )
-        return command + self.extra_args + run_location_args(run_dir, record.name)
+        if self.state.configs:
+            command = replace_configs(command, self.state.configs)
+        # The run's name in W&B (when it logs there) first, so that overrides may change it; the
+        # run directory last, as the runner must know where each run's files are.
+        label = f"{config.get('name') or self.sweep_file.stem}/{record.name}"
+        return (
+            command
+            + [
+                f"--wandb.group={config.get('name') or self.sweep_file.stem}",
+                f"--wandb.name={label}",
+            ]
+            + self.extra_args
+            + [f"--trainer.default_root_dir={run_dir}"]
+        )
 
     def _launch(self, record: RunRecord, device: str) -> _ActiveRun:
         run_dir = self.sweep_dir / record.run_dir
@@ -430,11 +476,6 @@ class SweepRunner:
         return self.state
 
 
-def run_location_args(run_dir: Path, name: str) -> list[str]:
-    """CLI arguments that put a run's outputs (logs, checkpoints, run info) in ``run_dir``."""
-    return [f"--trainer.default_root_dir={run_dir}"]
-
-
 def format_values(values: dict[str, Any]) -> str:
     """``a=1 b=[1, 2]`` for log lines."""
     return " ".join(f"{name}={value}" for name, value in values.items())
@@ -447,16 +488,27 @@ def run_sweep(
     count: int | None = None,
     overrides: list[str] | None = None,
     retry_failed: bool = False,
+    configs: list[str] | None = None,
 ) -> SweepState:
     """Run (or resume) a sweep locally; see the module docstring. Returns the final state."""
     sweep_file = Path(sweep_file)
     sweep_dir = Path(sweep_dir) if sweep_dir else DEFAULT_SWEEP_ROOT / sweep_file.stem
     runner = SweepRunner(
-        sweep_file, sweep_dir, devices or ["cpu"], count, list(overrides or []), retry_failed
+        sweep_file,
+        sweep_dir,
+        devices or ["cpu"],
+        count,
+        list(overrides or []),
+        retry_failed,
+        configs,
     )
     method = runner.state.sweep_config.get("method")
-    if method in ("random", "bayes") and count is None and "run_cap" not in runner.state.sweep_config:
-        raise SystemExit(f"a {method} sweep never ends by itself: pass --count N (or set run_cap)")
+    if (
+        method in ("random", "bayes")
+        and count is None
+        and "run_cap" not in runner.state.sweep_config
+    ):
+        raise ValueError(f"a {method} sweep never ends by itself: pass --count N (or set run_cap)")
     return runner.run()
 
 
@@ -508,7 +560,15 @@ def main(argv: list[str]) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="extra CLI argument appended to every run, e.g. --override trainer.max_epochs=3 "
-        "(repeatable; a second --config works too: --override config=experiments/base.yaml)",
+        "(repeatable)",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="replace the sweep command's --config file(s) by this one (repeatable), e.g. "
+        "--config experiments/base.yaml for a quick sweep on the embedded CIFAR-10 subset",
     )
     parser.add_argument(
         "--retry-failed", action="store_true", help="on resume, run failed runs again"
@@ -525,6 +585,7 @@ def main(argv: list[str]) -> int:
             args.count,
             args.override,
             args.retry_failed,
+            args.config,
         )
     except KeyboardInterrupt:
         print("[sweep] interrupted: run the same command again to resume", file=sys.stderr)

@@ -245,6 +245,7 @@ class LaViTModule(L.LightningModule):
             # it for validation); timm leaves the copy in eval mode, which Lightning warns about.
             self.ema.train(self.training)
         self._last_ema_step = -1
+        self._seeded_epoch: int | None = None
 
         # Compiled functions, not modules, so the state_dict keeps its plain keys.
         self._train_forward = self._forward_with_dp
@@ -290,16 +291,21 @@ class LaViTModule(L.LightningModule):
             self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=size)
         return loss
 
-    def on_train_epoch_start(self) -> None:
+    def _reseed(self, epoch: int) -> None:
+        """Seed python, numpy and torch from (global seed, epoch, rank) before ``epoch`` draws."""
         seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (the CLI's too)
-        if self.hparams.reseed_every_epoch and seed is not None:
-            # Runs before the epoch's DataLoader iterator draws its shuffling seed.
-            epoch_seed = (
-                int(seed) + self.current_epoch * self.trainer.world_size + self.global_rank
-            ) % 2**32
-            random.seed(epoch_seed)
-            np.random.seed(epoch_seed)
-            torch.manual_seed(epoch_seed)
+        if not self.hparams.reseed_every_epoch or seed is None or self._seeded_epoch == epoch:
+            return
+        world_size, rank = (self.trainer.world_size, self.global_rank) if self._trainer else (1, 0)
+        epoch_seed = (int(seed) + epoch * world_size + rank) % 2**32
+        random.seed(epoch_seed)
+        np.random.seed(epoch_seed)
+        torch.manual_seed(epoch_seed)
+        self._seeded_epoch = epoch
+
+    def on_train_epoch_start(self) -> None:
+        # Later epochs create their DataLoader iterator (shuffle seed, first batch) after this.
+        self._reseed(self.current_epoch)
 
     def on_train_start(self) -> None:
         self._last_ema_step = self.global_step
@@ -334,6 +340,10 @@ class LaViTModule(L.LightningModule):
     # ------------------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Accept checkpoints with or without EMA weights whatever ``ema_decay`` is now."""
+        # A resumed fit creates its first DataLoader iterator before on_train_epoch_start (in
+        # configure_optimizers' estimated_stepping_batches): seed the coming epoch now. An
+        # end-of-epoch checkpoint stores the finished epoch, so the next one is epoch + 1.
+        self._reseed(checkpoint.get("epoch", -1) + 1)
         state = checkpoint["state_dict"]
         ema_keys = [k for k in state if k.startswith("ema.")]
         if self.ema is not None and not ema_keys:  # turning EMA on: start from the weights
