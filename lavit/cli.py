@@ -17,6 +17,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError
@@ -103,6 +104,26 @@ class LaViTCLI(LightningCLI):
                 resume=resume,
             )
         return super().instantiate_trainer(**kwargs)
+
+    # `--ckpt_path best` in a new process: Lightning only knows the best checkpoint of a fit
+    # that ran in the same process, so look it up in the run's checkpoint folder.
+    def before_validate(self) -> None:
+        self._resolve_best_checkpoint()
+
+    def before_test(self) -> None:
+        self._resolve_best_checkpoint()
+
+    def before_predict(self) -> None:
+        self._resolve_best_checkpoint()
+
+    def _resolve_best_checkpoint(self) -> None:
+        config = self.config_init[self.subcommand]
+        callback = self.trainer.checkpoint_callback
+        if config.get("ckpt_path") != "best" or callback is None or callback.best_model_path:
+            return
+        best = sorted(Path(callback.dirpath or "").glob("best-*.ckpt"), key=os.path.getmtime)
+        if best:
+            config["ckpt_path"] = str(best[-1])
 
     def _config_dict(self) -> dict:
         return _as_plain(self.config.get(str(self.subcommand), self.config))

@@ -40,7 +40,9 @@ def cpu_trainer(**kwargs) -> L.Trainer:
         accelerator="cpu",
         devices=1,
         logger=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in kwargs.get("callbacks", [])),
+        enable_checkpointing=any(
+            isinstance(c, ModelCheckpoint) for c in kwargs.get("callbacks", [])
+        ),
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,

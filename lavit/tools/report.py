@@ -157,6 +157,17 @@ def check_wandb_reachable(timeout: float = 5.0) -> None:
         ) from None
 
 
+def _swept_value(config: dict[str, Any], name: str) -> Any:
+    """A swept value from a W&B run config: the agent's flat ``model.x`` key, else the CLI's
+    logged ``config`` section (``config.model.x``)."""
+    if name in config:
+        return config[name]
+    node: Any = config.get("config") or {}
+    for part in name.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def collect_wandb(sweep_path: str, metric: str | None = None) -> tuple[list[RunResult], str]:
     """The runs of a W&B sweep ``entity/project/sweep_id`` through ``wandb.Api()`` (online)."""
     check_wandb_reachable()
@@ -182,7 +193,7 @@ def collect_wandb(sweep_path: str, metric: str | None = None) -> tuple[list[RunR
         results.append(
             RunResult(
                 name=run.name,
-                values={name: config.get(name) for name in swept},
+                values={name: _swept_value(config, name) for name in swept},
                 state=state,
                 best=_percent(max(series)) if series else None,
                 final=_percent(series[-1]) if series else _percent(summary.get(metric)),

@@ -296,6 +296,8 @@ class SweepRunner:
         self.count = count
         self.retry_failed = retry_failed
         config = load_sweep_config(sweep_file)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_sweep_dir(sweep_dir)
         self.state = self._open_state(config, overrides, list(configs or []))
         self.extra_args = override_args(self.state.overrides)
         self.launched = 0
@@ -305,7 +307,6 @@ class SweepRunner:
         self, config: dict[str, Any], overrides: list[str], configs: list[str]
     ) -> SweepState:
         """A new state, or the stored one (resume) after checking it is the same sweep."""
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
         if not (self.sweep_dir / STATE_FILE).exists():
             state = SweepState(str(self.sweep_file), config, list(overrides), configs)
             save_state(state, self.sweep_dir)
@@ -367,7 +368,7 @@ class SweepRunner:
             command = replace_configs(command, self.state.configs)
         # The run's name in W&B (when it logs there) first, so that overrides may change it; the
         # run directory last, as the runner must know where each run's files are.
-        label = f"{config.get('name') or self.sweep_file.stem}/{record.name}"
+        label = f"{config.get('name') or self.sweep_file.stem}-{record.name}"
         return (
             command
             + [
@@ -389,7 +390,10 @@ class SweepRunner:
         record.summary_metrics, record.history = {}, []
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
-        env["LAVIT_SWEEP_RUN"] = record.name
+        cpu_slots = self.devices.count("cpu")
+        if device == "cpu" and cpu_slots > 1 and "OMP_NUM_THREADS" not in env:
+            # Parallel CPU runs share the cores instead of each one claiming all of them.
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_slots))
         (run_dir / "sweep_run.json").write_text(
             json.dumps({"name": record.name, "config": record.config, "command": record.command})
         )
@@ -418,10 +422,16 @@ class SweepRunner:
         record.exitcode = exitcode
         record.ended_at = _now()
         record.duration_s = round(time.monotonic() - active.started, 1)
-        record.history = read_metric_history(self.sweep_dir / record.run_dir)
-        record.summary_metrics = summarise(record.history)
-        record.state = "finished" if exitcode == 0 else "failed"
+        history = read_metric_history(self.sweep_dir / record.run_dir)
+        record.summary_metrics = summarise(history)
         metric = self.state.metric_name
+        # The state keeps the sweep metric's history only (what bayes needs), not every log row.
+        record.history = [
+            {k: row[k] for k in ("epoch", "step", metric) if k in row}
+            for row in history
+            if metric in row
+        ]
+        record.state = "finished" if exitcode == 0 else "failed"
         shown = record.summary_metrics.get(metric) if metric else None
         outcome = (
             f"{metric} = {shown:.4g}"
@@ -449,6 +459,10 @@ class SweepRunner:
             run.log.close()
         save_state(self.state, self.sweep_dir)
 
+    def close(self) -> None:
+        """Release the sweep dir for another runner."""
+        self._lock.close()
+
     def run(self) -> SweepState:
         """Run until the sweep is exhausted or ``count`` runs have been started."""
         active: dict[int, _ActiveRun] = {}  # device slot → its run
@@ -474,6 +488,22 @@ class SweepRunner:
             self._stop_all(active)
             raise
         return self.state
+
+
+def _lock_sweep_dir(sweep_dir: Path) -> Any:
+    """An exclusive lock on the sweep dir, held while this process lives: two runners on one
+    state file would run the same grid points twice."""
+    handle = open(sweep_dir / ".lock", "w")  # noqa: SIM115 (held until the process exits)
+    try:
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): no lock
+        pass
+    except BlockingIOError:
+        handle.close()
+        raise ValueError(f"another `lavit sweep` is running in {sweep_dir}") from None
+    return handle
 
 
 def format_values(values: dict[str, Any]) -> str:
@@ -508,8 +538,12 @@ def run_sweep(
         and count is None
         and "run_cap" not in runner.state.sweep_config
     ):
+        runner.close()
         raise ValueError(f"a {method} sweep never ends by itself: pass --count N (or set run_cap)")
-    return runner.run()
+    try:
+        return runner.run()
+    finally:
+        runner.close()
 
 
 def parse_devices(text: str) -> list[str]:

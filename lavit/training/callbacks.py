@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -158,6 +158,7 @@ class RunMetadata(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         model = getattr(pl_module, "model", pl_module)
         shape = model_input_shape(model, trainer.datamodule)
+        macs = count_macs(model, shape) if self.count_flops and trainer.is_global_zero else None
         self.info = {
             "stage": stage,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -167,7 +168,7 @@ class RunMetadata(Callback):
             "params": sum(p.numel() for p in model.parameters()),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "input_shape": list(shape),
-            "macs": count_macs(model, shape) if self.count_flops and trainer.is_global_zero else None,
+            "macs": macs,
             "world_size": trainer.world_size,
             "precision": str(trainer.precision),
             "versions": package_versions(),

@@ -75,7 +75,9 @@ def build_model(
             )
         switches = {}
     if arch.split(".")[0] not in timm.list_models():
-        raise ValueError(f"arch={arch!r} is not a timm model (e.g. lavit_cifar, lavit_tiny, pvt_v2_b1)")
+        raise ValueError(
+            f"arch={arch!r} is not a timm model (e.g. lavit_cifar, lavit_tiny, pvt_v2_b1)"
+        )
     kwargs = {
         **(model_kwargs or {}),
         **switches,
@@ -372,7 +374,9 @@ class LaViTModule(L.LightningModule):
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))  # sets up the data
         lr = hp.lr * (self._global_batch_size() / 512 if hp.scale_lr_by_batch else 1.0)
         no_decay = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
-        groups = param_groups_weight_decay(self.model, hp.weight_decay, no_weight_decay_list=no_decay)
+        groups = param_groups_weight_decay(
+            self.model, hp.weight_decay, no_weight_decay_list=no_decay
+        )
         for group in groups:  # LearningRateMonitor logs lr/decay and lr/no_decay
             group["name"] = "decay" if group["weight_decay"] else "no_decay"
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas), eps=hp.eps)
