@@ -265,7 +265,7 @@ def test_report_reads_a_wandb_sweep_through_the_api(monkeypatch):
 
     class Run:
         def __init__(self, name, seed, series, state="finished"):
-            self.name, self.state, self.summary = name, state, {"val/top1": series[-1]}
+            self.name, self.state, self.summary = name, state, {"val/top1": (series or [None])[-1]}
             self.config = {
                 "seed_everything": seed,
                 "config": {"model": {"residual_attn_downsample": False, "arch": "lavit_cifar"}},

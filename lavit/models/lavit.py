@@ -17,7 +17,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import Mlp as TimmMlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -70,6 +71,22 @@ class PatchEmbed(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class Mlp(TimmMlp):
+    """timm's MLP (fc1 → GELU → fc2, same parameters); without autograd the GELU runs in place.
+
+    The fc1 output is the network's largest activation; a second buffer of that size for the
+    GELU costs more than the GELU itself on CPU (fresh pages), and inference does not need it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        if isinstance(self.act, nn.GELU) and not (torch.is_grad_enabled() and x.requires_grad):
+            x = torch._C._nn.gelu_(x, approximate=self.act.approximate)
+        else:
+            x = self.act(x)
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
 class VABlock(nn.Module):
     """Vanilla Attention layer: ``x + MHSA(Norm(x))``, then ``x + MLP(Norm(x))``."""
 
@@ -98,8 +115,9 @@ class VABlock(nn.Module):
         return_scores: bool = False,
     ):
         attn_out, scores, probs = self.attn(self.norm1(x), grid, score_bias, return_scores)
-        x = x + self.drop_path1(attn_out)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        # Residuals added into the branch outputs (fresh tensors that no backward needs).
+        x = self.drop_path1(attn_out).add_(x)
+        x = self.drop_path2(self.mlp(self.norm2(x))).add_(x)
         return x, scores, probs
 
 
@@ -128,8 +146,8 @@ class LABlock(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Grid, attn: torch.Tensor):
         attn_out, scores, probs = self.attn(self.norm1(x), grid, attn)
-        x = x + self.drop_path1(attn_out)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = self.drop_path1(attn_out).add_(x)  # residuals in place, as in VABlock
+        x = self.drop_path2(self.mlp(self.norm2(x))).add_(x)
         return x, scores, probs
 
 
@@ -203,7 +221,7 @@ class LaViTStage(nn.Module):
                 f"{h}×{w}: the input size differs from the model's img_size; build the model with the new "
                 "img_size or call model.set_input_size(...)"
             )
-        x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, C)
+        x = x.flatten(2).transpose(1, 2).add_(self.pos_embed)  # (B, N, C); LayerNorm's fresh output
 
         score_bias = None
         if self.attn_downsample is not None and prev_scores is not None:

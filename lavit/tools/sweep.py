@@ -298,7 +298,11 @@ class SweepRunner:
         config = load_sweep_config(sweep_file)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_sweep_dir(sweep_dir)
-        self.state = self._open_state(config, overrides, list(configs or []))
+        try:
+            self.state = self._open_state(config, overrides, list(configs or []))
+        except BaseException:
+            self.close()
+            raise
         self.extra_args = override_args(self.state.overrides)
         self.launched = 0
         self.exhausted = False
