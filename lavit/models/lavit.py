@@ -71,6 +71,20 @@ class PatchEmbed(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def _no_backward(*tensors: torch.Tensor) -> bool:
+    """Whether no backward will run through ``tensors`` (inference), so in-place ops are safe."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _residual_add(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x + branch``; in inference added into the fresh branch output, saving a buffer.
+
+    Not under autograd: an in-place add on a view (a Linear's output is one) costs the backward
+    more copies than it saves.
+    """
+    return branch.add_(x) if _no_backward(branch, x) else x + branch
+
+
 class Mlp(TimmMlp):
     """timm's MLP (fc1 → GELU → fc2, same parameters); without autograd the GELU runs in place.
 
@@ -80,7 +94,7 @@ class Mlp(TimmMlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        if isinstance(self.act, nn.GELU) and not (torch.is_grad_enabled() and x.requires_grad):
+        if isinstance(self.act, nn.GELU) and _no_backward(x):
             x = torch._C._nn.gelu_(x, approximate=self.act.approximate)
         else:
             x = self.act(x)
@@ -115,9 +129,8 @@ class VABlock(nn.Module):
         return_scores: bool = False,
     ):
         attn_out, scores, probs = self.attn(self.norm1(x), grid, score_bias, return_scores)
-        # Residuals added into the branch outputs (fresh tensors that no backward needs).
-        x = self.drop_path1(attn_out).add_(x)
-        x = self.drop_path2(self.mlp(self.norm2(x))).add_(x)
+        x = _residual_add(self.drop_path1(attn_out), x)
+        x = _residual_add(self.drop_path2(self.mlp(self.norm2(x))), x)
         return x, scores, probs
 
 
@@ -146,8 +159,8 @@ class LABlock(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Grid, attn: torch.Tensor):
         attn_out, scores, probs = self.attn(self.norm1(x), grid, attn)
-        x = self.drop_path1(attn_out).add_(x)  # residuals in place, as in VABlock
-        x = self.drop_path2(self.mlp(self.norm2(x))).add_(x)
+        x = _residual_add(self.drop_path1(attn_out), x)
+        x = _residual_add(self.drop_path2(self.mlp(self.norm2(x))), x)
         return x, scores, probs
 
 
@@ -221,7 +234,7 @@ class LaViTStage(nn.Module):
                 f"{h}×{w}: the input size differs from the model's img_size; build the model with the new "
                 "img_size or call model.set_input_size(...)"
             )
-        x = x.flatten(2).transpose(1, 2).add_(self.pos_embed)  # (B, N, C); LayerNorm's fresh output
+        x = _residual_add(x.flatten(2).transpose(1, 2), self.pos_embed)  # (B, N, C)
 
         score_bias = None
         if self.attn_downsample is not None and prev_scores is not None:

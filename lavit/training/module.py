@@ -298,8 +298,7 @@ class LaViTModule(L.LightningModule):
         seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (the CLI's too)
         if not self.hparams.reseed_every_epoch or seed is None or self._seeded_epoch == epoch:
             return
-        world_size, rank = (self.trainer.world_size, self.global_rank) if self._trainer else (1, 0)
-        epoch_seed = (int(seed) + epoch * world_size + rank) % 2**32
+        epoch_seed = (int(seed) + epoch * self.trainer.world_size + self.global_rank) % 2**32
         random.seed(epoch_seed)
         np.random.seed(epoch_seed)
         torch.manual_seed(epoch_seed)
@@ -308,6 +307,9 @@ class LaViTModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         # Later epochs create their DataLoader iterator (shuffle seed, first batch) after this.
         self._reseed(self.current_epoch)
+
+    def on_fit_end(self) -> None:
+        self._seeded_epoch = None  # a later fit() of this module reseeds afresh
 
     def on_train_start(self) -> None:
         self._last_ema_step = self.global_step
@@ -345,7 +347,8 @@ class LaViTModule(L.LightningModule):
         # A resumed fit creates its first DataLoader iterator before on_train_epoch_start (in
         # configure_optimizers' estimated_stepping_batches): seed the coming epoch now. An
         # end-of-epoch checkpoint stores the finished epoch, so the next one is epoch + 1.
-        self._reseed(checkpoint.get("epoch", -1) + 1)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._reseed(checkpoint.get("epoch", -1) + 1)
         state = checkpoint["state_dict"]
         ema_keys = [k for k in state if k.startswith("ema.")]
         if self.ema is not None and not ema_keys:  # turning EMA on: start from the weights
