@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -165,14 +166,14 @@ def flop_counter() -> FlopCounterMode:
     )
 
 
-def count_macs(spec: ModelSpec, img_size: int, num_classes: int = 1000) -> dict[str, float]:
+def count_macs(model_factory: Callable[[], nn.Module], img_size: int) -> dict[str, float]:
     """Params, forward MACs and training-step MACs (forward + backward) per image.
 
-    Counted on the ``meta`` device with batch 1 under the math SDPA backend (the fused CPU kernel
-    is invisible to the counter). MACs = FLOPs / 2.
+    The model is built by ``model_factory`` on the ``meta`` device and run with batch 1 under the
+    math SDPA backend (the fused CPU kernel is invisible to the counter). MACs = FLOPs / 2.
     """
     with torch.device("meta"):
-        model = build_model(spec, img_size, num_classes)
+        model = model_factory()
         x = torch.empty(1, 3, img_size, img_size)
         with sdpa_kernel(SDPBackend.MATH):
             model.eval()
@@ -453,6 +454,7 @@ def loop_overhead(
             drop_path_rate=0.0,
             label_smoothing=0.0,
             warmup_epochs=0.0,
+            scale_lr_by_batch=False,
         )
         project_module.model.load_state_dict(model.state_dict())
         loops["Lightning (LaViTModule)"] = lambda: lightning_steps(project_module)
@@ -680,7 +682,12 @@ def _comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run_throughput(args: argparse.Namespace, specs: list[ModelSpec], device: torch.device) -> dict:
     """MACs, then interleaved inference and training rounds (with the peak GEMMs among them)."""
-    counts = {spec.label: count_macs(spec, args.img_size, args.num_classes) for spec in specs}
+    counts = {
+        spec.label: count_macs(
+            partial(build_model, spec, args.img_size, args.num_classes), args.img_size
+        )
+        for spec in specs
+    }
     sync = _synchronizer(device)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
@@ -825,7 +832,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = result.get(key)
         if rows:
             print(f"\n## {key}\n\n{markdown_table(rows, columns)}")
-            write_csv(args.out / f"{tag}{'' if key == 'models' else '_' + key}.csv", rows)
+            suffix = (
+                "" if key in ("models", "loop_overhead") else f"_{key}"
+            )  # the mode's main table
+            write_csv(args.out / f"{tag}{suffix}.csv", rows)
     if "peak" in result:
         print(
             f"\nmatmul peak ({result['peak']['gemm']}): {result['peak']['gmacs_per_s']:.1f} GMAC/s"

@@ -1,0 +1,221 @@
+"""Checkpoint files that survive a crash and cannot run code: atomic writes, weights-only reads.
+
+:class:`AtomicCheckpointIO` is the Lightning ``CheckpointIO`` plugin the CLI installs by default:
+
+* **writes** go to ``.<name>.partial`` in the same folder, are flushed and ``fsync``-ed, then
+  ``os.replace``-d over ``<name>`` (and the folder is ``fsync``-ed): a process killed at any moment,
+  even mid-write, leaves either the previous complete file or the new complete one, never a
+  truncated ``last.ckpt``. Replacing also turns a ``last.ckpt`` symlink into a real file.
+* a checkpoint whose weights hold NaN is **refused** (:class:`NonFiniteCheckpointError`), so a
+  diverged run can never overwrite a good checkpoint with a broken one.
+* **reads** use ``torch.load(weights_only=True)`` whatever the caller asks: a checkpoint holds
+  tensors and plain values only, so a file that needs pickled code (a malicious ``__reduce__``) is
+  refused before anything in it runs. Every failure is a :class:`CheckpointError` with a one-line
+  message (missing, empty, truncated, not a checkpoint, pickled objects, not a Lightning one).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lavit.training.faults import injected_fault
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "NonFiniteCheckpointError",
+    "load_checkpoint_file",
+    "nan_tensors",
+    "partial_path",
+]
+
+LIGHTNING_KEYS = ("state_dict", "epoch", "global_step", "pytorch-lightning_version")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message is one line naming the file."""
+
+
+class NonFiniteCheckpointError(RuntimeError):
+    """A checkpoint whose weights hold NaN; it was not written."""
+
+
+def partial_path(path: _PATH) -> Path:
+    """The temporary name a checkpoint is written under before it replaces ``path``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+def nan_tensors(state_dict: dict[str, Any]) -> list[str]:
+    """Keys of the floating-point tensors of ``state_dict`` that hold a NaN (one sync per device)."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            by_device.setdefault(value.device, []).append((key, value))
+    bad = []
+    for items in by_device.values():
+        flags = torch.stack([value.isnan().any() for _, value in items])
+        if bool(flags.any()):
+            bad += [key for (key, _), flag in zip(items, flags.tolist(), strict=True) if flag]
+    return bad
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # not supported here (e.g. Windows): the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _load_error(path: _PATH, err: Exception) -> CheckpointError:
+    message = str(err)
+    forbidden = re.search(r"GLOBAL ([\w.]+)", message)
+    if forbidden:
+        return CheckpointError(
+            f"{path}: refused, it holds pickled Python objects ({forbidden.group(1)}), not just "
+            "tensors and plain values; lavit loads checkpoints weights-only, so none of it was run"
+        )
+    if isinstance(err, pickle.UnpicklingError):
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+        return CheckpointError(
+            f"{path}: not a PyTorch checkpoint, or one holding pickled objects that weights-only "
+            f"loading refuses ({_first_line(detail.group(1)) if detail else 'unpickling failed'})"
+        )
+    if "zip archive" in message or "central directory" in message or isinstance(err, EOFError):
+        return CheckpointError(f"{path}: truncated or corrupted checkpoint file ({_first_line(message)})")
+    return CheckpointError(
+        f"{path}: not a PyTorch checkpoint file ({type(err).__name__}: {_first_line(message)})"
+    )
+
+
+def load_checkpoint_file(
+    path: _PATH, map_location: Any = "cpu", mmap: bool = False, lightning: bool = True
+) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with one-line :class:`CheckpointError` messages.
+
+    Args:
+        path: a local checkpoint file.
+        map_location: as for ``torch.load``.
+        mmap: memory-map the tensors instead of reading them (cheap inspection of large files).
+        lightning: also require a Lightning checkpoint (a dict with a ``state_dict``).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    try:
+        try:
+            checkpoint = torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not (mmap and "mmap can only be used" in str(err)):
+                raise
+            # Not the zip format: no mmap, read it whole (still weights-only).
+            checkpoint = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch.load raises many types for a bad file
+        raise _load_error(path, err) from None
+    if lightning and (not isinstance(checkpoint, dict) or "state_dict" not in checkpoint):
+        found = (
+            f"a dict with keys {sorted(map(str, checkpoint))[:6]}"
+            if isinstance(checkpoint, dict)
+            else f"a {type(checkpoint).__name__}"
+        )
+        raise CheckpointError(
+            f"{path}: not a Lightning checkpoint: it holds {found}, "
+            f"not {', '.join(repr(k) for k in LIGHTNING_KEYS)}"
+        )
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` with atomic, durable writes, NaN refusal and weights-only reads.
+
+    Remote paths (``s3://...``) keep Lightning's own writing; reads are weights-only everywhere.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path):
+            bad = nan_tensors(checkpoint.get("state_dict", {}))
+            if bad:
+                raise NonFiniteCheckpointError(_nan_message(path, bad))
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        bad = nan_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            raise NonFiniteCheckpointError(_nan_message(path, bad))
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = partial_path(target)
+        try:
+            with open(temporary, "wb") as file:
+                slow = injected_fault("slow_checkpoint")
+                if slow is None:
+                    torch.save(checkpoint, file)
+                else:
+                    _write_slowly(checkpoint, file, target, float(slow.get("seconds", 2.0)))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Callable | Any | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return load_checkpoint_file(path, map_location=map_location)
+
+
+def _nan_message(path: _PATH, keys: list[str]) -> str:
+    return (
+        f"refusing to write checkpoint {path}: {len(keys)} weight tensor(s) hold NaN "
+        f"(e.g. {keys[0]}); the checkpoint already on disk is kept"
+    )
+
+
+def _write_slowly(checkpoint: dict[str, Any], file: Any, target: Path, seconds: float) -> None:
+    """Test-only (``LAVIT_FAULT_INJECT=slow_checkpoint``): a write that takes ``seconds``.
+
+    Announces itself on stderr, so that a test can kill the process in the middle of it.
+    """
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    data = buffer.getvalue()
+    print(f"lavit-fault: writing {target} slowly ({len(data)} bytes)", file=sys.stderr, flush=True)
+    chunks = 20
+    size = -(-len(data) // chunks)
+    for start in range(0, len(data), size):
+        file.write(data[start : start + size])
+        file.flush()
+        time.sleep(seconds / chunks)

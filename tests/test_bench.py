@@ -1,0 +1,139 @@
+"""``lavit bench``: end-to-end runs on tiny settings, the MAC counter, argument errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lavit.tools.bench import count_macs, main, parse_model_name
+
+TINY = ["--img-size", "32", "--batch-size", "2", "--iters", "1", "--warmup", "0", "--gemm-size", "256"]
+MODEL_COLUMNS = {
+    "model", "params_m", "gmacs", "train_gmacs", "infer_img_s", "train_img_s", "infer_ms",
+    "train_ms", "infer_peak_pct", "train_peak_pct",
+}  # fmt: skip
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_writes_tables_with_positive_numbers(tmp_path, capsys):
+    models = ["lavit_cifar", "lavit_cifar/all-va", "pvt_v2_b0"]
+    assert main(["--models", *models, *TINY, "--out", str(tmp_path)]) == 0
+    assert "| lavit_cifar |" in capsys.readouterr().out  # the Markdown table
+
+    result = json.loads((tmp_path / "bench_cpu_fp32.json").read_text())
+    assert [r["model"] for r in result["models"]] == models
+    assert result["environment"]["torch"] == torch.__version__
+    assert result["peak"]["gmacs_per_s"] > 0
+    rows = read_csv(tmp_path / "bench_cpu_fp32.csv")
+    assert MODEL_COLUMNS <= set(rows[0])
+    for row in rows:
+        assert all(float(row[c]) > 0 for c in MODEL_COLUMNS - {"model"}), row
+    # the all-VA twin has no Ψ/Θ but one more VA layer's projections
+    lavit, all_va = result["models"][0], result["models"][1]
+    assert lavit["params_m"] != all_va["params_m"]
+
+    (comparison,) = result["comparisons"]
+    assert comparison["comparison"] == "lavit_cifar ÷ lavit_cifar/all-va"
+    assert comparison["infer_ratio"] > 0 and comparison["train_ratio"] > 0
+
+    layers = read_csv(tmp_path / "bench_cpu_fp32_layers.csv")
+    assert {(r["stage"], r["layer"]) for r in layers} == {("3", "1"), ("3", "2"), ("4", "1")}
+    for row in layers:
+        assert float(row["la_ms"]) > 0 and float(row["va_fused_ms"]) > 0
+        assert float(row["la_mmacs"]) < float(row["va_mmacs"])  # LA skips Q and K
+
+
+class KnownModel(nn.Module):
+    """Patch conv → grouped conv → attention (2 heads) → head: MACs countable by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, kernel_size=4, stride=4)  # 32² → 8×8 = 64 tokens
+        self.depthwise = nn.Conv2d(8, 8, kernel_size=3, padding=1, groups=8)
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.depthwise(self.patch(x)).flatten(2).transpose(1, 2)  # (B, 64, 8)
+        q, k, v = self.qkv(x).reshape(x.shape[0], 64, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, 2, 64, 4)
+        return self.head(x.transpose(1, 2).reshape(x.shape[0], 64, 8).mean(1))
+
+
+def test_mac_count_equals_a_count_by_hand():
+    patch = 64 * 8 * 3 * 16  # tokens × out × in × kernel
+    depthwise = 64 * 8 * 9  # one 3×3 filter per channel
+    qkv = 64 * 8 * 24
+    attention = 2 * (2 * 64 * 64 * 4)  # QKᵀ and AV, 2 heads of d = 4
+    head = 8 * 10
+    forward = patch + depthwise + qkv + attention + head
+    # backward: every product twice (input and weight gradients), except the image's gradient
+    training = forward + 2 * forward - patch
+
+    counts = count_macs(KnownModel, img_size=32)
+    assert counts["macs"] == forward
+    assert counts["train_macs"] == training  # torch's counter alone overcounts the grouped conv
+    assert counts["params"] == sum(p.numel() for p in KnownModel().parameters())
+
+
+def test_all_va_counterpart_switches_every_la_layer_off():
+    spec = parse_model_name("lavit_small/all-va")
+    assert spec.arch == "lavit_small" and spec.kwargs == {"num_va_layers": (3, 4, 6, 3)}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "no_such_model"], "unknown model 'no_such_model'"),
+        (["--models", "pvt_v2_b0/all-va"], "only LaViT variants"),
+        (["--img-size", "0"], "must be a positive integer"),
+        (["--dtype", "fp16"], "needs --device cuda"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_size_the_model_cannot_take_is_an_error(tmp_path, capsys):
+    argv = ["--models", "lavit_cifar", "--img-size", "36", "--out", str(tmp_path), "--no-train"]
+    assert main(argv) == 2
+    assert "img_size" in capsys.readouterr().err
+
+
+def test_loop_overhead_compares_lightning_with_a_bare_loop(tmp_path):
+    argv = ["--loop-overhead", "--models", "lavit_cifar", "--img-size", "32", "--batch-size", "2"]
+    argv += ["--loop-steps", "3", "--loop-rounds", "1", "--warmup", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = read_csv(tmp_path / "loop_overhead_cpu_fp32.csv")
+    loops = {r["loop"]: r for r in rows}
+    assert {"bare PyTorch", "Lightning (minimal module)"} <= set(loops)
+    assert float(loops["bare PyTorch"]["overhead_pct"]) == 0
+    assert all(float(r["step_ms"]) > 0 and int(r["steps"]) == 2 for r in rows)
+
+
+@pytest.mark.slow
+def test_cli_subprocess_smoke(tmp_path):
+    argv = ["--models", "lavit_cifar", "--img-size", "32", "--batch-size", "2", "--iters", "1"]
+    argv += ["--warmup", "0", "--no-train", "--no-layers", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-m", "lavit", "bench", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        json.loads((tmp_path / "bench_cpu_fp32.json").read_text())["models"][0]["infer_img_s"] > 0
+    )
