@@ -23,13 +23,33 @@ import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lavit.training.callbacks import AttentionMaps, RunCheckpoint, RunMetadata
+from lavit.training.checkpoint_io import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    load_checkpoint_file,
+    state_dict_mismatch,
+)
+from lavit.training.checks import check_config, linked_option_in_arguments, secret_in_arguments
 from lavit.training.data import ImageDataModule
+from lavit.training.faults import (
+    EXIT_CONFIG_ERROR,
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
+    DDPOptions,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    PreemptionCheckpoint,
+    ddp_strategy,
+    fault_injection_callbacks,
+)
 from lavit.training.logging import WandbOptions, default_loggers
 from lavit.training.module import LaViTModule
 
-__all__ = ["TOOL_COMMANDS", "ConfigError", "LaViTCLI", "main"]
+__all__ = ["TOOL_COMMANDS", "ConfigError", "DataError", "LaViTCLI", "main", "sweep_run_dir"]
 
 # `lavit <tool> ...` → module:function(argv_after_the_tool_name), imported only when asked for.
 TOOL_COMMANDS = {
@@ -45,6 +65,25 @@ class ConfigError(Exception):
     """A configuration value rejected when the model, data or trainer is built."""
 
 
+class DataError(ConfigError):
+    """The data cannot be loaded as configured (the message may list files, one per line)."""
+
+
+def sweep_run_dir(run_dir: str) -> str:
+    """``<run_dir>/<sweep id>/<run id>`` under a ``wandb agent`` (both ids in the environment).
+
+    Every run of a sweep gets the same ``--trainer.default_root_dir``; without this they would
+    overwrite each other's ``last.ckpt`` and logs.
+    """
+    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if not (sweep_id and run_id):
+        return run_dir
+    parts = [re.sub(r"[^\w.-]", "_", part).strip(".") or "_" for part in (sweep_id, run_id)]
+    if list(Path(run_dir).parts[-2:]) == parts:  # already this run's directory
+        return run_dir
+    return os.path.join(run_dir, *parts)
+
+
 class LaViTCLI(LightningCLI):
     """LightningCLI with the project's defaults: callbacks, run directory, CSV + W&B loggers."""
 
@@ -52,6 +91,12 @@ class LaViTCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # the module owns its optimizer
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # main() prints one line
+        # Always on: save last.ckpt on SIGTERM; test-only faults when LAVIT_FAULT_INJECT is set.
+        defaults = dict(kwargs.pop("trainer_defaults", None) or {})
+        callbacks = defaults.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        defaults["callbacks"] = [*callbacks, PreemptionCheckpoint(), *fault_injection_callbacks()]
+        kwargs["trainer_defaults"] = defaults
         super().__init__(LaViTModule, ImageDataModule, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -60,6 +105,8 @@ class LaViTCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(RunMetadata, "run_metadata")
         parser.add_lightning_class_args(AttentionMaps, "attention_maps")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_class_arguments(DDPOptions, "ddp")
         parser.set_defaults(
             {
                 "trainer.default_root_dir": DEFAULT_RUN_DIR,
@@ -81,6 +128,26 @@ class LaViTCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.img_size", "model.img_size")
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        run_dir = config.trainer.default_root_dir or DEFAULT_RUN_DIR
+        if sweep_run_dir(run_dir) != run_dir:  # under `wandb agent`: one directory per run
+            config.trainer.default_root_dir = sweep_run_dir(run_dir)
+            config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir, "checkpoints")
+        try:
+            check_config(config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def _parse_ckpt_path(self) -> None:
+        """Leave the model to the config: the checkpoint must fit it (checked before running).
+
+        LightningCLI 2.6 instead rebuilds the model from the hyper-parameters stored in a
+        ``--ckpt_path`` *file* (not ``last``/``best``), silently overriding the command line (a
+        lower ``--model.lr`` to resume a diverged run would be ignored), and loads the whole file
+        before any check. Here a checkpoint that does not fit the configured model is an error.
+        """
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -92,6 +159,21 @@ class LaViTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})
+        # Atomic, NaN-refusing, weights-only checkpoint files, unless a CheckpointIO is given or
+        # the strategy writes sharded checkpoints its own way.
+        plugins = config.get("plugins")
+        plugins = (
+            [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        )
+        strategy = config.get("strategy")
+        sharded = isinstance(strategy, str) and any(
+            name in strategy for name in ("fsdp", "deepspeed", "xla")
+        )
+        if not sharded and not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        ddp = ddp_strategy(strategy, self._get(self.config_init, "ddp").timeout)
+        if ddp is not None:  # a DDP strategy by name: with the --ddp.timeout on collectives
+            kwargs["strategy"] = ddp
         if config.get("logger") in (None, True):  # not chosen in the config: CSV + W&B
             subcommand_config = self.config.get(str(self.subcommand), self.config)
             # Evaluating a run, or resuming its fit, continues the run's W&B run.
@@ -107,14 +189,76 @@ class LaViTCLI(LightningCLI):
 
     # `--ckpt_path best` in a new process: Lightning only knows the best checkpoint of a fit
     # that ran in the same process, so look it up in the run's checkpoint folder.
+    def before_fit(self) -> None:
+        self._check_data()
+        self._check_checkpoint()
+
     def before_validate(self) -> None:
         self._resolve_best_checkpoint()
+        self._check_data()
+        self._check_checkpoint()
 
     def before_test(self) -> None:
         self._resolve_best_checkpoint()
+        self._check_data()
+        self._check_checkpoint()
 
     def before_predict(self) -> None:
         self._resolve_best_checkpoint()
+        self._check_data()
+        self._check_checkpoint()
+
+    def _check_data(self) -> None:
+        """Load the data now (what Lightning's prepare_data would do), to report errors cleanly.
+
+        Local rank 0 only, as Lightning's ``prepare_data``: the other ranks load in ``setup``.
+        """
+        if self.datamodule is None or self.trainer.local_rank != 0:
+            return
+        try:
+            self.datamodule.prepare_data()
+        except (ValueError, OSError) as err:
+            raise DataError(str(err)) from None
+
+    def _checkpoint_file(self) -> str | None:
+        """The file ``--ckpt_path`` designates (``last`` resolved as Lightning does), or ``None``."""
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        callback = self.trainer.checkpoint_callback
+        if ckpt_path is None or ckpt_path in ("hpc",) or "://" in str(ckpt_path):
+            return None
+        if ckpt_path == "best":  # not resolved by _resolve_best_checkpoint: there is none
+            folder = getattr(callback, "dirpath", None)
+            raise ConfigError(f"--ckpt_path best: no best-*.ckpt checkpoint in {folder}")
+        if ckpt_path == "last":
+            folder = Path(getattr(callback, "dirpath", None) or "")
+            last = [p for p in folder.glob("last*.ckpt") if re.match(r"last(-v\d+)?$", p.stem)]
+            return str(max(last, key=os.path.getmtime)) if last else None  # none: a fresh start
+        return str(ckpt_path)
+
+    def _check_checkpoint(self) -> None:
+        """A one-line error for a checkpoint that cannot be loaded or does not fit the model."""
+        path = self._checkpoint_file()
+        if path is None:
+            return
+        try:
+            checkpoint = load_checkpoint_file(path, mmap=True)  # weights-only; cheap to inspect
+        except CheckpointError as err:
+            raise ConfigError(f"--ckpt_path: {err}") from None
+        if self.subcommand == "fit" and "optimizer_states" not in checkpoint:
+            raise ConfigError(
+                f"--ckpt_path: {path}: holds weights only (no optimizer or loop state), so it "
+                "cannot resume a fit"
+            )
+        problem = state_dict_mismatch(self.model.state_dict(), checkpoint["state_dict"])
+        if problem:
+            trained = (checkpoint.get("hyper_parameters") or {}).get("arch")
+            arch = getattr(self.model.hparams, "arch", None)
+            origin = f" (trained as arch={trained!r}, this run builds arch={arch!r})"
+            raise ConfigError(
+                f"--ckpt_path: {path} does not fit this run's model{origin if trained else ''}: "
+                f"{problem}; pass the config it was trained with (--config <run dir>/"
+                "version_0/config.yaml)"
+            )
 
     def _resolve_best_checkpoint(self) -> None:
         config = self.config_init[self.subcommand]
@@ -146,16 +290,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOL_COMMANDS:
         sys.exit(_call_tool(args[0], args[1:]))
+    # Before parsing: jsonargparse would echo a token back in its error message.
+    problem = secret_in_arguments(args) or linked_option_in_arguments(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
     # TF32 matmuls on Ampere+ GPUs (no effect on CPU): ~free speed for fp32 parts under AMP.
     torch.set_float32_matmul_precision("high")
     try:
         LaViTCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv
+    except SIGTERMException:  # pre-empted: PreemptionCheckpoint saved last.ckpt
+        sys.exit(EXIT_PREEMPTED)
     except ArgumentError as err:
         print(f"error: {describe_parse_error(str(err))}", file=sys.stderr)
-        sys.exit(2)
-    except ConfigError as err:
+        sys.exit(EXIT_CONFIG_ERROR)
+    except DataError as err:  # may list bad files, one per line
+        print(f"error: {str(err).strip()}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except (ConfigError, CheckpointError) as err:
         print(f"error: {_one_line(str(err))}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
 
 
 def describe_parse_error(message: str) -> str:

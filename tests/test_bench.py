@@ -15,7 +15,18 @@ from torch import nn
 
 from lavit.tools.bench import count_macs, main, parse_model_name
 
-TINY = ["--img-size", "32", "--batch-size", "2", "--iters", "1", "--warmup", "0", "--gemm-size", "256"]
+TINY = [
+    "--img-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--iters",
+    "1",
+    "--warmup",
+    "0",
+    "--gemm-size",
+    "256",
+]
 MODEL_COLUMNS = {
     "model", "params_m", "gmacs", "train_gmacs", "infer_img_s", "train_img_s", "infer_ms",
     "train_ms", "infer_peak_pct", "train_peak_pct",
@@ -117,7 +128,7 @@ def test_size_the_model_cannot_take_is_an_error(tmp_path, capsys):
 
 def test_loop_overhead_compares_lightning_with_a_bare_loop(tmp_path):
     argv = ["--loop-overhead", "--models", "lavit_cifar", "--img-size", "32", "--batch-size", "2"]
-    argv += ["--loop-steps", "3", "--loop-rounds", "1", "--warmup", "1", "--out", str(tmp_path)]
+    argv += ["--loop-steps", "3", "--loop-rounds", "1", "--warmup", "0", "--out", str(tmp_path)]
     assert main(argv) == 0
     rows = read_csv(tmp_path / "loop_overhead_cpu_fp32.csv")
     loops = {r["loop"]: r for r in rows}

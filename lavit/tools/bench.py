@@ -365,7 +365,8 @@ def loop_overhead(
 
     All three train the same model on the same in-memory batches (a ``TensorDataset``); a step is
     the time between the starts of consecutive batches, so data fetching, hooks and logging
-    count. The loops alternate ``rounds`` times; the first ``warmup`` steps of each are dropped.
+    count (``steps`` batches give ``steps − 1`` intervals; set-up and tear-down do not count).
+    The loops alternate ``rounds`` times; the first ``warmup`` intervals of each are dropped.
     """
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
@@ -382,9 +383,6 @@ def loop_overhead(
             self.starts: list[float] = []
 
         def on_train_batch_start(self, *args) -> None:
-            self.starts.append(time.perf_counter())
-
-        def on_train_end(self, *args) -> None:
             self.starts.append(time.perf_counter())
 
     class MinimalModule(L.LightningModule):
@@ -434,8 +432,6 @@ def loop_overhead(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss.item()  # what logging a loss costs: one sync
-        _synchronizer(device)()
-        starts.append(time.perf_counter())
         return _intervals(starts)
 
     model = build_model(spec, img_size, num_classes)
@@ -627,7 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only compare a Lightning training loop's step time with a bare PyTorch loop",
     )
-    parser.add_argument("--loop-steps", type=_positive_int, default=8, help="steps per loop run")
+    parser.add_argument(
+        "--loop-steps", type=_positive_int, default=8, help="batches per loop run (≥ 2)"
+    )
     parser.add_argument(
         "--loop-rounds", type=_positive_int, default=2, help="alternations of the loops"
     )
@@ -641,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[ModelSpec]:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
+    if args.loop_overhead and args.loop_steps < 2:
+        parser.error("--loop-steps must be ≥ 2 (a step is the interval between two batches)")
     if args.dtype == "fp16" and args.device != "cuda":
         parser.error("--dtype fp16 needs --device cuda (use bf16 on the CPU)")
     names = args.models or (["lavit_tiny"] if args.loop_overhead else list(DEFAULT_MODELS))
@@ -785,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     device,
                     args.dtype,
                     args.loop_steps,
-                    min(args.warmup, args.loop_steps - 1),
+                    min(args.warmup, args.loop_steps - 2),
                     args.loop_rounds,
                 )  # fmt: skip
             ]

@@ -130,15 +130,38 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that saves nothing under ``fast_dev_run``.
+    """``ModelCheckpoint`` that saves nothing under ``fast_dev_run`` and keeps ``last`` current.
 
     Lightning 2.6 still writes ``last.ckpt`` at the end of a ``fast_dev_run``, which a later
-    ``--ckpt_path last`` would then resume from.
+    ``--ckpt_path last`` would then resume from. And with a monitored metric it refreshes
+    ``last.ckpt`` only when a top-k checkpoint is saved (the metric improved): a run that stops
+    improving would resume from its best epoch instead of its last one. Here ``last.ckpt``
+    follows every checkpointing epoch.
     """
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.fast_dev_run:
             super().on_train_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: L.Trainer) -> None:
+        every = self._every_n_epochs
+        if (
+            self.save_last
+            and every >= 1
+            and (trainer.current_epoch + 1) % every == 0
+            and not self._should_skip_saving_checkpoint(trainer)  # also: saved at this step
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class RunMetadata(Callback):
@@ -171,6 +194,8 @@ class RunMetadata(Callback):
             "macs": macs,
             "world_size": trainer.world_size,
             "precision": str(trainer.precision),
+            # image files left out by --data.bad_images=skip (0 when none or not an image folder)
+            "skipped_images": getattr(trainer.datamodule, "num_skipped_images", 0),
             "versions": package_versions(),
             "git": git_info(),
         }

@@ -39,6 +39,7 @@ __all__ = [
     "load_checkpoint_file",
     "nan_tensors",
     "partial_path",
+    "state_dict_mismatch",
 ]
 
 LIGHTNING_KEYS = ("state_dict", "epoch", "global_step", "pytorch-lightning_version")
@@ -104,7 +105,9 @@ def _load_error(path: _PATH, err: Exception) -> CheckpointError:
             f"loading refuses ({_first_line(detail.group(1)) if detail else 'unpickling failed'})"
         )
     if "zip archive" in message or "central directory" in message or isinstance(err, EOFError):
-        return CheckpointError(f"{path}: truncated or corrupted checkpoint file ({_first_line(message)})")
+        return CheckpointError(
+            f"{path}: truncated or corrupted checkpoint file ({_first_line(message)})"
+        )
     return CheckpointError(
         f"{path}: not a PyTorch checkpoint file ({type(err).__name__}: {_first_line(message)})"
     )
@@ -147,6 +150,36 @@ def load_checkpoint_file(
             f"not {', '.join(repr(k) for k in LIGHTNING_KEYS)}"
         )
     return checkpoint
+
+
+def state_dict_mismatch(
+    expected: dict[str, Any], found: dict[str, Any], ignore: tuple[str, ...] = ("ema.",)
+) -> str | None:
+    """How ``found`` (a checkpoint's state_dict) fails to fit ``expected``, or ``None`` if it fits.
+
+    Keys starting with ``ignore`` are left out (the module adds or drops EMA weights on load).
+    """
+
+    def shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        return {
+            k: tuple(getattr(v, "shape", ())) for k, v in state.items() if not k.startswith(ignore)
+        }
+
+    want, have = shapes(expected), shapes(found)
+    missing = sorted(want.keys() - have.keys())
+    unexpected = sorted(have.keys() - want.keys())
+    resized = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
+    if not (missing or unexpected or resized):
+        return None
+    if resized:
+        key = resized[0]
+        example = f"{key} is {list(have[key])} in the checkpoint, {list(want[key])} here"
+    else:
+        example = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+    return (
+        f"{len(missing)} missing, {len(unexpected)} unexpected and {len(resized)} differently "
+        f"shaped weights (e.g. {example})"
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

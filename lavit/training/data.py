@@ -635,7 +635,10 @@ class ImageDataModule(L.LightningDataModule):
                 "Fix or remove them, or set bad_images='skip' to train on the rest."
             )
         self.num_skipped_images = len(problems)
-        rank_zero_warn(f"Skipped {len(problems)} unreadable image file(s) in {self.source!r}.")
+        listing = "".join(f"\n  {path}: {why}" for path, why in problems.items())
+        rank_zero_warn(
+            f"Skipped {len(problems)} unreadable image file(s) in {self.source!r}:{listing}"
+        )
         return {
             split: [(p, label) for p, label in files if p not in problems]
             for split, files in files_by_split.items()

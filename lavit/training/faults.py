@@ -240,7 +240,10 @@ class NonFiniteGuard(Callback):
         self._loss_finite = None
         if getattr(trainer.precision_plugin, "scaler", None) is None:
             grads = [
-                p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+                p.grad
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if p.grad is not None
             ]
             if grads:
                 checks.append(_grads_finite(grads))

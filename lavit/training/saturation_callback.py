@@ -32,10 +32,14 @@ class AttentionSaturation(Callback):
         dirname: folder inside the trainer's log dir for ``saturation.{csv,json,png}``.
     """
 
-    def __init__(self, num_images: int = 32, batch_size: int = 16, dirname: str = "saturation") -> None:
+    def __init__(
+        self, num_images: int = 32, batch_size: int = 16, dirname: str = "saturation"
+    ) -> None:
         super().__init__()
         if num_images < 1 or batch_size < 1:
-            raise ValueError(f"num_images and batch_size must be ≥ 1, got {num_images}, {batch_size}")
+            raise ValueError(
+                f"num_images and batch_size must be ≥ 1, got {num_images}, {batch_size}"
+            )
         self.num_images = num_images
         self.batch_size = batch_size
         self.dirname = dirname
@@ -57,16 +61,22 @@ class AttentionSaturation(Callback):
         if not self.rows:
             return
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
-        title = f"{type(model).__name__}, step {trainer.global_step}, {len(images)} images ({source})"
+        title = (
+            f"{type(model).__name__}, step {trainer.global_step}, {len(images)} images ({source})"
+        )
         meta = {"step": trainer.global_step, "images": len(images), "image_source": source}
         self.paths = write_report(self.rows, out_dir, title, meta)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 summary = head_means(self.rows)
                 columns = list(self.rows[0])
-                logger.log_table("saturation/per_head", columns, [[r[c] for c in columns] for r in self.rows])
+                logger.log_table(
+                    "saturation/per_head", columns, [[r[c] for c in columns] for r in self.rows]
+                )
                 columns = list(summary[0])
-                logger.log_table("saturation/summary", columns, [[r[c] for c in columns] for r in summary])
+                logger.log_table(
+                    "saturation/summary", columns, [[r[c] for c in columns] for r in summary]
+                )
                 logger.log_image("saturation/plot", [str(self.paths["png"])], caption=[title])
 
     def _images(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[torch.Tensor, str]:
