@@ -505,6 +505,17 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN (a phase that was skipped) → null, so that the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def cpu_model_name() -> str:
     """The CPU's marketing name (``lscpu``'s "Model name")."""
     with contextlib.suppress(OSError):
@@ -841,7 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"\nmatmul peak ({result['peak']['gemm']}): {result['peak']['gmacs_per_s']:.1f} GMAC/s"
         )
     json_path = args.out / f"{tag}.json"
-    json_path.write_text(json.dumps(result, indent=2, default=float))
+    json_path.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
     print(f"\nwrote {json_path}")
     if args.wandb:
         log_to_wandb(result, args.wandb_project, args.out)
