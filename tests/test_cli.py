@@ -132,6 +132,13 @@ def test_every_switch_given_as_an_argument_reaches_the_model(tmp_path):
     assert built.model.hparams.lr == 1e-3
 
 
+def test_a_timm_baseline_from_the_command_line(tmp_path):
+    built = parse(tmp_path, "--model.arch=pvt_v2_b0", "--model.drop_path_rate=0.1")
+    assert not built.model.is_lavit
+    assert type(built.model.model).__name__ == "PyramidVisionTransformerV2"
+    assert built.model.model.num_classes == 10
+
+
 @pytest.mark.parametrize(
     ("argument", "expected"),
     [

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -119,8 +119,17 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
 
 
 def _run_file_dir(trainer: L.Trainer) -> Path:
-    """The log dir of this attempt (``<run_dir>/version_N``), or the run dir without loggers."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The log dir of this attempt (``<run_dir>/version_N``), or the run dir without loggers.
+
+    What ``trainer.log_dir`` gives, without its broadcast: callers run on rank 0 only, and a
+    collective that only rank 0 enters desynchronises (then hangs) a DDP run.
+    """
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+        log_dir = logger.log_dir
+    else:
+        log_dir = logger.save_dir if logger is not None else None
+    return Path(log_dir or trainer.default_root_dir)
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
