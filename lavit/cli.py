@@ -43,7 +43,9 @@ from lavit.training.faults import (
     NonFiniteGuard,
     NonFiniteLossError,
     PreemptionCheckpoint,
+    StopOtherRanks,
     ddp_strategy,
+    distributed_failure,
     fault_injection_callbacks,
 )
 from lavit.training.logging import WandbOptions, default_loggers
@@ -95,7 +97,12 @@ class LaViTCLI(LightningCLI):
         defaults = dict(kwargs.pop("trainer_defaults", None) or {})
         callbacks = defaults.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-        defaults["callbacks"] = [*callbacks, PreemptionCheckpoint(), *fault_injection_callbacks()]
+        defaults["callbacks"] = [
+            *callbacks,
+            PreemptionCheckpoint(),
+            StopOtherRanks(),
+            *fault_injection_callbacks(),
+        ]
         kwargs["trainer_defaults"] = defaults
         super().__init__(LaViTModule, ImageDataModule, args=args, run=run, **kwargs)
 
@@ -313,6 +320,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED)
+    except RuntimeError as err:
+        failure = distributed_failure(err)  # a traceback into the collective would tell nothing
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(1)
 
 
 def describe_parse_error(message: str) -> str:

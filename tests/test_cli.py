@@ -201,6 +201,27 @@ def test_loggers_keep_the_wandb_run_id_of_a_run_dir(tmp_path):
     assert len(default_loggers(tmp_path, WandbOptions(enabled=False))) == 1
 
 
+def test_a_failed_online_start_falls_back_to_offline(tmp_path, monkeypatch):
+    import wandb
+
+    real_init, modes = wandb.init, []
+
+    def init(**kwargs):
+        modes.append(kwargs["mode"])
+        if kwargs["mode"] == "online":  # what an unreachable server ends in, after init_timeout
+            raise wandb.errors.CommError("timed out")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    logger = FallbackWandbLogger(project="p", save_dir=str(tmp_path), mode="online")
+    with pytest.warns(UserWarning, match="logging offline"):
+        run = logger.experiment
+    try:
+        assert modes == ["online", "offline"] and run.settings.mode == "offline"
+    finally:
+        run.finish()
+
+
 def test_secrets_are_redacted_from_logged_configs():
     config = {"data": {"hf_token": "hf_x", "source": "a"}, "wandb": {"api_key": "k"}}
     assert redact_secrets(config) == {

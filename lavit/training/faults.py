@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -44,6 +46,8 @@ __all__ = [
     "NonFiniteGuard",
     "NonFiniteLossError",
     "PreemptionCheckpoint",
+    "StopOtherRanks",
+    "distributed_failure",
     "ddp_strategy",
     "fault_injection_callbacks",
     "injected_fault",
@@ -168,6 +172,63 @@ class PreemptionCheckpoint(Callback):
                 f"SIGTERM: saved {path} at global step {trainer.global_step} "
                 f"(epoch {trainer.current_epoch}); resume with --ckpt_path last"
             )
+
+
+class StopOtherRanks(Callback):
+    """When this process fails, kills the other ranks it launched instead of leaving them behind.
+
+    Lightning's DDP launcher (``--trainer.strategy=ddp`` started as one command) starts ranks
+    1..N-1 of a node as child processes of rank 0 and kills everything when a *child* dies, but
+    when rank 0 itself fails (e.g. its collective timed out because a child hangs) the children
+    are left running, holding the job (and its GPUs) forever.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        _DISTRIBUTED.update(world_size=trainer.world_size, rank=trainer.global_rank)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):  # Lightning forwards SIGTERM to them itself
+            return
+        launcher = getattr(trainer.strategy, "launcher", None)
+        children = getattr(launcher, "procs", None)
+        if children and any(child.poll() is None for child in children):
+            _say(
+                f"rank {trainer.global_rank} failed ({type(exception).__name__}): stopping the "
+                f"{len(children)} other rank(s) it launched"
+            )
+            launcher.kill(signal.SIGKILL)
+
+
+# World size and rank of the run in this process (Lightning's teardown unsets WORLD_SIZE).
+_DISTRIBUTED = {"world_size": 1, "rank": 0}
+
+# Errors of a collective operation whose peer died or stopped answering (gloo, NCCL).
+_PEER_FAILURE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Timed out waiting|"
+    r"Watchdog caught collective operation timeout|NCCL communicator was aborted",
+)
+
+
+def distributed_failure(err: BaseException) -> str | None:
+    """A one-line description if ``err`` is a collective failing because another rank did."""
+    import torch.distributed as dist
+
+    name = type(err).__name__
+    if not (
+        _DISTRIBUTED["world_size"] > 1 and dist.is_available() and isinstance(err, RuntimeError)
+    ):
+        return None
+    message = str(err)
+    if not (_PEER_FAILURE.search(message) or name == "DistBackendError"):
+        return None
+    rank = _DISTRIBUTED["rank"]
+    detail = next((line.strip() for line in message.splitlines() if line.strip()), name)
+    return (
+        f"rank {rank}: another rank failed or stopped responding, so this one stopped too "
+        f"({detail}); the error of the rank that failed is above, --ddp.timeout bounds the wait"
+    )
 
 
 def _grads_finite(grads: list[torch.Tensor]) -> torch.Tensor:
