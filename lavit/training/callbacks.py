@@ -145,12 +145,16 @@ class RunCheckpoint(ModelCheckpoint):
     ``--ckpt_path last`` would then resume from. And with a monitored metric it refreshes
     ``last.ckpt`` only when a top-k checkpoint is saved (the metric improved): a run that stops
     improving would resume from its best epoch instead of its last one. Here ``last.ckpt``
-    follows every checkpointing epoch.
+    follows every checkpointing epoch, and the end of training.
     """
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.fast_dev_run:
-            super().on_train_end(trainer, pl_module)
+        if trainer.fast_dev_run:
+            return
+        super().on_train_end(trainer, pl_module)
+        # Stopped between checkpoints (max_steps, early stopping): last.ckpt is the final state.
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)

@@ -80,9 +80,6 @@ def secret_in_arguments(args: Sequence[str]) -> str | None:
     """A one-line error if the arguments or their config files carry a credential, else ``None``."""
     env_secrets = {n: os.environ[n] for n in SECRET_ENV_VARS if len(os.environ.get(n, "")) >= 8}
     for arg in args:
-        for name, value in env_secrets.items():
-            if value in arg:
-                return f"the value of {name} appears in the command line: {SECRET_HELP}"
         option, _, value = arg.partition("=")
         if option.startswith("--") and _secret_key(option[2:]):
             return f"{option}: {SECRET_HELP}"
@@ -93,18 +90,22 @@ def secret_in_arguments(args: Sequence[str]) -> str | None:
         for key in _walk_keys(parsed):
             if _secret_key(key):
                 return f"{option} sets {key}: {SECRET_HELP}"
+    for arg in args:
+        for name, value in env_secrets.items():
+            if value in arg:
+                return f"the value of {name} appears in the command line: {SECRET_HELP}"
     for path in _config_files(args):
         text = path.read_text(errors="replace")
-        for name, value in env_secrets.items():
-            if value in text:
-                return f"{path}: holds the value of {name}: {SECRET_HELP}"
         try:
             content = yaml.safe_load(text)
         except yaml.YAMLError:
-            continue  # jsonargparse reports the syntax error
+            content = None  # jsonargparse reports the syntax error
         for key in _walk_keys(content):
             if _secret_key(key):
                 return f"{path}: key {key}: {SECRET_HELP}"
+        for name, value in env_secrets.items():
+            if value in text:
+                return f"{path}: holds the value of {name}: {SECRET_HELP}"
     return None
 
 

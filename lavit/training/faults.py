@@ -226,8 +226,8 @@ def distributed_failure(err: BaseException) -> str | None:
     rank = _DISTRIBUTED["rank"]
     detail = next((line.strip() for line in message.splitlines() if line.strip()), name)
     return (
-        f"rank {rank}: another rank failed or stopped responding, so this one stopped too "
-        f"({detail}); the error of the rank that failed is above, --ddp.timeout bounds the wait"
+        f"rank {rank}: stopped because another rank failed or did not answer within "
+        f"--ddp.timeout ({detail}); that rank's own error, if it printed one, is above"
     )
 
 

@@ -1,0 +1,722 @@
+"""Reliability and security: every test injects a fault or a bad input and checks the outcome.
+
+Each test's docstring reads ``<fault or input> => <what must happen>``; ``scripts/
+reliability_table.py`` turns them (and :data:`BAD_ARGUMENTS`) into ``RELIABILITY.md``, and the
+last test checks that file is current. Runs are tiny (a ~50 K-parameter LaViT, 4 batches of 16
+per epoch, W&B off unless a test needs it); subprocesses only where a real process must die.
+"""
+
+import csv
+import inspect
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import REPO, TINY_LAVIT
+
+from lavit.cli import LaViTCLI, main
+from lavit.training.checkpoint_io import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    NonFiniteCheckpointError,
+    load_checkpoint_file,
+    partial_path,
+)
+from lavit.training.data import ImageDataModule
+from lavit.training.faults import EXIT_DIVERGED, EXIT_PREEMPTED, InjectedFault
+from lavit.training.module import LaViTModule
+
+TINY_MODEL = f"--model.model_kwargs={json.dumps(TINY_LAVIT)}"
+FAST = [
+    "--data.img_size=32",
+    "--data.num_workers=0",
+    "--data.batch_size=16",
+    "--data.val_split=test",
+    "--data.crop_pct=1.0",
+    "--data.auto_augment=null",
+    "--data.re_prob=0",
+    "--trainer.accelerator=cpu",
+    "--trainer.limit_train_batches=4",
+    "--trainer.limit_val_batches=0.02",  # one batch of the 1,000 test images
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.num_sanity_val_steps=0",
+    "--model.warmup_epochs=0",
+    "--model.scale_lr_by_batch=false",
+    "--attention_maps.num_images=0",
+    "--run_metadata.count_flops=false",
+]
+NO_WANDB = "--wandb.enabled=false"
+HF_SECRET = "hf_fakesecretTOKEN0123456789abcdef"
+WANDB_SECRET = "fakewandbkey" + "0123456789abcdef" * 2 + "deadbeef"
+
+
+def fit_args(run_dir: Path, *extra: str, wandb: bool = False) -> list[str]:
+    return [
+        "fit",
+        f"--trainer.default_root_dir={run_dir}",
+        *FAST,
+        TINY_MODEL,
+        *([] if wandb else [NO_WANDB]),
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def in_process(monkeypatch):
+    """One thread, the CLI's arguments from the tests, and no state leaking between tests."""
+    monkeypatch.setattr(sys, "argv", ["lavit"])
+    for name in ("PL_GLOBAL_SEED", "LAVIT_FAULT_INJECT", "HF_TOKEN", "WANDB_SWEEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path / "wandb"),
+        "WANDB_SILENT": "true",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in (
+        "WANDB_API_KEY",
+        "HF_TOKEN",
+        "LAVIT_FAULT_INJECT",
+        "WANDB_RUN_ID",
+        "PL_GLOBAL_SEED",
+    ):
+        env.pop(name, None)
+    return {**env, **extra}
+
+
+class LiveRun:
+    """``python -m lavit ...`` in a subprocess whose output is read line by line as it comes."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lavit", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 180) -> None:
+        deadline, seen = time.monotonic() + timeout, 0
+        while seen < count:
+            try:
+                line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                self.process.kill()
+                pytest.fail(f"no {pattern!r} within {timeout} s:\n{self.output[-3000:]}")
+            if line is None:
+                pytest.fail(f"exited before {pattern!r}:\n{self.output[-3000:]}")
+            seen += bool(re.search(pattern, line))
+
+    def wait_for_file(self, path: Path, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                pytest.fail(f"{path} never appeared:\n{self.output[-3000:]}")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 120) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 300):
+    return subprocess.run(
+        [sys.executable, "-m", "lavit", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def metric_rows(version_dir: Path) -> list[dict[str, str]]:
+    with open(version_dir / "metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def all_finite(checkpoint: dict) -> bool:
+    return all(
+        torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point()
+    )
+
+
+def error_line(capsys) -> str:
+    """The CLI's error output, checked to be a single ``error: ...`` line without a traceback."""
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, captured.err[-3000:]
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]
+
+
+# ------------------------------------------------------------------------- kill and resume
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_keeps_last_loadable_and_resume_continues(tmp_path):
+    """SIGKILL while last.ckpt is being rewritten (a 1.5 s write injected with
+    LAVIT_FAULT_INJECT=slow_checkpoint), then `fit --ckpt_path last`
+    => the half-written file is only `.last.ckpt.partial`; last.ckpt and every other *.ckpt load
+    weights-only (last: the previous epoch, step 4); the resumed run restores it, continues at
+    global step 4 and ends at step 12 after 3 epochs; its CSV metrics start at step 4, epochs 1-2;
+    last.ckpt is a real file and no partial file is left
+    """
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    slow = run_env(tmp_path, LAVIT_FAULT_INJECT="slow_checkpoint:seconds=1.5")
+    run = LiveRun(fit_args(run_dir, "--trainer.max_epochs=4"), slow)
+    run.wait_for(r"lavit-fault: writing .*last\.ckpt", count=2)  # epoch 1's last.ckpt
+    time.sleep(0.5)  # a third of the way through the write
+    run.process.send_signal(signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL
+    assert partial_path(last).exists(), "the kill did not land during the write"
+    assert load_checkpoint_file(last)["global_step"] == 4  # epoch 0's, complete
+    for path in sorted(last.parent.glob("*.ckpt")):
+        assert all_finite(load_checkpoint_file(path)), path
+
+    resumed = run_cli(
+        fit_args(run_dir, "--trainer.max_epochs=3", "--ckpt_path=last"), run_env(tmp_path)
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restored all states from the checkpoint at {last}" in resumed.stderr
+    final = load_checkpoint_file(last)
+    assert (final["global_step"], final["epoch"]) == (12, 2)
+    assert not last.is_symlink() and not partial_path(last).exists()
+    rows = metric_rows(run_dir / "version_1")
+    assert min(int(r["step"]) for r in rows) == 4
+    assert {int(r["epoch"]) for r in rows if r["epoch"]} == {1, 2}
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_checkpoint_exits_75_and_resumes(tmp_path):
+    """SIGTERM (a scheduler's pre-emption notice) during training, then `fit --ckpt_path last`
+    => the run finishes its batch, saves last.ckpt at that step and exits with code 75 (no
+    traceback); the resumed run continues from that global step (+2 steps) and its CSV metrics
+    start there
+    """
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    run = LiveRun(fit_args(run_dir, "--trainer.max_epochs=1000"), run_env(tmp_path))
+    run.wait_for_file(last)  # training is under way (epoch 0 done)
+    time.sleep(0.5)
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish(timeout=60) == EXIT_PREEMPTED, run.output[-3000:]
+    match = re.search(r"SIGTERM: saved (\S+) at global step (\d+)", run.output)
+    assert match and match.group(1) == str(last), run.output[-3000:]
+    assert "Traceback" not in run.output
+    step = int(match.group(2))
+    assert step >= 4 and load_checkpoint_file(last)["global_step"] == step
+
+    main(
+        fit_args(
+            run_dir,
+            "--trainer.max_epochs=1000",
+            f"--trainer.max_steps={step + 2}",
+            "--ckpt_path=last",
+        )
+    )
+    assert load_checkpoint_file(last)["global_step"] == step + 2
+    steps = [int(r["step"]) for r in metric_rows(run_dir / "version_1")]
+    # Lightning numbers the first logged step one later when the SIGTERM came at an epoch's end.
+    assert step <= min(steps) <= step + 1
+
+
+def test_a_crash_resumes_from_the_last_epoch_even_without_improvement(tmp_path):
+    """An exception at global step 9 (LAVIT_FAULT_INJECT=crash) in a run whose val/top1 never
+    improves after epoch 0 (lr 1e-9)
+    => the crash propagates; last.ckpt holds epoch 1's end (step 8), not the best epoch's
+    (step 4): Lightning 2.6 alone refreshes last.ckpt only when the monitored metric improves
+    """
+    os.environ["LAVIT_FAULT_INJECT"] = "crash:step=9"
+    with pytest.raises(InjectedFault, match="global step 9"):
+        main(fit_args(tmp_path, "--trainer.max_epochs=3", "--model.lr=1e-9"))
+    assert load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 8
+    best = list((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    assert [load_checkpoint_file(p)["global_step"] for p in best] == [4]
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    """A checkpoint write that fails half-way (torch.save raising after writing some bytes)
+    => the previous checkpoint at that path is unchanged and no partial file is left
+    """
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    before = path.read_bytes()
+
+    def half_then_fail(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    assert path.read_bytes() == before and not partial_path(path).exists()
+
+
+def test_a_checkpoint_with_nan_weights_is_never_written(tmp_path):
+    """Saving a checkpoint whose state_dict holds NaN (through the CLI's checkpoint IO)
+    => NonFiniteCheckpointError naming the tensor; the good checkpoint on disk is kept
+    """
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    before = path.read_bytes()
+    with pytest.raises(NonFiniteCheckpointError, match="model.head.weight"):
+        io.save_checkpoint({"state_dict": {"model.head.weight": torch.tensor([1.0, np.nan])}}, path)
+    assert path.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------- divergence
+def test_a_nan_loss_stops_training_naming_the_step_and_the_last_good_checkpoint(tmp_path, capsys):
+    """A NaN loss at global step 6 (NaN input batch injected), default policy
+    => exit code 3 with one line naming global step 6 and last.ckpt (global step 4); every
+    checkpoint on disk is finite and last.ckpt is still step 4's
+    """
+    os.environ["LAVIT_FAULT_INJECT"] = "nan_loss:step=6"
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path, "--trainer.max_epochs=3"))
+    assert exit_info.value.code == EXIT_DIVERGED
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    line = error_line(capsys)
+    assert "non-finite loss (nan)" in line and "global step 6 " in line
+    assert f"Last good checkpoint: {last} (global step 4)" in line
+    assert load_checkpoint_file(last)["global_step"] == 4
+    for path in last.parent.glob("*.ckpt"):
+        assert all_finite(load_checkpoint_file(path)), path
+
+
+def test_the_skip_policy_drops_a_nan_batch_counts_and_logs_it(tmp_path):
+    """A NaN loss at global step 2 with --nonfinite.policy=skip
+    => training completes (8 steps); train/nonfinite_skipped = 1 is logged at step 2; the count
+    is in the checkpoint; every weight stays finite
+    """
+    os.environ["LAVIT_FAULT_INJECT"] = "nan_loss:step=2"
+    main(fit_args(tmp_path, "--trainer.max_epochs=2", "--nonfinite.policy=skip"))
+    checkpoint = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 8 and all_finite(checkpoint)
+    assert checkpoint["callbacks"]["NonFiniteGuard"] == {"skipped": 1}
+    logged = [
+        (int(r["step"]), float(r["train/nonfinite_skipped"]))
+        for r in metric_rows(tmp_path / "version_0")
+        if r.get("train/nonfinite_skipped")
+    ]
+    assert logged == [(2, 1.0)]
+
+
+# --------------------------------------------------------------------------------- bad data
+def make_bad_image_folder(root: Path) -> list[Path]:
+    """Two classes of 8 good images (RGB, greyscale, RGBA) plus three unreadable files."""
+    rng = np.random.default_rng(0)
+    for class_name in ("cat", "dog"):
+        (root / class_name).mkdir(parents=True)
+        for i in range(8):
+            mode = ("RGB", "L", "RGBA")[i % 3]
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            PIL.Image.fromarray(pixels).convert(mode).save(root / class_name / f"{i}.png")
+    rgb = root / "cat" / "whole.jpg"
+    PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(rgb)
+    truncated = root / "cat" / "truncated.jpg"
+    truncated.write_bytes(rgb.read_bytes()[: rgb.stat().st_size // 2])
+    rgb.unlink()
+    empty = root / "dog" / "empty.png"
+    empty.write_bytes(b"")
+    not_an_image = root / "dog" / "notes.jpg"
+    not_an_image.write_text("text with an image extension")
+    return [truncated, empty, not_an_image]
+
+
+@pytest.mark.slow
+def test_a_bad_image_folder_fails_before_training_listing_every_bad_file(tmp_path):
+    """An image folder with a truncated JPEG, a zero-byte PNG and a text file named .jpg (and
+    good greyscale and RGBA images), default --data.bad_images=error, through `python -m lavit`
+    => exit code 2 before training, an `error:` naming the 3 bad files (not the good ones) and
+    the skip option, no traceback, no checkpoint
+    """
+    bad = make_bad_image_folder(tmp_path / "pets")
+    run_dir = tmp_path / "run"
+    args = fit_args(run_dir, f"--data.source={tmp_path / 'pets'}", "--data.val_split=null")
+    result = run_cli(args, run_env(tmp_path))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "error: 3 unreadable image file(s)" in result.stderr
+    listed = [line.strip().split(":")[0] for line in result.stderr.splitlines() if "  /" in line]
+    assert sorted(listed) == sorted(str(p) for p in bad)
+    assert "bad_images='skip'" in result.stderr
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_the_skip_policy_trains_on_the_good_images_and_logs_the_count(tmp_path):
+    """The same folder with --data.bad_images=skip
+    => training runs on the 16 good images; the run logs skipped_images = 3 (run_info.json and
+    the loggers' hyper-parameters)
+    """
+    make_bad_image_folder(tmp_path / "pets")
+    args = fit_args(
+        tmp_path / "run",
+        f"--data.source={tmp_path / 'pets'}",
+        "--data.val_split=null",
+        "--data.bad_images=skip",
+        "--data.batch_size=4",
+        "--trainer.limit_val_batches=1.0",
+        "--trainer.max_epochs=1",
+    )
+    with pytest.warns(UserWarning, match="Skipped 3 unreadable image file"):
+        main(args)
+    info = json.loads((tmp_path / "run" / "version_0" / "run_info.json").read_text())
+    assert info["skipped_images"] == 3 and info["final"]["global_step"] == 3  # 14 train / 4
+    assert "skipped_images: 3" in (tmp_path / "run" / "version_0" / "hparams.yaml").read_text()
+
+
+# --------------------------------------------------------------------------- bad checkpoints
+class MakesMarker:
+    """Unpickling this runs ``os.makedirs(marker)``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.marker),))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run directory with a real last.ckpt of the tiny model (one epoch of 4 steps)."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    old_argv, sys.argv = sys.argv, ["lavit"]
+    try:
+        main(fit_args(run_dir, "--trainer.max_epochs=1"))
+    finally:
+        sys.argv = old_argv
+        os.environ.pop("PL_GLOBAL_SEED", None)
+    return run_dir
+
+
+def write_bad_checkpoint(kind: str, good: Path, folder: Path) -> Path:
+    path = folder / f"{kind}.ckpt"
+    data = good.read_bytes()
+    checkpoint = load_checkpoint_file(good)
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "foreign_dict":
+        torch.save({"model": {"weight": torch.ones(2)}, "step": 3}, path)
+    elif kind == "other_arch":
+        other = LaViTModule(arch="pvt_v2_b0", num_classes=10, img_size=32)
+        hparams = {**checkpoint["hyper_parameters"], "arch": "pvt_v2_b0"}
+        torch.save(
+            {**checkpoint, "state_dict": other.state_dict(), "hyper_parameters": hparams}, path
+        )
+    elif kind == "weights_only":
+        torch.save({k: checkpoint[k] for k in ("state_dict", "epoch", "global_step")}, path)
+    elif kind == "malicious":
+        torch.save({**checkpoint, "extra": MakesMarker(folder / "marker")}, path)
+    elif kind == "malicious_pickle":
+        import pickle
+
+        path.write_bytes(pickle.dumps({"state_dict": MakesMarker(folder / "marker")}))
+    return path
+
+
+BAD_CHECKPOINTS = {
+    "truncated": "truncated or corrupted checkpoint file",
+    "empty": "empty file (0 bytes)",
+    "random_bytes": "not a PyTorch checkpoint",
+    "foreign_dict": "not a Lightning checkpoint",
+    "other_arch": "does not fit this run's model (trained as arch='pvt_v2_b0'",
+    "weights_only": "holds weights only (no optimizer or loop state)",
+    "malicious": "refused, it holds pickled Python objects (os.makedirs)",
+    "malicious_pickle": "or one holding pickled objects that weights-only loading refuses",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+def test_a_bad_checkpoint_gives_a_one_line_error_and_runs_no_code(
+    kind, trained_run, tmp_path, capsys
+):
+    """`fit --ckpt_path <file>` with a truncated, empty, random-bytes, foreign (plain
+    torch.save dict), other-arch (pvt_v2_b0), weights-only, or malicious checkpoint (a pickle
+    whose __reduce__ creates a marker folder, as a zip checkpoint and as a raw pickle)
+    => exit code 2 with one `error: --ckpt_path: <file> ...` line saying what is wrong; the
+    marker is never created (checkpoints are loaded weights-only)
+    """
+    path = write_bad_checkpoint(kind, trained_run / "checkpoints" / "last.ckpt", tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path / "run", f"--ckpt_path={path}"))
+    assert exit_info.value.code == 2
+    line = error_line(capsys)
+    assert line.startswith("error: --ckpt_path: ") and str(path) in line
+    assert BAD_CHECKPOINTS[kind] in line, line
+    assert not (tmp_path / "marker").exists()
+
+
+def test_the_checkpoint_io_itself_never_unpickles_code(trained_run, tmp_path):
+    """AtomicCheckpointIO.load_checkpoint (what Lightning calls to restore) on the malicious
+    checkpoint, even when asked for weights_only=False
+    => CheckpointError; the marker is not created
+    """
+    path = write_bad_checkpoint("malicious", trained_run / "checkpoints" / "last.ckpt", tmp_path)
+    with pytest.raises(CheckpointError, match="refused"):
+        AtomicCheckpointIO().load_checkpoint(path, weights_only=False)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_our_checkpoints_load_weights_only_with_plain_hyperparameters(trained_run):
+    """A checkpoint written by `lavit fit`, read with torch.load(weights_only=True)
+    => it loads; its hyper-parameters hold only plain types (str, numbers, bool, None, lists,
+    dicts), so nothing in our checkpoints needs pickled code
+    """
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (str, int, float, bool))
+
+    for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+        assert checkpoint[key] and plain(checkpoint[key]), checkpoint[key]
+
+
+# ---------------------------------------------------------------------------------- secrets
+@pytest.mark.slow
+def test_secrets_in_the_environment_appear_in_no_file_or_log(tmp_path):
+    """A short run with fake HF_TOKEN and WANDB_API_KEY in the environment, W&B on (offline)
+    => every file written (config.yaml, hparams.yaml, metrics.csv, run_info.json, the
+    checkpoints, W&B's offline run files and logs under WANDB_DIR) and the console output are
+    free of both values
+    """
+    env = run_env(tmp_path, HF_TOKEN=HF_SECRET, WANDB_API_KEY=WANDB_SECRET)
+    run_dir = tmp_path / "run"
+    result = run_cli(fit_args(run_dir, "--trainer.max_steps=2", wandb=True), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"config.yaml", "hparams.yaml", "metrics.csv", "run_info.json", "last.ckpt"} <= names
+    assert any(p.suffix == ".wandb" for p in files) and any("debug" in n for n in names)
+    for secret in (HF_SECRET, WANDB_SECRET):
+        assert secret not in result.stdout + result.stderr
+        leaks = [p for p in files if secret.encode() in p.read_bytes()]
+        assert not leaks, leaks
+
+
+SECRET_ARGUMENTS = {
+    "hf_token_option": ([f"--data.token={HF_SECRET}"], "--data.token: credentials are not"),
+    "wandb_key_option": ([f"--wandb.api_key={WANDB_SECRET}"], "--wandb.api_key: credentials"),
+    "token_in_config": (["--config=<secret.yaml>"], "key data.hf_token: credentials are not"),
+    "env_value_elsewhere": (
+        [f"--model.model_kwargs={{note: {HF_SECRET}}}"],
+        "the value of HF_TOKEN appears in the command line",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SECRET_ARGUMENTS))
+def test_a_credential_given_as_an_argument_is_refused_without_echo(case, tmp_path, capsys):
+    """A token as an option (--data.token, --wandb.api_key), as a key of a --config file, or the
+    value of HF_TOKEN inside another argument
+    => exit code 2 with one line telling to use HF_TOKEN / WANDB_API_KEY; the value is not printed
+    """
+    os.environ["HF_TOKEN"] = HF_SECRET
+    config = tmp_path / "secret.yaml"
+    config.write_text(f"data:\n  hf_token: {HF_SECRET}\n")
+    args, expected = SECRET_ARGUMENTS[case]
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path, *(a.replace("<secret.yaml>", str(config)) for a in args)))
+    assert exit_info.value.code == 2
+    captured_line = error_line(capsys)
+    assert expected in captured_line and "HF_TOKEN" in captured_line
+    assert "WANDB_API_KEY" in captured_line
+    assert HF_SECRET not in captured_line and WANDB_SECRET not in captured_line
+
+
+# ---------------------------------------------------------------------------- bad arguments
+# (argument, what the one-line error must contain). `<a file>`: an existing file.
+BAD_ARGUMENTS = [
+    ("--model.arch=nope", "arch='nope' is not a timm model"),
+    ("--model.num_va_layers=[9,9,9,9]", "num_va_layers[0] = 9 is not allowed"),
+    ("--model.residual_attn_downsample=maybe", "--model.residual_attn_downsample: invalid value"),
+    ("--model.la_init=zeros", "--model.la_init: invalid value zeros (expected one of"),
+    ("--model.attn_state=x", "--model.attn_state: invalid value x (expected one of"),
+    ("--model.dp_loss_variant=x", "--model.dp_loss_variant: invalid value x"),
+    ("--model.dp_loss_layers=x", "--model.dp_loss_layers: invalid value x"),
+    ("--model.dp_loss_weight=-1", "--model.dp_loss_weight: invalid value -1.0 (must be >= 0"),
+    ("--model.drop_path_rate=1.5", "--model.drop_path_rate: invalid value 1.5 (must be in [0, 1)"),
+    ("--model.drop_rate=-0.1", "--model.drop_rate: invalid value -0.1"),
+    ("--model.model_kwargs={nope: 1}", "model_kwargs do not fit arch='lavit_cifar'"),
+    ("--model.lr=-1", "--model.lr: invalid value -1.0 (must be > 0)"),
+    ("--model.scale_lr_by_batch=maybe", "--model.scale_lr_by_batch: invalid value maybe"),
+    ("--model.weight_decay=-1", "--model.weight_decay: invalid value -1.0 (must be >= 0)"),
+    ("--model.betas=[0.9,1.5]", "--model.betas: invalid value [0.9, 1.5]"),
+    ("--model.eps=-1", "--model.eps: invalid value -1.0"),
+    ("--model.warmup_epochs=-1", "--model.warmup_epochs: invalid value -1.0"),
+    ("--model.warmup_lr=-1", "--model.warmup_lr: invalid value -1.0"),
+    ("--model.min_lr=-1", "--model.min_lr: invalid value -1.0"),
+    ("--model.label_smoothing=1", "--model.label_smoothing: invalid value 1.0 (must be in [0, 1)"),
+    ("--model.mixup_alpha=-1", "--model.mixup_alpha: invalid value -1.0"),
+    ("--model.cutmix_alpha=-1", "--model.cutmix_alpha: invalid value -1.0"),
+    ("--model.mixup_prob=2", "--model.mixup_prob: invalid value 2.0 (must be a probability"),
+    ("--model.mixup_switch_prob=2", "--model.mixup_switch_prob: invalid value 2.0"),
+    ("--model.mixup_mode=x", "--model.mixup_mode: invalid value x (expected one of"),
+    ("--model.ema_decay=1", "--model.ema_decay: invalid value 1.0 (must be in (0, 1)"),
+    ("--model.channels_last=maybe", "--model.channels_last: invalid value maybe"),
+    ("--model.compile=maybe", "--model.compile: invalid value maybe"),
+    ("--model.reseed_every_epoch=maybe", "--model.reseed_every_epoch: invalid value maybe"),
+    ("--model.img_size=33", "--model.img_size: cannot be given: it is set from --data.img_size"),
+    ("--model.num_classes=3", "--model.num_classes: cannot be given: it is set from the data"),
+    ("--data.source=/no/such/dir", "Data source '/no/such/dir' is not an existing file"),
+    ("--data.source_type=x", "--data.source_type: invalid value x (expected one of"),
+    ("--data.hub_config=x", "--data.hub_config: invalid value x (a configuration name of a Hub"),
+    ("--data.image_column=nope", "image_column='nope' is not a column of 'embedded'"),
+    ("--data.label_column=nope", "label_column='nope' is not a column of 'embedded'"),
+    ("--data.train_split=nope", "Split 'nope' not found in 'embedded'; available splits"),
+    ("--data.val_split=nope", "Split 'nope' not found in 'embedded'"),
+    ("--data.test_split=nope", "Split 'nope' not found in 'embedded'"),
+    ("--data.val_fraction=2", "--data.val_fraction: invalid value 2.0 (must be in (0, 1))"),
+    ("--data.seed=abc", "--data.seed: invalid value abc (expected int)"),
+    ("--data.img_size=33", "img_size (33, 33) is not allowed: each side must be a positive"),
+    ("--data.mean=[0.5,0.5]", "--data.mean: invalid value [0.5, 0.5] (expected tuple with 3"),
+    ("--data.std=[0,1,1]", "--data.std: invalid value [0.0, 1.0, 1.0] (must be three values > 0)"),
+    ("--data.crop_pct=0", "--data.crop_pct: invalid value 0.0 (must be in (0, 1])"),
+    ("--data.interpolation=x", "--data.interpolation: invalid value x (expected one of"),
+    ("--data.scale=[0.5,0.1]", "--data.scale: invalid value [0.5, 0.1] (must be [low, high]"),
+    ("--data.ratio=[0,1]", "--data.ratio: invalid value [0.0, 1.0]"),
+    ("--data.hflip=2", "--data.hflip: invalid value 2.0 (must be a probability"),
+    ("--data.vflip=-1", "--data.vflip: invalid value -1.0"),
+    ("--data.color_jitter=-1", "--data.color_jitter: invalid value -1.0 (must be >= 0"),
+    ("--data.auto_augment=nope", "--data.auto_augment: invalid value nope (must be a timm policy"),
+    ("--data.re_prob=2", "--data.re_prob: invalid value 2.0"),
+    ("--data.re_mode=x", "--data.re_mode: invalid value x (expected one of"),
+    ("--data.re_count=0", "--data.re_count: invalid value 0 (must be >= 1)"),
+    ("--data.batch_size=0", "--data.batch_size: invalid value 0 (must be >= 1)"),
+    ("--data.num_workers=-1", "--data.num_workers: invalid value -1 (must be >= 0"),
+    ("--data.pin_memory=maybe", "--data.pin_memory: invalid value maybe"),
+    ("--data.bad_images=x", "--data.bad_images: invalid value x (expected one of 'error', 'skip')"),
+    ("--data.cache_dir=<a file>", "pyproject.toml (must be a folder)"),
+    (
+        "--nonfinite.policy=x",
+        "--nonfinite.policy: invalid value x (expected one of 'stop', 'skip')",
+    ),
+    ("--nonfinite.max_consecutive_skips=0", "--nonfinite.max_consecutive_skips: invalid value 0"),
+    ("--ddp.timeout=0", "--ddp.timeout: invalid value 0.0 (must be > 0 seconds)"),
+]
+
+
+@pytest.mark.parametrize(("argument", "expected"), BAD_ARGUMENTS, ids=[a for a, _ in BAD_ARGUMENTS])
+def test_a_bad_argument_exits_with_one_line_naming_it(argument, expected, tmp_path, capsys):
+    """Each invalid model, data or run option value of BAD_ARGUMENTS, given to `lavit fit`
+    => exit code 2 before training with exactly one `error: ...` line, naming the option and
+    what is allowed (the expected text of the table below), no traceback
+    """
+    argument = argument.replace("<a file>", str(REPO / "pyproject.toml"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path, argument))
+    assert exit_info.value.code == 2
+    line = error_line(capsys)
+    assert expected in line, line
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_every_model_and_data_switch_has_a_bad_argument_case():
+    """The parameters of LaViTModule and ImageDataModule
+    => each one has a case in BAD_ARGUMENTS (a new switch needs its invalid value tested)
+    """
+    tried = {a.split("=")[0].removeprefix("--") for a, _ in BAD_ARGUMENTS}
+    for prefix, cls in (("model", LaViTModule), ("data", ImageDataModule)):
+        params = list(inspect.signature(cls.__init__).parameters)[1:]
+        missing = [p for p in params if f"{prefix}.{p}" not in tried]
+        assert not missing, f"no bad-value case for --{prefix}.{missing}"
+
+
+@pytest.mark.slow
+def test_a_bad_argument_through_the_real_entry_point(tmp_path):
+    """`python -m lavit fit --model.attn_state=x` in a subprocess
+    => exit code 2; stderr is exactly one line: the option, the value and the allowed ones
+    """
+    result = run_cli(["fit", "--model.attn_state=x"], run_env(tmp_path), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --model.attn_state: invalid value x (expected one of 'scores', 'probs')"
+    ]
+
+
+# ----------------------------------------------------------------------------------- sweeps
+def test_each_sweep_agent_run_gets_its_own_run_directory(tmp_path, monkeypatch):
+    """WANDB_SWEEP_ID and WANDB_RUN_ID set (as `wandb agent` does), same default_root_dir
+    => the run directory is <root>/<sweep id>/<run id>: checkpoints, CSV logs and the W&B run id
+    follow it; another run id gets another directory; without the ids nothing changes
+    """
+
+    def built(run_id: str | None) -> LaViTCLI:
+        if run_id is None:
+            monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+            monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+        else:
+            monkeypatch.setenv("WANDB_SWEEP_ID", "sw33p")
+            monkeypatch.setenv("WANDB_RUN_ID", run_id)
+        args = [f"--trainer.default_root_dir={tmp_path}", "--data.img_size=32", TINY_MODEL]
+        return LaViTCLI(args=args, run=False)
+
+    first, second, plain = built("run1"), built("run2"), built(None)
+    run_dir = tmp_path / "sw33p" / "run1"
+    assert Path(first.trainer.default_root_dir) == run_dir
+    assert Path(first.trainer.checkpoint_callback.dirpath) == run_dir / "checkpoints"
+    assert Path(first.trainer.loggers[0].root_dir) == run_dir
+    assert first.trainer.loggers[1]._wandb_init["id"] == "run1"
+    assert Path(second.trainer.default_root_dir) == tmp_path / "sw33p" / "run2"
+    assert Path(plain.trainer.default_root_dir) == tmp_path
+
+
+# ------------------------------------------------------------------------------------ table
+def test_reliability_md_is_generated_from_these_tests():
+    """scripts/reliability_table.py run on the test files
+    => RELIABILITY.md is exactly its output (regenerate with `python scripts/reliability_table.py`)
+    """
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import reliability_table
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert (REPO / "RELIABILITY.md").read_text() == reliability_table.render()
