@@ -194,7 +194,7 @@ def error_line(capsys) -> str:
 # ------------------------------------------------------------------------- kill and resume
 @pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_keeps_last_loadable_and_resume_continues(tmp_path):
-    """SIGKILL while last.ckpt is being rewritten (a 1.5 s write injected with
+    """SIGKILL while last.ckpt is being rewritten (a 2 s write injected with
     LAVIT_FAULT_INJECT=slow_checkpoint), then `fit --ckpt_path last`
     => the half-written file is only `.last.ckpt.partial`; last.ckpt and every other *.ckpt load
     weights-only (last: the previous epoch, step 4); the resumed run restores it, continues at
@@ -203,10 +203,10 @@ def test_sigkill_during_a_checkpoint_write_keeps_last_loadable_and_resume_contin
     """
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    slow = run_env(tmp_path, LAVIT_FAULT_INJECT="slow_checkpoint:seconds=1.5")
+    slow = run_env(tmp_path, LAVIT_FAULT_INJECT="slow_checkpoint:seconds=2")
     run = LiveRun(fit_args(run_dir, "--trainer.max_epochs=4"), slow)
     run.wait_for(r"lavit-fault: writing .*last\.ckpt", count=2)  # epoch 1's last.ckpt
-    time.sleep(0.5)  # a third of the way through the write
+    time.sleep(0.4)  # a fifth of the way through the write
     run.process.send_signal(signal.SIGKILL)
     assert run.finish() == -signal.SIGKILL
     assert partial_path(last).exists(), "the kill did not land during the write"
