@@ -7,7 +7,12 @@
 
 The run directory is ``--trainer.default_root_dir``; inside it: ``checkpoints/`` (``last.ckpt``
 and the best by ``val/top1``), one ``version_N/`` per attempt (config.yaml, metrics.csv,
-hparams.yaml, run_info.json, attention/), ``wandb/`` and ``wandb_run_id``.
+hparams.yaml, run_info.json, attention/), ``wandb/`` and ``wandb_run_id``; under ``wandb agent``
+it is ``<default_root_dir>/<sweep id>/<run id>``.
+
+Exit codes: 0 done; 2 a bad option, data or checkpoint (one ``error:`` line, before training);
+3 a non-finite loss stopped training; 75 pre-empted by SIGTERM (``last.ckpt`` saved, resume with
+``--ckpt_path last``); 1 anything else. See RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -93,7 +98,8 @@ class LaViTCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # the module owns its optimizer
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # main() prints one line
-        # Always on: save last.ckpt on SIGTERM; test-only faults when LAVIT_FAULT_INJECT is set.
+        # Always on: save last.ckpt on SIGTERM, stop the other DDP ranks when this one fails;
+        # test-only faults when LAVIT_FAULT_INJECT is set.
         defaults = dict(kwargs.pop("trainer_defaults", None) or {})
         callbacks = defaults.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
@@ -194,12 +200,13 @@ class LaViTCLI(LightningCLI):
             )
         return super().instantiate_trainer(**kwargs)
 
-    # `--ckpt_path best` in a new process: Lightning only knows the best checkpoint of a fit
-    # that ran in the same process, so look it up in the run's checkpoint folder.
+    # Data and checkpoint problems are reported before Lightning starts (one line, exit code 2).
     def before_fit(self) -> None:
         self._check_data()
         self._check_checkpoint()
 
+    # `--ckpt_path best` in a new process: Lightning only knows the best checkpoint of a fit
+    # that ran in the same process, so look it up in the run's checkpoint folder.
     def before_validate(self) -> None:
         self._resolve_best_checkpoint()
         self._check_data()

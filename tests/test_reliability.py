@@ -182,12 +182,15 @@ def all_finite(checkpoint: dict) -> bool:
     )
 
 
-def error_line(capsys) -> str:
-    """The CLI's error output, checked to be a single ``error: ...`` line without a traceback."""
+def error_line(capsys, forbidden: tuple[str, ...] = ()) -> str:
+    """The CLI's error output, checked to be a single ``error: ...`` line without a traceback
+    (and without any of the ``forbidden`` strings anywhere in the output)."""
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, captured.err[-3000:]
     assert "Traceback" not in captured.err + captured.out
+    for text in forbidden:
+        assert text not in captured.err + captured.out
     return lines[0]
 
 
@@ -209,8 +212,8 @@ def test_sigkill_during_a_checkpoint_write_keeps_last_loadable_and_resume_contin
     time.sleep(0.4)  # a fifth of the way through the write
     run.process.send_signal(signal.SIGKILL)
     assert run.finish() == -signal.SIGKILL
-    assert partial_path(last).exists(), "the kill did not land during the write"
     assert load_checkpoint_file(last)["global_step"] == 4  # epoch 0's, complete
+    assert partial_path(last).exists(), "the kill did not land during the write"
     for path in sorted(last.parent.glob("*.ckpt")):
         assert all_finite(load_checkpoint_file(path)), path
 
@@ -230,9 +233,9 @@ def test_sigkill_during_a_checkpoint_write_keeps_last_loadable_and_resume_contin
 @pytest.mark.slow
 def test_sigterm_saves_last_checkpoint_exits_75_and_resumes(tmp_path):
     """SIGTERM (a scheduler's pre-emption notice) during training, then `fit --ckpt_path last`
-    => the run finishes its batch, saves last.ckpt at that step and exits with code 75 (no
-    traceback); the resumed run continues from that global step (+2 steps) and its CSV metrics
-    start there
+    => the run saves last.ckpt at the global step it reached (its message names both) and exits
+    with code 75, no traceback; the resumed run continues from that step (+2 steps) and its CSV
+    metrics start there
     """
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -557,7 +560,8 @@ SECRET_ARGUMENTS = {
 def test_a_credential_given_as_an_argument_is_refused_without_echo(case, tmp_path, capsys):
     """A token as an option (--data.token, --wandb.api_key), as a key of a --config file, or the
     value of HF_TOKEN inside another argument
-    => exit code 2 with one line telling to use HF_TOKEN / WANDB_API_KEY; the value is not printed
+    => exit code 2 with one line telling to use HF_TOKEN / WANDB_API_KEY; the value appears
+    nowhere in the output
     """
     os.environ["HF_TOKEN"] = HF_SECRET
     config = tmp_path / "secret.yaml"
@@ -566,10 +570,8 @@ def test_a_credential_given_as_an_argument_is_refused_without_echo(case, tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         main(fit_args(tmp_path, *(a.replace("<secret.yaml>", str(config)) for a in args)))
     assert exit_info.value.code == 2
-    captured_line = error_line(capsys)
-    assert expected in captured_line and "HF_TOKEN" in captured_line
-    assert "WANDB_API_KEY" in captured_line
-    assert HF_SECRET not in captured_line and WANDB_SECRET not in captured_line
+    line = error_line(capsys, forbidden=(HF_SECRET, WANDB_SECRET))
+    assert expected in line and "HF_TOKEN" in line and "WANDB_API_KEY" in line
 
 
 # ---------------------------------------------------------------------------- bad arguments
@@ -685,8 +687,9 @@ def test_a_bad_argument_through_the_real_entry_point(tmp_path):
 # ----------------------------------------------------------------------------------- sweeps
 def test_each_sweep_agent_run_gets_its_own_run_directory(tmp_path, monkeypatch):
     """WANDB_SWEEP_ID and WANDB_RUN_ID set (as `wandb agent` does), same default_root_dir
-    => the run directory is <root>/<sweep id>/<run id>: checkpoints, CSV logs and the W&B run id
-    follow it; another run id gets another directory; without the ids nothing changes
+    => the run directory is <root>/<sweep id>/<run id>, with the checkpoints and CSV logs in
+    it and the agent's W&B run id; another run id gets another directory; without the ids the
+    run directory is <root>
     """
 
     def built(run_id: str | None) -> LaViTCLI:

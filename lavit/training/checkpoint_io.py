@@ -22,6 +22,7 @@ import pickle
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,9 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+    """The first sentence of the first non-empty line (torch's messages go on for a paragraph)."""
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return line.split(". ")[0].rstrip(".")
 
 
 def _load_error(path: _PATH, err: Exception) -> CheckpointError:
@@ -129,16 +132,20 @@ def load_checkpoint_file(
         raise CheckpointError(f"{path}: no such checkpoint file")
     if file.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
-    try:
+    with warnings.catch_warnings():  # torch warns about the pickle protocol of garbage files
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
-            checkpoint = torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
-        except RuntimeError as err:
-            if not (mmap and "mmap can only be used" in str(err)):
-                raise
-            # Not the zip format: no mmap, read it whole (still weights-only).
-            checkpoint = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch.load raises many types for a bad file
-        raise _load_error(path, err) from None
+            try:
+                checkpoint = torch.load(
+                    file, map_location=map_location, weights_only=True, mmap=mmap
+                )
+            except RuntimeError as err:
+                if not (mmap and "mmap can only be used" in str(err)):
+                    raise
+                # Not the zip format: no mmap, read it whole (still weights-only).
+                checkpoint = torch.load(file, map_location=map_location, weights_only=True)
+        except Exception as err:  # torch.load raises many types for a bad file
+            raise _load_error(path, err) from None
     if lightning and (not isinstance(checkpoint, dict) or "state_dict" not in checkpoint):
         found = (
             f"a dict with keys {sorted(map(str, checkpoint))[:6]}"

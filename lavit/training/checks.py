@@ -69,9 +69,9 @@ def _secret_key(dotted: str) -> bool:
 def _config_files(args: Sequence[str]) -> list[Path]:
     files = []
     for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
             files.append(Path(args[i + 1]))
-        elif arg.startswith("--config="):
+        elif arg.startswith(("--config=", "-c=")):
             files.append(Path(arg.split("=", 1)[1]))
     return [f for f in files if f.is_file()]
 
