@@ -321,23 +321,9 @@ def layer_comparison(
         hook.remove()
 
     rows = []
-    sync = _synchronizer(device)
     for (m, i), (tokens, grid, attn) in inputs.items():
         la, va = model.stages[m].blocks[i], twin.stages[m].blocks[i]
-        tasks = {
-            "va_fused": lambda va=va, t=tokens, g=grid: va(t, g),
-            "va_scores": lambda va=va, t=tokens, g=grid: va(t, g, return_scores=True),
-            "la": lambda la=la, t=tokens, g=grid, a=attn: la(t, g, a),
-        }
-        with torch.inference_mode(), _autocast(device, dtype):
-            times = time_interleaved(tasks, warmup, iters, sync)
-        macs = {}
-        with sdpa_kernel(SDPBackend.MATH):
-            for name, task in tasks.items():
-                with torch.inference_mode(), flop_counter() as counter:
-                    task()
-                macs[name] = counter.get_total_flops() / 2 / batch_size
-        ms = {name: _median(t) * 1e3 for name, t in times.items()}
+        timed = _time_va_and_la(va, la, tokens, grid, attn, device, dtype, warmup, iters)
         rows.append(
             {
                 "model": spec.label,
@@ -346,15 +332,50 @@ def layer_comparison(
                 "tokens": tokens.shape[1],
                 "keys": attn.shape[-1],
                 "heads": attn.shape[1],
-                "va_fused_ms": ms["va_fused"],
-                "va_scores_ms": ms["va_scores"],
-                "la_ms": ms["la"],
-                "la_speedup": paired_speedup(times["la"], times["va_fused"]),  # > 1: LA faster
-                "va_mmacs": macs["va_fused"] / 1e6,
-                "la_mmacs": macs["la"] / 1e6,
+                **timed,
             }
         )
     return rows
+
+
+def _time_va_and_la(
+    va: nn.Module,
+    la: nn.Module,
+    tokens: torch.Tensor,
+    grid: tuple[int, int],
+    attn: torch.Tensor,
+    device: torch.device,
+    dtype: str,
+    warmup: int,
+    iters: int,
+) -> dict[str, float]:
+    """Forward times (interleaved) and per-image MACs of a VA layer and an LA layer."""
+
+    def tasks(x: torch.Tensor, handed: torch.Tensor) -> dict[str, Callable[[], Any]]:
+        return {
+            "va_fused": lambda: va(x, grid),
+            "va_scores": lambda: va(x, grid, return_scores=True),
+            "la": lambda: la(x, grid, handed),
+        }
+
+    with torch.inference_mode(), _autocast(device, dtype):
+        times = time_interleaved(tasks(tokens, attn), warmup, iters, _synchronizer(device))
+    # MACs in fp32 on one image (the counter's decompositions bypass autocast).
+    macs = {}
+    with sdpa_kernel(SDPBackend.MATH):
+        for name, task in tasks(tokens[:1].float(), attn[:1].float()).items():
+            with torch.inference_mode(), flop_counter() as counter:
+                task()
+            macs[name] = counter.get_total_flops() / 2
+    ms = {name: _median(t) * 1e3 for name, t in times.items()}
+    return {
+        "va_fused_ms": ms["va_fused"],
+        "va_scores_ms": ms["va_scores"],
+        "la_ms": ms["la"],
+        "la_speedup": paired_speedup(times["la"], times["va_fused"]),  # > 1: LA is faster
+        "va_mmacs": macs["va_fused"] / 1e6,
+        "la_mmacs": macs["la"] / 1e6,
+    }
 
 
 # --- Lightning loop overhead ---------------------------------------------------------------------
