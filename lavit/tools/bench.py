@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import json
 import math
@@ -265,11 +266,6 @@ def training_task(
     return step
 
 
-def _intervals(starts: Sequence[float]) -> list[float]:
-    """Durations between consecutive time stamps."""
-    return [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
-
-
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
@@ -389,14 +385,16 @@ def loop_overhead(
     dtype: str,
     steps: int,
     warmup: int,
-    rounds: int,
 ) -> list[dict[str, Any]]:
-    """Median step time of a bare PyTorch loop, a minimal LightningModule and ``LaViTModule``.
+    """Step time of a Lightning training loop against a bare PyTorch loop, paired step by step.
 
-    All three train the same model on the same in-memory batches (a ``TensorDataset``); a step is
-    the time between the starts of consecutive batches, so data fetching, hooks and logging
-    count (``steps`` batches give ``steps − 1`` intervals; set-up and tear-down do not count).
-    The loops alternate ``rounds`` times; the first ``warmup`` intervals of each are dropped.
+    Lightning trains the model (a minimal ``LightningModule``, then the project's
+    ``LaViTModule``) on in-memory batches (a ``TensorDataset``); after each of its steps a
+    callback runs one bare step (forward, loss, backward, AdamW, zero_grad, one ``.item()``) of
+    a copy of the model on the same batch. A Lightning step is the time between the starts of
+    consecutive batches minus the bare step run in between, so data fetching, hooks and logging
+    count. ``overhead_pct`` is the median over steps of Lightning ÷ bare, minus one; the first
+    ``warmup`` pairs are dropped.
     """
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
@@ -408,15 +406,8 @@ def loop_overhead(
     loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, drop_last=True)
     precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[dtype]
 
-    class StepTimer(L.Callback):
-        def __init__(self) -> None:
-            self.starts: list[float] = []
-
-        def on_train_batch_start(self, *args) -> None:
-            self.starts.append(time.perf_counter())
-
     class MinimalModule(L.LightningModule):
-        """The least a LightningModule needs: forward, loss, optimizer."""
+        """The least a LightningModule needs: forward, loss, optimizer (and a logged loss)."""
 
         def __init__(self, model: nn.Module) -> None:
             super().__init__()
@@ -431,8 +422,61 @@ def loop_overhead(
         def configure_optimizers(self):
             return torch.optim.AdamW(self.model.parameters(), lr=1e-4)
 
-    def lightning_steps(module: L.LightningModule) -> list[float]:
-        timer = StepTimer()
+    class PairedSteps(L.Callback):
+        """Times Lightning's steps and, between them, a bare step of a copy of the model."""
+
+        def __init__(self, model: nn.Module) -> None:
+            self.model = copy.deepcopy(model).to(device).train()
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+            self.lightning: list[float] = []
+            self.bare: list[float] = []
+            self.start: float | None = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            now = time.perf_counter()
+            if self.start is not None:
+                self.lightning.append(now - self.start - self.bare[-1])
+            self.start = now
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            start = time.perf_counter()
+            x, y = (t.to(device) for t in batch)
+            with _autocast(device, dtype):
+                loss = F.cross_entropy(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.item()  # what logging a loss costs: one sync
+            self.bare.append(time.perf_counter() - start)
+
+    def minimal_module() -> L.LightningModule:
+        return MinimalModule(build_model(spec, img_size, num_classes))
+
+    def project_module() -> L.LightningModule:
+        from lavit.training.module import LaViTModule
+
+        return LaViTModule(
+            arch=spec.arch,
+            num_classes=num_classes,
+            img_size=img_size if spec.is_lavit else None,
+            num_va_layers=list(spec.kwargs["num_va_layers"]) if spec.kwargs else None,
+            drop_path_rate=0.0,
+            label_smoothing=0.0,
+            warmup_epochs=0.0,
+            scale_lr_by_batch=False,
+        )
+
+    rows = []
+    for name, make in (
+        ("minimal LightningModule", minimal_module),
+        ("LaViTModule", project_module),
+    ):
+        try:
+            module = make()
+        except Exception as err:  # the project's module is optional for the benchmark
+            print(f"note: {name} not measured ({type(err).__name__}: {err})", file=sys.stderr)
+            continue
+        timer = PairedSteps(module.model)
         trainer = L.Trainer(
             accelerator=device.type,
             devices=1,
@@ -447,62 +491,19 @@ def loop_overhead(
             callbacks=[timer],
         )
         trainer.fit(module, train_dataloaders=loader)
-        return _intervals(timer.starts)
-
-    def bare_steps(model: nn.Module) -> list[float]:
-        model.to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        starts = []
-        for x, y in loader:
-            starts.append(time.perf_counter())
-            x, y = x.to(device), y.to(device)
-            with _autocast(device, dtype):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss.item()  # what logging a loss costs: one sync
-        return _intervals(starts)
-
-    model = build_model(spec, img_size, num_classes)
-    loops: dict[str, Callable[[], list[float]]] = {
-        "bare PyTorch": lambda: bare_steps(model),
-        "Lightning (minimal module)": lambda: lightning_steps(MinimalModule(model)),
-    }
-    try:
-        from lavit.training.module import LaViTModule
-
-        project_module = LaViTModule(
-            arch=spec.arch,
-            num_classes=num_classes,
-            img_size=img_size if spec.is_lavit else None,
-            num_va_layers=list(spec.kwargs["num_va_layers"]) if spec.kwargs else None,
-            drop_path_rate=0.0,
-            label_smoothing=0.0,
-            warmup_epochs=0.0,
-            scale_lr_by_batch=False,
+        lightning, bare = timer.lightning[warmup:], timer.bare[warmup : len(timer.lightning)]
+        rows.append(
+            {
+                "model": spec.label,
+                "loop": name,
+                "steps": len(lightning),
+                "lightning_step_ms": _median(lightning) * 1e3,
+                "bare_step_ms": _median(bare) * 1e3,
+                "overhead_pct": (_median([a / b for a, b in zip(lightning, bare, strict=True)]) - 1)
+                * 100,
+            }
         )
-        project_module.model.load_state_dict(model.state_dict())
-        loops["Lightning (LaViTModule)"] = lambda: lightning_steps(project_module)
-    except Exception as err:  # the training module is optional for the benchmark
-        print(f"note: LaViTModule not measured ({type(err).__name__}: {err})", file=sys.stderr)
-
-    samples: dict[str, list[float]] = {name: [] for name in loops}
-    for _ in range(rounds):
-        for name, run in loops.items():
-            samples[name].extend(run()[warmup:])
-    bare = _median(samples["bare PyTorch"])
-    return [
-        {
-            "model": spec.label,
-            "loop": name,
-            "steps": len(times),
-            "step_ms": _median(times) * 1e3,
-            "img_s": batch_size / _median(times),
-            "overhead_pct": (_median(times) / bare - 1) * 100,
-        }
-        for name, times in samples.items()
-    ]
+    return rows
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -669,9 +670,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--loop-steps", type=_positive_int, default=8, help="batches per loop run (≥ 2)"
-    )
-    parser.add_argument(
-        "--loop-rounds", type=_positive_int, default=2, help="alternations of the loops"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for JSON/CSV")
     parser.add_argument("--tag", default=None, help="file name stem (default: from device/dtype)")
@@ -840,7 +838,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.dtype,
                     args.loop_steps,
                     min(args.warmup, args.loop_steps - 2),
-                    args.loop_rounds,
                 )  # fmt: skip
             ]
         else:
