@@ -207,20 +207,12 @@ class LaViTCLI(LightningCLI):
 
     # `--ckpt_path best` in a new process: Lightning only knows the best checkpoint of a fit
     # that ran in the same process, so look it up in the run's checkpoint folder.
-    def before_validate(self) -> None:
+    def _before_evaluation(self) -> None:
         self._resolve_best_checkpoint()
         self._check_data()
         self._check_checkpoint()
 
-    def before_test(self) -> None:
-        self._resolve_best_checkpoint()
-        self._check_data()
-        self._check_checkpoint()
-
-    def before_predict(self) -> None:
-        self._resolve_best_checkpoint()
-        self._check_data()
-        self._check_checkpoint()
+    before_validate = before_test = before_predict = _before_evaluation
 
     def _check_data(self) -> None:
         """Load the data now (what Lightning's prepare_data would do), to report errors cleanly.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from small_lavit import SMALL, small_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -13,25 +14,6 @@ from lavit.models import LaViT, LessAttention, VanillaAttention, diagonality_pre
 from lavit.models.attention import AttentionDownsample
 from lavit.models.lavit import LABlock, checkpoint_filter_fn, resize_token_mixing
 from lavit.models.losses import attention_dp_loss, region_attention
-
-# A small 32×32 configuration with LA layers in every stage, for fast tests.
-SMALL = dict(
-    img_size=32,
-    stem_stride=2,
-    embed_dims=(16, 32, 48, 64),
-    depths=(2, 2, 3, 2),
-    num_heads=(1, 2, 3, 4),
-    mlp_ratios=(2, 2, 2, 2),
-    sr_ratios=(4, 2, 1, 1),
-    num_va_layers=(1, 1, 1, 1),
-    num_classes=7,
-)
-
-
-def small_model(**overrides) -> LaViT:
-    torch.manual_seed(0)
-    return LaViT(**{**SMALL, **overrides})
-
 
 # --- Less-Attention ------------------------------------------------------------------------------
 

@@ -10,31 +10,19 @@ from unittest.mock import MagicMock
 import lightning as L
 import matplotlib.image
 import pytest
+import small_lavit
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from small_lavit import SMALL
 from torch.utils.data import DataLoader, TensorDataset
 
 from lavit.models import LaViT, LessAttention
 from lavit.tools.saturation import attention_maps, main, saturation_table
 from lavit.training.saturation_callback import AttentionSaturation
 
-# 32×32 input, LA layers in every stage (as in test_models.py).
-SMALL = dict(
-    img_size=32,
-    stem_stride=2,
-    embed_dims=(16, 32, 48, 64),
-    depths=(2, 2, 3, 2),
-    num_heads=(1, 2, 3, 4),
-    mlp_ratios=(2, 2, 2, 2),
-    sr_ratios=(4, 2, 1, 1),
-    num_va_layers=(1, 1, 1, 1),
-    num_classes=7,
-)
-
 
 def small_model() -> LaViT:
-    torch.manual_seed(0)
-    return LaViT(**SMALL).eval()
+    return small_lavit.small_model().eval()
 
 
 def la_rows(rows):
