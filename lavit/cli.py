@@ -55,6 +55,7 @@ from lavit.training.faults import (
 )
 from lavit.training.logging import WandbOptions, default_loggers
 from lavit.training.module import LaViTModule
+from lavit.training.saturation_callback import AttentionSaturation
 
 __all__ = ["TOOL_COMMANDS", "ConfigError", "DataError", "LaViTCLI", "main", "sweep_run_dir"]
 
@@ -118,6 +119,7 @@ class LaViTCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(RunMetadata, "run_metadata")
         parser.add_lightning_class_args(AttentionMaps, "attention_maps")
+        parser.add_lightning_class_args(AttentionSaturation, "saturation")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_class_arguments(DDPOptions, "ddp")
         parser.set_defaults(

@@ -100,7 +100,7 @@ def test_analyze_errors(argv, message, tmp_path, capsys):
 def test_callback_logs_files_and_wandb_table_and_image(tmp_path):
     model = small_model()
     module = SimpleNamespace(model=model, device=torch.device("cpu"))
-    wandb = MagicMock(spec=WandbLogger)
+    wandb = MagicMock(spec=WandbLogger, save_dir=str(tmp_path))
     batches = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4)), batch_size=2)
     trainer = SimpleNamespace(
         loggers=[wandb], log_dir=str(tmp_path), default_root_dir=str(tmp_path), global_step=5,
@@ -120,6 +120,41 @@ def test_callback_logs_files_and_wandb_table_and_image(tmp_path):
     ]
     wandb.log_image.assert_called_once()
     assert model.training is False  # the model's mode is restored
+
+
+def test_the_cli_runs_the_callback_when_fit_ends_and_can_switch_it_off(tmp_path, monkeypatch):
+    from conftest import TINY_LAVIT
+
+    from lavit.cli import main as cli_main
+
+    monkeypatch.setattr("sys.argv", ["lavit"])
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    common = [
+        "fit", f"--model.model_kwargs={json.dumps(TINY_LAVIT)}", "--data.img_size=32",
+        "--data.num_workers=0", "--data.batch_size=8", "--data.val_split=test",
+        "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0.01",
+        "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+        "--trainer.num_sanity_val_steps=0", "--wandb.enabled=false",
+        "--attention_maps.num_images=0", "--run_metadata.count_flops=false",
+    ]  # fmt: skip
+    cli_main(
+        [*common, f"--trainer.default_root_dir={tmp_path / 'on'}", "--saturation.num_images=5"]
+    )
+    report = json.loads(
+        (tmp_path / "on" / "version_0" / "saturation" / "saturation.json").read_text()
+    )
+    assert report["images"] == 5 and report["image_source"] == "validation images"
+    # every stage with a layer pair (stages are numbered from 1)
+    depths = TINY_LAVIT["depths"]
+    assert {row["stage"] for row in report["rows"]} == {
+        m + 1 for m, d in enumerate(depths) if d > 1
+    }
+
+    cli_main(
+        [*common, f"--trainer.default_root_dir={tmp_path / 'off'}", "--saturation.num_images=0"]
+    )
+    assert (tmp_path / "off" / "version_0" / "metrics.csv").is_file()
+    assert not (tmp_path / "off" / "version_0" / "saturation").exists()
 
 
 def test_analyze_reads_a_lightning_checkpoint_written_by_a_run_with_the_callback(tmp_path):

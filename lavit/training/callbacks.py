@@ -118,7 +118,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     return int(counter.get_total_flops()) // 2
 
 
-def _run_file_dir(trainer: L.Trainer) -> Path:
+def run_file_dir(trainer: L.Trainer) -> Path:
     """The log dir of this attempt (``<run_dir>/version_N``), or the run dir without loggers.
 
     What ``trainer.log_dir`` gives, without its broadcast: callers run on rank 0 only, and a
@@ -241,7 +241,7 @@ class RunMetadata(Callback):
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, info: dict[str, Any]) -> None:
-        path = _run_file_dir(trainer) / self.filename
+        path = run_file_dir(trainer) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(info, indent=2, default=str) + "\n")
 
@@ -288,7 +288,7 @@ class AttentionMaps(Callback):
         last_per_stage = {record.stage: record for record in out.attentions}  # later wins
         records = [last_per_stage[s] for s in sorted(last_per_stage)]
         figure = self._draw(self._images, records)
-        path = _run_file_dir(trainer) / "attention" / f"epoch_{trainer.current_epoch:03d}.png"
+        path = run_file_dir(trainer) / "attention" / f"epoch_{trainer.current_epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
         image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()

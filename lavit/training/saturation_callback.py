@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
 from lavit.tools.saturation import head_means, saturation_table, write_report
+from lavit.training.callbacks import run_file_dir
 
 __all__ = ["AttentionSaturation"]
 
@@ -27,7 +28,8 @@ class AttentionSaturation(Callback):
     """Attention saturation of the trained model, logged at the end of ``fit``.
 
     Args:
-        num_images: validation images to average over (noise if there is no validation data).
+        num_images: validation images to average over (noise if there is no validation data);
+            0 switches the measurement off.
         batch_size: images per forward pass.
         dirname: folder inside the trainer's log dir for ``saturation.{csv,json,png}``.
     """
@@ -36,9 +38,10 @@ class AttentionSaturation(Callback):
         self, num_images: int = 32, batch_size: int = 16, dirname: str = "saturation"
     ) -> None:
         super().__init__()
-        if num_images < 1 or batch_size < 1:
+        if num_images < 0 or batch_size < 1:
             raise ValueError(
-                f"num_images and batch_size must be ≥ 1, got {num_images}, {batch_size}"
+                f"saturation: num_images must be ≥ 0 (0 = off) and batch_size ≥ 1, "
+                f"got num_images={num_images}, batch_size={batch_size}"
             )
         self.num_images = num_images
         self.batch_size = batch_size
@@ -48,6 +51,8 @@ class AttentionSaturation(Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.num_images == 0 or getattr(trainer, "fast_dev_run", False):
+            return
         model = _analysed_model(pl_module)
         images, source = self._images(trainer, pl_module)
         was_training = model.training
@@ -60,7 +65,7 @@ class AttentionSaturation(Callback):
             model.train(was_training)
         if not self.rows:
             return
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        out_dir = run_file_dir(trainer) / self.dirname  # not trainer.log_dir: it broadcasts
         title = (
             f"{type(model).__name__}, step {trainer.global_step}, {len(images)} images ({source})"
         )
