@@ -31,6 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lavit.runtime import tune_cpu_runtime
 from lavit.training.callbacks import AttentionMaps, RunCheckpoint, RunMetadata
 from lavit.training.checkpoint_io import (
     AtomicCheckpointIO,
@@ -305,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(EXIT_CONFIG_ERROR)
     # TF32 matmuls on Ampere+ GPUs (no effect on CPU): ~free speed for fp32 parts under AMP.
     torch.set_float32_matmul_precision("high")
+    tune_cpu_runtime()  # reuse freed memory, flush denormals (LAVIT_CPU_TUNING=0: off)
     try:
         LaViTCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv
     except SIGTERMException:  # pre-empted: PreemptionCheckpoint saved last.ckpt

@@ -30,7 +30,12 @@ SMALL_DATA = {
 
 @pytest.fixture(autouse=True)
 def offline_wandb(monkeypatch, tmp_path):
-    """W&B offline, writing under tmp, with no credentials from the user's environment."""
+    """W&B offline, writing under tmp, with no credentials from the user's environment.
+
+    Also: the CLI's process-wide CPU tuning stays off, so a test calling ``main`` in-process
+    leaves no global state to later tests (``test_runtime.py`` checks the tuning itself).
+    """
+    monkeypatch.setenv("LAVIT_CPU_TUNING", "0")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     monkeypatch.setenv("WANDB_SILENT", "true")

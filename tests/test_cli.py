@@ -54,6 +54,7 @@ def test_fit_fast_dev_run_through_the_entry_point(tmp_path):
         "WANDB_MODE": "offline",
         "WANDB_DIR": str(tmp_path / "wandb"),
         "OMP_NUM_THREADS": "1",
+        "LAVIT_CPU_TUNING": "1",  # the default outside the tests
     }
     env.pop("WANDB_API_KEY", None)
     run_dir = tmp_path / "run"
@@ -72,6 +73,7 @@ def test_fit_fast_dev_run_through_the_entry_point(tmp_path):
     assert info["final"]["global_step"] == 1  # one optimizer step was taken
     assert info["arch"] == "lavit_cifar" and info["macs"] > 0 and info["params"] > 0
     assert info["config"]["model"]["arch"] == "lavit_cifar"
+    assert info["cpu_tuning"]["flush_denormal"] is True  # lavit.runtime ran before the model
     assert not (run_dir / "checkpoints").exists()  # a dry run leaves no `last` to resume from
 
 

@@ -50,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, get_shape
 import lavit
 from lavit.models import LAVIT_CONFIGS
 from lavit.models.lavit import LABlock
+from lavit.runtime import cpu_tuning_state, tune_cpu_runtime
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -568,6 +569,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device.type,
+        "cpu_tuning": cpu_tuning_state(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -651,6 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=_positive_int, default=5, help="timed iterations (median)")
     parser.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed iterations")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--no-cpu-tuning",
+        action="store_true",
+        help="leave glibc's allocator and denormals at their defaults (lavit.runtime; "
+        "what plain PyTorch scripts get)",
+    )
     parser.add_argument(
         "--gemm-size",
         type=_positive_int,
@@ -813,6 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = _check_args(args, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
+    tune_cpu_runtime(enabled=not args.no_cpu_tuning)
     device = torch.device(args.device)
     started = time.time()
     result: dict[str, Any] = {
@@ -870,7 +879,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# {result['command']}")
     print(
         f"{env.get('gpu', env['cpu'])}, {env['cpu_count']} cores, {env['torch_threads']} threads, "
-        f"torch {env['torch']}; {args.img_size}² batch {args.batch_size} {args.dtype}"
+        f"torch {env['torch']}; {args.img_size}² batch {args.batch_size} {args.dtype}; "
+        f"cpu tuning {'on' if any(env['cpu_tuning'].values()) else 'off'}"
         + (" compiled" if args.compile else "")
     )
     args.out.mkdir(parents=True, exist_ok=True)

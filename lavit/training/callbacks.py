@@ -27,6 +27,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from lavit.runtime import cpu_tuning_state
+
 __all__ = [
     "AttentionMaps",
     "RunCheckpoint",
@@ -207,6 +209,7 @@ class RunMetadata(Callback):
             "macs": macs,
             "world_size": trainer.world_size,
             "precision": str(trainer.precision),
+            "cpu_tuning": cpu_tuning_state(),
             # image files left out by --data.bad_images=skip (0 when none or not an image folder)
             "skipped_images": getattr(trainer.datamodule, "num_skipped_images", 0),
             "versions": package_versions(),
