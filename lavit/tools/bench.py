@@ -392,9 +392,9 @@ def loop_overhead(
     Lightning trains the model (a minimal ``LightningModule``, then the project's
     ``LaViTModule``) on in-memory batches (a ``TensorDataset``); after each of its steps a
     callback runs one bare step (forward, loss, backward, AdamW, zero_grad, one ``.item()``) of
-    a copy of the model on the same batch. A Lightning step is the time between the starts of
-    consecutive batches minus the bare step run in between, so data fetching, hooks and logging
-    count. ``overhead_pct`` is the median over steps of Lightning ÷ bare, minus one; the first
+    a copy of the model on the same batch, alternately at the start and at the end of the
+    batch. A Lightning step is the time between the starts of consecutive batches minus the
+    bare step run in between, so data fetching, hooks and logging count. ``overhead_pct`` is the median over steps of Lightning ÷ bare, minus one; the first
     ``warmup`` pairs are dropped.
     """
     import lightning as L
@@ -424,7 +424,12 @@ def loop_overhead(
             return torch.optim.AdamW(self.model.parameters(), lr=1e-4)
 
     class PairedSteps(L.Callback):
-        """Times Lightning's steps and, between them, a bare step of a copy of the model."""
+        """Times Lightning's steps and, inside each, a bare step of a copy of the model.
+
+        The bare step runs right after a batch starts on even batches and right before it ends
+        on odd ones: whichever position is favoured (caches, the other model's gradients still
+        in memory) favours both loops alike over the median.
+        """
 
         def __init__(self, model: nn.Module) -> None:
             self.model = copy.deepcopy(model).to(device).train()
@@ -435,11 +440,17 @@ def loop_overhead(
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             now = time.perf_counter()
-            if self.start is not None:
+            if self.start is not None:  # the interval held one bare step: take it out
                 self.lightning.append(now - self.start - self.bare[-1])
             self.start = now
+            if batch_idx % 2 == 0:
+                self.bare_step(batch)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx % 2 == 1:
+                self.bare_step(batch)
+
+        def bare_step(self, batch) -> None:
             start = time.perf_counter()
             x, y = (t.to(device) for t in batch)
             with _autocast(device, dtype):
