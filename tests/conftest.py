@@ -1,5 +1,6 @@
 """Shared fixtures of the training tests: a tiny LaViT, small embedded data, W&B kept offline."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,15 @@ SMALL_DATA = {
     "batch_size": 16,
     "num_workers": 0,
 }
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Undo what a test (or the CLI it runs in-process: PL_GLOBAL_SEED, ...) set in os.environ."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)

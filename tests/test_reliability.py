@@ -264,13 +264,13 @@ def test_sigterm_saves_last_checkpoint_exits_75_and_resumes(tmp_path):
     assert step <= min(steps) <= step + 1
 
 
-def test_a_crash_resumes_from_the_last_epoch_even_without_improvement(tmp_path):
+def test_a_crash_resumes_from_the_last_epoch_even_without_improvement(tmp_path, monkeypatch):
     """An exception at global step 9 (LAVIT_FAULT_INJECT=crash) in a run whose val/top1 never
     improves after epoch 0 (lr 1e-9)
     => the crash propagates; last.ckpt holds epoch 1's end (step 8), not the best epoch's
     (step 4): Lightning 2.6 alone refreshes last.ckpt only when the monitored metric improves
     """
-    os.environ["LAVIT_FAULT_INJECT"] = "crash:step=9"
+    monkeypatch.setenv("LAVIT_FAULT_INJECT", "crash:step=9")
     with pytest.raises(InjectedFault, match="global step 9"):
         main(fit_args(tmp_path, "--trainer.max_epochs=3", "--model.lr=1e-9"))
     assert load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 8
@@ -309,12 +309,14 @@ def test_a_checkpoint_with_nan_weights_is_never_written(tmp_path):
 
 
 # ------------------------------------------------------------------------------- divergence
-def test_a_nan_loss_stops_training_naming_the_step_and_the_last_good_checkpoint(tmp_path, capsys):
+def test_a_nan_loss_stops_training_naming_the_step_and_the_last_good_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
     """A NaN loss at global step 6 (NaN input batch injected), default policy
     => exit code 3 with one line naming global step 6 and last.ckpt (global step 4); every
     checkpoint on disk is finite and last.ckpt is still step 4's
     """
-    os.environ["LAVIT_FAULT_INJECT"] = "nan_loss:step=6"
+    monkeypatch.setenv("LAVIT_FAULT_INJECT", "nan_loss:step=6")
     with pytest.raises(SystemExit) as exit_info:
         main(fit_args(tmp_path, "--trainer.max_epochs=3"))
     assert exit_info.value.code == EXIT_DIVERGED
@@ -327,12 +329,12 @@ def test_a_nan_loss_stops_training_naming_the_step_and_the_last_good_checkpoint(
         assert all_finite(load_checkpoint_file(path)), path
 
 
-def test_the_skip_policy_drops_a_nan_batch_counts_and_logs_it(tmp_path):
+def test_the_skip_policy_drops_a_nan_batch_counts_and_logs_it(tmp_path, monkeypatch):
     """A NaN loss at global step 2 with --nonfinite.policy=skip
     => training completes (8 steps); train/nonfinite_skipped = 1 is logged at step 2; the count
     is in the checkpoint; every weight stays finite
     """
-    os.environ["LAVIT_FAULT_INJECT"] = "nan_loss:step=2"
+    monkeypatch.setenv("LAVIT_FAULT_INJECT", "nan_loss:step=2")
     main(fit_args(tmp_path, "--trainer.max_epochs=2", "--nonfinite.policy=skip"))
     checkpoint = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 8 and all_finite(checkpoint)
@@ -557,13 +559,15 @@ SECRET_ARGUMENTS = {
 
 
 @pytest.mark.parametrize("case", list(SECRET_ARGUMENTS))
-def test_a_credential_given_as_an_argument_is_refused_without_echo(case, tmp_path, capsys):
+def test_a_credential_given_as_an_argument_is_refused_without_echo(
+    case, tmp_path, capsys, monkeypatch
+):
     """A token as an option (--data.token, --wandb.api_key), as a key of a --config file, or the
     value of HF_TOKEN inside another argument
     => exit code 2 with one line telling to use HF_TOKEN / WANDB_API_KEY; the value appears
     nowhere in the output
     """
-    os.environ["HF_TOKEN"] = HF_SECRET
+    monkeypatch.setenv("HF_TOKEN", HF_SECRET)
     config = tmp_path / "secret.yaml"
     config.write_text(f"data:\n  hf_token: {HF_SECRET}\n")
     args, expected = SECRET_ARGUMENTS[case]
