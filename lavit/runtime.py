@@ -8,7 +8,7 @@ Two avoidable costs of a PyTorch step on a CPU (measured in BENCHMARKS.md):
   memory in the heap lets the next step reuse it; the process keeps its peak footprint instead
   of returning it (11–13 % more peak memory there).
 * **Denormal floats.** Values below ~1e-38 (small gradients) take a slow path in every op.
-  Flush-to-zero avoids it (`experiments/base.yaml` ends with the same accuracy either way).
+  Flush-to-zero avoids it (``experiments/base.yaml`` ends with the same accuracy either way).
 
 ``LAVIT_CPU_TUNING=0`` in the environment leaves both alone.
 """
