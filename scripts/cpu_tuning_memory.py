@@ -17,15 +17,16 @@ import sys
 
 CHILD = """
 import json, resource, statistics, sys, time
-import timm, torch
+import torch
 import torch.nn.functional as F
-import lavit
 from lavit.runtime import tune_cpu_runtime
+from lavit.tools.bench import build_model, parse_model_name
 
-model_name, img_size, batch_size, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+model_name = sys.argv[1]
+img_size, batch_size, steps = (int(a) for a in sys.argv[2:5])
 state = tune_cpu_runtime()
 torch.manual_seed(0)
-model = timm.create_model(model_name, img_size=img_size) if model_name.startswith("lavit") else timm.create_model(model_name)
+model = build_model(parse_model_name(model_name), img_size)  # as lavit bench builds it
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 x = torch.randn(batch_size, 3, img_size, img_size)
 y = torch.randint(0, 1000, (batch_size,))
@@ -59,7 +60,7 @@ def measure(tuning: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="lavit_tiny")
+    parser.add_argument("--model", default="lavit_tiny", help="as for lavit bench --models")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
@@ -69,7 +70,8 @@ def main() -> None:
     if args.steps < 2:
         parser.error("--steps must be ≥ 2")
     rows = [measure("1", args), measure("0", args)]
-    print(f"{args.model}, {args.img_size}², batch {args.batch_size}, {args.steps} training steps\n")
+    print(f"{args.model}, {args.img_size}², batch {args.batch_size}, {args.steps} training steps")
+    print()
     print("| cpu tuning | step_ms (median) | page faults per step | peak RSS MiB |")
     print("|---|---|---|---|")
     for row in rows:

@@ -394,8 +394,8 @@ def loop_overhead(
     callback runs one bare step (forward, loss, backward, AdamW, zero_grad, one ``.item()``) of
     a copy of the model on the same batch, alternately at the start and at the end of the
     batch. A Lightning step is the time between the starts of consecutive batches minus the
-    bare step run in between, so data fetching, hooks and logging count. ``overhead_pct`` is the median over steps of Lightning ÷ bare, minus one; the first
-    ``warmup`` pairs are dropped.
+    bare step run in between, so data fetching, hooks and logging count. ``overhead_pct`` is the
+    median over steps of Lightning ÷ bare, minus one; the first ``warmup`` pairs are dropped.
     """
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
