@@ -101,6 +101,7 @@ def test_all_va_counterpart_switches_every_la_layer_off():
         (["--models", "pvt_v2_b0/all-va"], "only LaViT variants"),
         (["--img-size", "0"], "must be a positive integer"),
         (["--dtype", "fp16"], "needs --device cuda"),
+        (["--tf32"], "needs --device cuda"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):

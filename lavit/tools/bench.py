@@ -231,6 +231,16 @@ def gemm_task(size: int, dtype: torch.dtype, device: torch.device) -> tuple[Call
     return (lambda: torch.mm(a, b)), size**3
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 on or off for float32 matmuls and cuDNN convolutions (CUDA; Ampere and later).
+
+    Only the legacy flags are used: torch refuses to read them once the newer ``fp32_precision``
+    API has set some of them differently.
+    """
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     if dtype == "fp32":
         return contextlib.nullcontext()
@@ -584,6 +594,11 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["tf32"] = {  # the legacy flags, the API that set_tf32 uses
+            "matmul": torch.get_float32_matmul_precision() != "highest",
+            "cudnn": torch.backends.cudnn.allow_tf32,
+        }
     with contextlib.suppress(OSError):
         info["load_avg_start"] = os.getloadavg()
     return info
@@ -659,6 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="CUDA: TF32 for float32 matmuls and convolutions (without it, --device cuda turns "
+        "TF32 off, cuDNN's default included, so that fp32 means fp32)",
+    )
+    parser.add_argument(
         "--channels-last", action="store_true", help="channels-last model and input"
     )
     parser.add_argument("--iters", type=_positive_int, default=5, help="timed iterations (median)")
@@ -704,6 +725,8 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> li
         parser.error("--loop-steps must be ≥ 2 (a step is the interval between two batches)")
     if args.dtype == "fp16" and args.device != "cuda":
         parser.error("--dtype fp16 needs --device cuda (use bf16 on the CPU)")
+    if args.tf32 and args.device != "cuda":
+        parser.error("--tf32 needs --device cuda (TF32 is a GPU number format)")
     names = args.models or (["lavit_tiny"] if args.loop_overhead else list(DEFAULT_MODELS))
     try:
         specs = [parse_model_name(name) for name in names]
@@ -768,7 +791,7 @@ def run_throughput(args: argparse.Namespace, specs: list[ModelSpec], device: tor
     gemm_size = args.gemm_size or (8192 if device.type == "cuda" else 2048)
     gemm_dtype = "fp32" if args.dtype == "fp32" else args.dtype
     gemm, gemm_macs = gemm_task(gemm_size, DTYPES[gemm_dtype], device)
-    peak_name = f"gemm_{gemm_dtype}_{gemm_size}"
+    peak_name = f"gemm_{'tf32' if args.tf32 and gemm_dtype == 'fp32' else gemm_dtype}_{gemm_size}"
 
     infer_times: dict[str, list[float]] = {}
     if not args.no_infer:
@@ -833,6 +856,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tune_cpu_runtime(enabled=not args.no_cpu_tuning)
+    if args.device == "cuda":
+        set_tf32(args.tf32)
     device = torch.device(args.device)
     started = time.time()
     result: dict[str, Any] = {
@@ -843,6 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tag = (
         args.tag
         or f"{'loop_overhead' if args.loop_overhead else 'bench'}_{args.device}_{args.dtype}"
+        + ("_tf32" if args.tf32 else "")
         + ("_compiled" if args.compile else "")
     )
     try:
@@ -892,6 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{env.get('gpu', env['cpu'])}, {env['cpu_count']} cores, {env['torch_threads']} threads, "
         f"torch {env['torch']}; {args.img_size}² batch {args.batch_size} {args.dtype}; "
         f"cpu tuning {'on' if any(env['cpu_tuning'].values()) else 'off'}"
+        + (" TF32" if args.tf32 else "")
         + (" compiled" if args.compile else "")
     )
     args.out.mkdir(parents=True, exist_ok=True)
