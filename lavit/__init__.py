@@ -2,4 +2,4 @@
 
 from . import models  # noqa: F401  (registers lavit_* with timm)
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)

@@ -282,6 +282,8 @@ def table_rows(parameters: list[str], rows: list[SettingRow], top1: str) -> list
     table = []
     for row in rows:
         failed = sum(r.state == "failed" for r in row.runs)
+        stopped = sum(r.state == "stopped" for r in row.runs)  # by the sweep's early_terminate
+        apart = [f"{failed} failed"] * bool(failed) + [f"{stopped} stopped early"] * bool(stopped)
         mean, std = row.mean, row.std
         entry = {_short(n): _format_value(row.values[n]) for n in parameters}
         entry |= {
@@ -294,7 +296,7 @@ def table_rows(parameters: list[str], rows: list[SettingRow], top1: str) -> list
                 if std is not None
                 else f"{mean:.2f}"
             ),
-            "seeds": str(len(row.top1)) + (f" ({failed} failed)" if failed else ""),
+            "seeds": str(len(row.top1)) + (f" ({', '.join(apart)})" if apart else ""),
             "throughput (img/s)": f"{row.throughput:.0f}" if row.throughput else "n/a",
         }
         table.append(entry)

@@ -11,6 +11,12 @@
 * One run at a time per listed device; several devices run in parallel, each subprocess seeing only
   its device through ``CUDA_VISIBLE_DEVICES`` (``cpu`` hides every GPU).
 * A run that fails is recorded as failed and the sweep goes on.
+* A sweep file's ``early_terminate`` (hyperband, the only kind W&B has) is honoured with the
+  engine's own ``stop_runs``: the running runs' metric histories are read from their CSV logs
+  every few seconds, and a run the engine marks is stopped (SIGTERM: ``lavit fit`` saves
+  ``last.ckpt``) and recorded as ``stopped``. Its iterations are the logged values of the sweep
+  metric, one per validation (per epoch, by default).
+* ``lavit sweep`` needs the ``sweeps`` package, an optional extra: ``pip install 'lavit[sweep]'``.
 * The sweep's state lives in ``<sweep dir>/sweep_state.json`` (written atomically after every
   change): running the same command again resumes the sweep, skipping finished and failed runs and
   redoing those that an interruption cut short.
@@ -33,7 +39,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,7 @@ import yaml
 
 __all__ = [
     "RunRecord",
+    "SweepEngineError",
     "SweepState",
     "agent_command",
     "load_sweep_config",
@@ -58,15 +65,45 @@ DEFAULT_SWEEP_ROOT = Path("runs") / "sweeps"
 # What `wandb agent` puts in the command when the sweep file has none.
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 POLL_INTERVAL_S = 0.5
+EARLY_TERMINATE_INTERVAL_S = 10.0  # how often running runs' metrics go to the engine's stop_runs
+# What the state file calls a run stopped by early termination; the engine's word for it.
+STOPPED = "stopped"
+DONE_STATES = ("finished", "failed", STOPPED)
+SWEEP_EXTRA_INSTALL = "pip install 'lavit[sweep]' (in a checkout: pip install -e '.[sweep]')"
+
+
+class SweepEngineError(RuntimeError):
+    """What ``lavit sweep`` needs from W&B's packages is not installed (the message says what)."""
 
 
 def _import_sweeps():
     """The ``sweeps`` package, without the pydantic-v2 warning it triggers on import."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import sweeps
-
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import sweeps
+    except ImportError as err:
+        raise SweepEngineError(
+            "lavit sweep needs W&B's sweep engine, the `sweeps` package of the optional extra "
+            f"`lavit[sweep]`: {SWEEP_EXTRA_INSTALL} ({err})"
+        ) from err
     return sweeps
+
+
+def _wandb_command_helpers():
+    """W&B's own expansion of a sweep command (a private module: guarded, with what to do)."""
+    try:
+        from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+    except ImportError as err:
+        import wandb
+
+        raise SweepEngineError(
+            f"wandb {getattr(wandb, '__version__', '?')} lacks wandb.sdk.launch.sweeps.utils, the "
+            "private W&B module lavit sweep uses to expand a sweep's command exactly as `wandb "
+            "agent` does; install the wandb version lavit is tested with: pip install "
+            f"'wandb==0.31.0' ({err})"
+        ) from err
+    return create_sweep_command, create_sweep_command_args
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -106,8 +143,7 @@ def agent_command(
         program: the sweep file's ``program`` (for ``${program}``).
         interpreter: ``${interpreter}``; the agent uses ``python`` (the one on PATH).
     """
-    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
-
+    create_sweep_command, create_sweep_command_args = _wandb_command_helpers()
     template = create_sweep_command(list(command_template or DEFAULT_COMMAND))
     macros: dict[str, Any] = create_sweep_command_args({"args": run_config})
     macros["interpreter"] = [interpreter]
@@ -167,7 +203,7 @@ def override_args(overrides: list[str]) -> list[str]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -177,7 +213,7 @@ class RunRecord:
     name: str
     config: dict[str, dict[str, Any]]  # W&B run config: {param: {"value": v}}
     run_dir: str  # relative to the sweep dir
-    state: str = "pending"  # pending | running | finished | failed
+    state: str = "pending"  # pending | running | finished | failed | stopped (early_terminate)
     device: str | None = None
     command: list[str] = field(default_factory=list)
     exitcode: int | None = None
@@ -193,7 +229,7 @@ class RunRecord:
         return sweeps.SweepRun(
             name=self.name,
             config=self.config,
-            state=self.state,
+            state="killed" if self.state == STOPPED else self.state,
             summary_metrics=self.summary_metrics,
             history=self.history,
             exitcode=self.exitcode,
@@ -275,6 +311,7 @@ class _ActiveRun:
     process: subprocess.Popen
     log: Any
     started: float
+    stop_requested: bool = False  # by early termination
 
 
 class SweepRunner:
@@ -296,6 +333,11 @@ class SweepRunner:
         self.count = count
         self.retry_failed = retry_failed
         config = load_sweep_config(sweep_file)
+        if "early_terminate" in config:
+            try:  # its settings, checked now rather than hours into the sweep
+                _import_sweeps().stop_runs(config, [])
+            except ValueError as err:
+                raise ValueError(f"{sweep_file}: early_terminate: {err}") from None
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_sweep_dir(sweep_dir)
         try:
@@ -306,6 +348,7 @@ class SweepRunner:
         self.extra_args = override_args(self.state.overrides)
         self.launched = 0
         self.exhausted = False
+        self._last_stop_check = time.monotonic()
 
     def _open_state(
         self, config: dict[str, Any], overrides: list[str], configs: list[str]
@@ -332,7 +375,7 @@ class SweepRunner:
             # A run still marked running was cut short (the runner died): redo it.
             if run.state == "running" or (self.retry_failed and run.state == "failed"):
                 run.state = "pending"
-        done = sum(run.state in ("finished", "failed") for run in state.runs)
+        done = sum(run.state in DONE_STATES for run in state.runs)
         print(f"[sweep] resuming {self.sweep_dir}: {done} run(s) done, skipping them", flush=True)
         save_state(state, self.sweep_dir)
         return state
@@ -430,23 +473,68 @@ class SweepRunner:
         record.summary_metrics = summarise(history)
         metric = self.state.metric_name
         # The state keeps the sweep metric's history only (what bayes needs), not every log row.
-        record.history = [
-            {k: row[k] for k in ("epoch", "step", metric) if k in row}
-            for row in history
-            if metric in row
-        ]
-        record.state = "finished" if exitcode == 0 else "failed"
+        record.history = self._metric_rows(history)
+        if active.stop_requested:
+            record.state = STOPPED
+        else:
+            record.state = "finished" if exitcode == 0 else "failed"
         shown = record.summary_metrics.get(metric) if metric else None
         outcome = (
             f"{metric} = {shown:.4g}"
             if shown is not None
             else f"exit code {exitcode}, log: {self.sweep_dir / record.run_dir / RUN_LOG}"
         )
+        shown_state = "stopped early" if record.state == STOPPED else record.state
         print(
-            f"[sweep] {record.name} {record.state} in {record.duration_s:.0f} s ({outcome})",
+            f"[sweep] {record.name} {shown_state} in {record.duration_s:.0f} s ({outcome})",
             flush=True,
         )
         save_state(self.state, self.sweep_dir)
+
+    def _metric_rows(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows of a run's history that hold the sweep metric (what the engine reads)."""
+        metric = self.state.metric_name
+        return [
+            {k: row[k] for k in ("epoch", "step", metric) if k in row}
+            for row in history
+            if metric in row
+        ]
+
+    def _early_terminate(self, active: dict[int, _ActiveRun]) -> None:
+        """Stop the running runs that the engine's hyperband marks (the file's early_terminate)."""
+        config = self.state.sweep_config
+        now = time.monotonic()
+        if "early_terminate" not in config or now - self._last_stop_check < (
+            EARLY_TERMINATE_INTERVAL_S
+        ):
+            return
+        self._last_stop_check = now
+        sweeps = _import_sweeps()
+        running = {run.record.name: run for run in active.values() if not run.stop_requested}
+        engine_runs = []
+        for record in self.state.runs:
+            if record.name in running:
+                history = read_metric_history(self.sweep_dir / record.run_dir)
+                engine_runs.append(
+                    sweeps.SweepRun(
+                        name=record.name,
+                        config=record.config,
+                        state="running",
+                        history=self._metric_rows(history),
+                    )
+                )
+            elif record.state in DONE_STATES:
+                engine_runs.append(record.to_sweep_run())
+        for engine_run in sweeps.stop_runs(config, engine_runs):
+            run = running.get(engine_run.name)
+            if run is None:
+                continue
+            run.stop_requested = True
+            lines = (engine_run.early_terminate_info or {}).get("lines") or []
+            reason = next((line for line in lines if line.startswith("Run:")), "")
+            print(f"[sweep] {run.record.name}: stopped early by hyperband ({reason})", flush=True)
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+                os.killpg(run.process.pid, signal.SIGTERM)
 
     def _stop_all(self, active: dict[int, _ActiveRun]) -> None:
         """Stop the running subprocesses; they stay ``running`` in the state, so resume redoes them."""
@@ -488,6 +576,7 @@ class SweepRunner:
                     if exitcode is not None:
                         self._finish(run, exitcode)
                         del active[slot]
+                self._early_terminate(active)
         except BaseException:  # KeyboardInterrupt, SIGTERM (via _raise_on_sigterm), errors
             self._stop_all(active)
             raise
@@ -628,13 +717,15 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("[sweep] interrupted: run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, SweepEngineError) as err:
         print(f"lavit sweep: error: {err}", file=sys.stderr)
         return 2
     counts = {s: sum(r.state == s for r in state.runs) for s in ("finished", "failed", "pending")}
+    stopped = sum(r.state == STOPPED for r in state.runs)
     sweep_dir = args.sweep_dir or DEFAULT_SWEEP_ROOT / args.sweep_file.stem
     print(
         f"[sweep] {counts['finished']} finished, {counts['failed']} failed"
+        + (f", {stopped} stopped early" if stopped else "")
         + (f", {counts['pending']} pending" if counts["pending"] else "")
         + f"; table: lavit report {sweep_dir}",
         flush=True,

@@ -1,0 +1,68 @@
+"""Packaging: one version, the declared license, tested floors, and the deprecation filters."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import tomllib
+import warnings
+
+import pytest
+from conftest import REPO
+from packaging.requirements import Requirement
+
+import lavit
+
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+PROJECT = PYPROJECT["project"]
+
+
+def test_the_version_is_written_once():
+    assert "version" not in PROJECT and "version" in PROJECT["dynamic"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "lavit.__version__"}
+    # The installed metadata carries the same version (it was read from lavit/__init__.py).
+    assert importlib.metadata.version("lavit") == lavit.__version__
+
+
+def test_license_is_an_spdx_expression_with_its_file():
+    assert PROJECT["license"] == "Apache-2.0" and PROJECT["license-files"] == ["LICENSE"]
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache-2.0" in text and "https://www.apache.org/licenses/LICENSE-2.0" in text
+    build_requires = PYPROJECT["build-system"]["requires"]
+    assert build_requires == ["setuptools>=77"]  # the first setuptools with PEP 639 licenses
+
+
+def _requirements() -> list[Requirement]:
+    lines = list(PROJECT["dependencies"])
+    for extra in PROJECT["optional-dependencies"].values():
+        lines += [line for line in extra if not line.startswith("lavit[")]
+    return [Requirement(line) for line in lines]
+
+
+@pytest.mark.parametrize("requirement", _requirements(), ids=str)
+def test_the_installed_versions_meet_every_declared_range(requirement: Requirement):
+    """What the tests run with lies inside what pyproject.toml declares (the floors are these
+    versions, see README), so no declared range is one the suite never saw."""
+    installed = importlib.metadata.version(requirement.name)
+    assert requirement.specifier.contains(installed, prereleases=True), (requirement, installed)
+    floors = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+    assert len(floors) <= 1
+
+
+def test_deprecations_pointing_into_lavit_are_errors():
+    """The filters of pyproject.toml, as pytest applied them to this test."""
+    with pytest.raises(DeprecationWarning, match="old API"):
+        warnings.warn_explicit("old API", DeprecationWarning, "lavit/x.py", 1, module="lavit.x")
+    with pytest.raises(DeprecationWarning):
+        warnings.warn_explicit("old API", DeprecationWarning, "lavit/__init__.py", 1, "lavit")
+    # A dependency's own deprecation is shown in the summary, not an error; the listed ones are
+    # silent. (catch_warnings keeps the filters, and records instead of showing.)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn_explicit("old API", DeprecationWarning, "x.py", 1, module="lavitfoo.x")
+        warnings.warn_explicit(
+            "\n    skip_none parameter was deprecated in v4.49.0",
+            DeprecationWarning,
+            "cli.py",
+            1,
+            module="lightning.pytorch.cli",
+        )
+    assert [str(w.message) for w in caught] == ["old API"]

@@ -1,0 +1,110 @@
+"""``lavit sweep`` and W&B's packages: the optional engine, the private W&B import, and the sweep
+file's ``early_terminate`` (hyperband) carried out by the engine's own ``stop_runs``."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lavit.tools import report, sweep
+from lavit.tools.sweep import load_state
+
+# Stands in for `python -m lavit fit`: one val/top1 row per epoch, flushed as it goes, 0.2 s per
+# epoch; the run's level is 0.8 - (x - 0.3)^2, reached from below.
+PROGRESSIVE_TRAIN = textwrap.dedent(
+    """
+    import csv, os, sys, time
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+    x, epochs = float(args["model.x"]), int(args.get("epochs", 8))
+    run_dir = args["trainer.default_root_dir"]
+    os.makedirs(run_dir + "/version_0")
+    level = 0.8 - (x - 0.3) ** 2
+    with open(run_dir + "/version_0/metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "step", "val/top1"])
+        for epoch in range(epochs):
+            time.sleep(0.2)
+            w.writerow([epoch, 10 * (epoch + 1), level - 0.05 / (epoch + 1)])
+            f.flush()
+    """
+)
+
+
+def write_sweep(tmp_path: Path, values: list[float], **extra) -> Path:
+    program = tmp_path / "train.py"
+    program.write_text(PROGRESSIVE_TRAIN)
+    config = {
+        "name": "hyperband-sweep",
+        "program": str(program),
+        "method": "grid",
+        "metric": {"name": "val/top1", "goal": "maximize"},
+        "parameters": {"model.x": {"values": values}},
+        "command": ["${env}", "${interpreter}", "${program}", "${args}"],
+        **extra,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_hyperband_early_terminate_stops_the_run_below_the_band(tmp_path, monkeypatch, capsys):
+    """min_iter 2, eta 2: at 2, 4, ... validations a running run whose best so far is below the
+    median of every run's value there is stopped. The third setting is the worst."""
+    monkeypatch.setattr(sweep, "EARLY_TERMINATE_INTERVAL_S", 0.1)
+    hyperband = {"type": "hyperband", "min_iter": 2, "eta": 2}
+    sweep_file = write_sweep(tmp_path, [0.3, 0.2, 0.0], early_terminate=hyperband)
+    sweep_dir = tmp_path / "sweep"
+    assert sweep.main([str(sweep_file), "--sweep-dir", str(sweep_dir)]) == 0
+    runs = load_state(sweep_dir).runs
+    assert [run.state for run in runs] == ["finished", "finished", "stopped"]
+    assert [len(run.history) for run in runs[:2]] == [8, 8]
+    assert 2 <= len(runs[2].history) < 8  # stopped once past the first band, before the end
+    out = capsys.readouterr().out
+    assert "run-002: stopped early by hyperband (Run: run-002" in out
+    assert "run-002 stopped early in" in out and "1 stopped early" in out
+    # A stopped run is done: resuming starts nothing, and the engine sees it as killed.
+    assert sweep.main([str(sweep_file), "--sweep-dir", str(sweep_dir)]) == 0
+    assert [run.state for run in load_state(sweep_dir).runs] == ["finished", "finished", "stopped"]
+    assert runs[2].to_sweep_run().state == "killed"
+    # The table leaves it out of the mean and says so.
+    results, _ = report.collect_local(sweep_dir)
+    _, rows = report.summarise_runs(results, "best")
+    assert [len(row.top1) for row in rows] == [1, 1, 0]
+    assert report.table_rows(["model.x"], rows, "best")[2]["seeds"] == "0 (1 stopped early)"
+
+
+def test_a_bad_early_terminate_is_refused_before_any_run(tmp_path, capsys):
+    """Valid for W&B's schema, but max_iter / eta leaves hyperband no band: said at once."""
+    hyperband = {"type": "hyperband", "max_iter": 2, "eta": 3, "s": 1}
+    sweep_file = write_sweep(tmp_path, [0.3], early_terminate=hyperband)
+    assert sweep.main([str(sweep_file), "--sweep-dir", str(tmp_path / "sweep")]) == 2
+    err = capsys.readouterr().err
+    assert "sweep.yaml: early_terminate: Bands must be an array of length at least 1" in err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_without_the_sweep_extra_lavit_sweep_names_it(tmp_path, monkeypatch, capsys):
+    sweep_file = write_sweep(
+        tmp_path,
+        [0.3],
+    )
+    sweep_dir = tmp_path / "sweep"
+    assert sweep.main([str(sweep_file), "--sweep-dir", str(sweep_dir)]) == 0
+    monkeypatch.setitem(sys.modules, "sweeps", None)  # `import sweeps` fails: not installed
+    with pytest.raises(ImportError):
+        import sweeps  # noqa: F401
+    assert sweep.main([str(sweep_file), "--sweep-dir", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "lavit[sweep]" in err and "pip install 'lavit[sweep]'" in err
+    # The report of a finished sweep does not need the engine.
+    assert report.main([str(sweep_dir), "--out", str(tmp_path / "report"), "--no-bench"]) == 0
+
+
+def test_a_wandb_without_its_private_sweep_helpers_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb.sdk.launch.sweeps.utils", None)
+    with pytest.raises(sweep.SweepEngineError, match=r"wandb\.sdk\.launch\.sweeps\.utils.*wandb=="):
+        sweep.agent_command(["${args}"], {"model.x": {"value": 1}})
