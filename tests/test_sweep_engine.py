@@ -3,6 +3,7 @@ file's ``early_terminate`` (hyperband) carried out by the engine's own ``stop_ru
 
 from __future__ import annotations
 
+import argparse
 import sys
 import textwrap
 from pathlib import Path
@@ -22,6 +23,7 @@ PROGRESSIVE_TRAIN = textwrap.dedent(
     x, epochs = float(args["model.x"]), int(args.get("epochs", 8))
     run_dir = args["trainer.default_root_dir"]
     os.makedirs(run_dir + "/version_0")
+    open(run_dir + "/gpus.txt", "w").write(os.environ["CUDA_VISIBLE_DEVICES"])
     level = 0.8 - (x - 0.3) ** 2
     with open(run_dir + "/version_0/metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -108,3 +110,17 @@ def test_a_wandb_without_its_private_sweep_helpers_is_a_clear_error(monkeypatch)
     monkeypatch.setitem(sys.modules, "wandb.sdk.launch.sweeps.utils", None)
     with pytest.raises(sweep.SweepEngineError, match=r"wandb\.sdk\.launch\.sweeps\.utils.*wandb=="):
         sweep.agent_command(["${args}"], {"model.x": {"value": 1}})
+
+
+def test_a_device_slot_can_hold_several_gpus(tmp_path):
+    """``--devices 0+1,2+3``: two slots, each run seeing its two GPUs (a multi-GPU run's DDP)."""
+    assert sweep.parse_devices("0+1+2+3, cpu,5") == ["0+1+2+3", "cpu", "5"]
+    with pytest.raises(argparse.ArgumentTypeError, match="GPU groups like 0"):
+        sweep.parse_devices("0+x")
+    sweep_file = write_sweep(tmp_path, [0.3, 0.2])
+    sweep_dir = tmp_path / "sweep"
+    args = [str(sweep_file), "--sweep-dir", str(sweep_dir), "--devices", "0+1,2+3"]
+    assert sweep.main([*args, "--override", "epochs=1"]) == 0
+    runs = load_state(sweep_dir).runs
+    assert [run.device for run in runs] == ["0+1", "2+3"]
+    assert [(sweep_dir / run.run_dir / "gpus.txt").read_text() for run in runs] == ["0,1", "2,3"]

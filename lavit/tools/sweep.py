@@ -436,7 +436,7 @@ class SweepRunner:
         record.exitcode = record.ended_at = record.duration_s = None
         record.summary_metrics, record.history = {}, []
         env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
+        env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device.replace("+", ",")
         cpu_slots = self.devices.count("cpu")
         if device == "cpu" and cpu_slots > 1 and "OMP_NUM_THREADS" not in env:
             # Parallel CPU runs share the cores instead of each one claiming all of them.
@@ -640,11 +640,14 @@ def run_sweep(
 
 
 def parse_devices(text: str) -> list[str]:
-    """``cpu`` or ``0,1,...``: one run slot per entry (repeat ``cpu`` for parallel CPU runs)."""
+    """``cpu`` or ``0,1,...``: one run slot per entry (repeat ``cpu`` for parallel CPU runs);
+    ``0+1+2+3`` is one slot whose runs see four GPUs (for multi-GPU runs)."""
     devices = [part.strip() for part in text.split(",") if part.strip()]
     for device in devices:
-        if device != "cpu" and not device.isdigit():
-            raise argparse.ArgumentTypeError(f"devices are 'cpu' or GPU indices, got {device!r}")
+        if device != "cpu" and not all(gpu.isdigit() for gpu in device.split("+")):
+            raise argparse.ArgumentTypeError(
+                f"devices are 'cpu', GPU indices or GPU groups like 0+1+2+3, got {device!r}"
+            )
     if not devices:
         raise argparse.ArgumentTypeError("no device given")
     return devices
@@ -672,7 +675,8 @@ def main(argv: list[str]) -> int:
         type=parse_devices,
         default=["cpu"],
         help="'cpu' or GPU indices '0,1,...': one run at a time per entry, in parallel "
-        "(each run sees its GPU as CUDA_VISIBLE_DEVICES); default: cpu",
+        "(each run sees its GPU as CUDA_VISIBLE_DEVICES; '0+1+2+3' is one entry with four GPUs, "
+        "for multi-GPU runs); default: cpu",
     )
     parser.add_argument(
         "--sweep-dir",

@@ -37,6 +37,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import DataLoader, Dataset
 
+from lavit.training.local_datasets import local_copy
+
 SourceType = Literal["auto", "embedded", "hub", "imagefolder", "parquet"]
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 
@@ -320,6 +322,8 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
         if not 0.0 < crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        if source_type in ("auto", "hub") and (copy := local_copy(source)) is not None:
+            source, source_type = copy, "auto"  # this machine's copy of a Hub dataset
         self.source = source
         self.source_type = guess_source_type(source) if source_type == "auto" else source_type
         self.hub_config = hub_config
