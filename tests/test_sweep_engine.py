@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from lavit.tools import report, sweep
 from lavit.tools.sweep import load_state
@@ -102,6 +104,13 @@ def test_without_the_sweep_extra_lavit_sweep_names_it(tmp_path, monkeypatch, cap
     assert sweep.main([str(sweep_file), "--sweep-dir", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "lavit[sweep]" in err and "pip install 'lavit[sweep]'" in err
+    # Not installed, from the repository root: `import sweeps` finds the folder of sweep files.
+    folder = types.ModuleType("sweeps")
+    folder.__path__ = [str(REPO / "sweeps")]  # what a namespace package is
+    monkeypatch.setitem(sys.modules, "sweeps", folder)
+    assert sweep.main([str(sweep_file), "--sweep-dir", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'lavit[sweep]'" in err and "found only the folder" in err
     # The report of a finished sweep does not need the engine.
     assert report.main([str(sweep_dir), "--out", str(tmp_path / "report"), "--no-bench"]) == 0
 

@@ -83,11 +83,17 @@ def _import_sweeps():
             warnings.simplefilter("ignore")
             import sweeps
     except ImportError as err:
-        raise SweepEngineError(
-            "lavit sweep needs W&B's sweep engine, the `sweeps` package of the optional extra "
-            f"`lavit[sweep]`: {SWEEP_EXTRA_INSTALL} ({err})"
-        ) from err
-    return sweeps
+        problem = str(err)
+    else:
+        if hasattr(sweeps, "next_run"):
+            return sweeps
+        # Not installed, but run from the repository root: its sweeps/ folder of sweep files
+        # imports as an empty namespace package.
+        problem = f"`import sweeps` found only the folder {list(getattr(sweeps, '__path__', []))}"
+    raise SweepEngineError(
+        "lavit sweep needs W&B's sweep engine, the `sweeps` package of the optional extra "
+        f"`lavit[sweep]`: {SWEEP_EXTRA_INSTALL} ({problem})"
+    )
 
 
 def _wandb_command_helpers():
