@@ -66,6 +66,7 @@ TOOL_COMMANDS = {
     "analyze": "lavit.tools.saturation:main",
     "sweep": "lavit.tools.sweep:main",
     "report": "lavit.tools.report:main",
+    "export": "lavit.tools.export:main",
 }
 DEFAULT_RUN_DIR = "runs/default"
 

@@ -53,7 +53,8 @@ CIFAR = Scale(
         "LAVIT_LOCAL_DATASETS=uoft-cs/cifar10=/path/to/parquet, see README). Run from the "
         "repository root (the config paths are relative to it)."
     ),
-    other_scale="Paper scale (ImageNet-1K, lavit_tiny, 300 epochs, 8 GPUs): sweeps/imagenet/{file}.",
+    other_scale="Paper scale (ImageNet-1K, lavit_tiny, 300 epochs, 8 GPUs): "
+    "sweeps/imagenet/{file}.",
 )
 IMAGENET = Scale(
     folder="imagenet",
@@ -107,7 +108,9 @@ ABLATIONS = (
     Ablation(
         file="va_layers",
         name="lavit-va-layers",
-        title="Ablation 1 (SPEC §4.1): how many Vanilla Attention (VA) layers does each stage need?",
+        title=(
+            "Ablation 1 (SPEC §4.1): how many Vanilla Attention (VA) layers does each stage need?"
+        ),
         question=(
             "replacing the later layers of a stage by Less-Attention (LA) layers saves MACs and "
             "time; how much top-1 does it cost compared with the all-VA baseline, from the default "
@@ -135,7 +138,9 @@ ABLATIONS = (
             "(DP off): two estimates of the baseline, which show the seed noise the other rows "
             "must beat."
         ),
-        description="DP loss weight λ (0 = off, 1e-3 … 1) × variant (corrected / paper), 3 seeds each",
+        description=(
+            "DP loss weight λ (0 = off, 1e-3 … 1) × variant (corrected / paper), 3 seeds each"
+        ),
         parameters={
             "model.dp_loss_weight": [0.0, 0.001, 0.01, 0.1, 1.0],
             "model.dp_loss_variant": ["corrected", "paper"],

@@ -1,4 +1,4 @@
-"""``LAVIT_LOCAL_DATASETS``: a machine's local copy of a Hub dataset, used by the configs as they are.
+"""``LAVIT_LOCAL_DATASETS``: a machine's local copy of a Hub dataset, for the configs as they are.
 
 The sweeps and ``experiments/cifar10.yaml`` name CIFAR-10 by its Hub id; here its local copy is the
 embedded subset (a parquet folder in the same layout as the full copy these machines keep), and

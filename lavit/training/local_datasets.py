@@ -3,7 +3,7 @@
 A config names a dataset by its Hub id (``uoft-cs/cifar10``), so that it runs anywhere. A machine
 that keeps a copy says where, in the environment::
 
-    export LAVIT_LOCAL_DATASETS="uoft-cs/cifar10=../shared/data/cifar10,ILSVRC/imagenet-1k=/data/in1k"
+    export LAVIT_LOCAL_DATASETS=uoft-cs/cifar10=../shared/data/cifar10,ILSVRC/imagenet-1k=/data/in1k
 
 and every data module built there (``lavit fit``, each run of ``lavit sweep`` or ``wandb agent``,
 which hand the environment on) reads the copy (a parquet folder, parquet files or an image

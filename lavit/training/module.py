@@ -342,6 +342,12 @@ class LaViTModule(L.LightningModule):
         return {"probs": probs, "pred": probs.argmax(dim=-1)}
 
     # ------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The class names travel with the weights (`lavit export` writes them as label names).
+        names = getattr(self._trainer and self.trainer.datamodule, "class_names", None)
+        if names:
+            checkpoint["class_names"] = list(names)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Accept checkpoints with or without EMA weights whatever ``ema_decay`` is now."""
         # A resumed fit creates its first DataLoader iterator before on_train_epoch_start (in

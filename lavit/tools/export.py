@@ -1,0 +1,270 @@
+"""``lavit export``: a run's checkpoint as a folder that timm loads as it loads Hub weights.
+
+    lavit export runs/base                       # its best (else last) checkpoint → runs/base/export/
+    lavit export runs/base/checkpoints/last.ckpt --out exported/lavit_cifar
+    lavit export runs/base --push-to-hub my-name/lavit-cifar10   # and upload it (network, token)
+
+The folder holds ``model.safetensors`` (the evaluation weights: the EMA when the run kept one) and
+``config.json``, written by timm's own ``save_for_hf``: the architecture, ``num_classes``,
+``label_names`` (the classes of the run's data), ``model_args`` (everything the model was built
+with: the LaViT switches, widths, ``img_size``) and ``pretrained_cfg`` (input size, mean, std, crop
+and interpolation of the run's evaluation transform). ``--push-to-hub`` uploads the same with
+timm's ``push_to_hf_hub``. After writing, the folder is loaded back through timm and its logits
+compared with the checkpoint's. Loading it (``import lavit`` registers the LaViT architectures)::
+
+    model = timm.create_model("local-dir:exported/lavit_cifar", pretrained=True)
+    model = timm.create_model("hf-hub:my-name/lavit-cifar10", pretrained=True)  # pushed
+    model = timm.create_model(                                          # the weights file alone
+        "lavit_cifar", pretrained=True, **model_args,
+        pretrained_cfg_overlay=dict(file="exported/lavit_cifar/model.safetensors", num_classes=10),
+    )
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from lavit.training.checkpoint_io import CheckpointError, load_checkpoint_file
+
+__all__ = [
+    "ExportError",
+    "check_hub_push_possible",
+    "export_checkpoint",
+    "find_checkpoint",
+    "load_eval_model",
+    "main",
+]
+
+DEFAULT_EXPORT_DIR = "export"
+HUB_PROBE_TIMEOUT_S = 5.0
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class ExportError(Exception):
+    """The checkpoint cannot be exported or pushed as asked (the message says why, and what to do)."""
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or a run directory's best checkpoint (else its ``last.ckpt``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not folder.is_dir():
+        raise ExportError(f"{path}: no such checkpoint file or run directory")
+    best = sorted(folder.glob("best-*.ckpt"), key=os.path.getmtime)
+    if best:
+        return best[-1]
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    raise ExportError(f"{path}: no best-*.ckpt or last.ckpt in {folder}")
+
+
+def load_eval_model(checkpoint: dict[str, Any], ema: bool = True) -> tuple[nn.Module, bool]:
+    """The checkpoint's model with its evaluation weights (the EMA when ``ema`` and present).
+
+    Returns the model and whether the weights are the EMA's.
+    """
+    from lavit.training.module import LaViTModule
+
+    accepted = inspect.signature(LaViTModule).parameters
+    # Only the module's own arguments: LightningCLI also stores `_instantiator` and the like.
+    hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
+    if "arch" not in hparams:
+        raise ExportError(
+            "the checkpoint has no LaViTModule hyper-parameters (hyper_parameters.arch): "
+            "export takes the checkpoints `lavit fit` writes"
+        )
+    hparams["compile"] = False  # nothing is trained: no compiled forward
+    if "pretrained" in hparams:
+        hparams["pretrained"] = False  # the checkpoint holds the weights
+    try:
+        module = LaViTModule(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ExportError(
+            f"the checkpoint does not rebuild with this lavit ({type(err).__name__}: {err})"
+        ) from None
+    use_ema = ema and module.ema is not None
+    model = module.ema.module if use_ema else module.model
+    return model.eval(), use_ema
+
+
+def data_config(checkpoint: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Input size and evaluation preprocessing of the run (its data module's settings)."""
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    config: dict[str, Any] = {}
+    img_size = data.get("img_size") or (checkpoint.get("hyper_parameters") or {}).get("img_size")
+    if img_size:
+        config["input_size"] = (3, int(img_size), int(img_size))
+    for key in ("mean", "std", "crop_pct", "interpolation"):
+        if data.get(key) is not None:
+            config[key] = tuple(data[key]) if isinstance(data[key], (list, tuple)) else data[key]
+    return config
+
+
+def label_names(checkpoint: dict[str, Any]) -> list[str] | None:
+    """The class names: stored by ``lavit fit`` in the checkpoint, else read from its data."""
+    names = checkpoint.get("class_names")
+    if names:
+        return list(names)
+    data = checkpoint.get("datamodule_hyper_parameters")
+    if not data:
+        return None
+    from lavit.training.data import ImageDataModule
+
+    try:  # metadata only for local sources; the Hub (or its cache) for a Hub id
+        return list(ImageDataModule(**data).class_names)
+    except (ValueError, OSError, TypeError) as err:
+        print(f"[export] label names: not stored in the checkpoint, and its data: {err}")
+        return None
+
+
+def check_hub_push_possible(repo_id: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> None:
+    """Fail at once (``ExportError``) when a push to ``repo_id`` cannot work from here."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ExportError(
+            f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set; unset it on a machine with the "
+            "network (the folder can be pushed later from there)"
+        )
+    if huggingface_hub.get_token() is None:
+        raise ExportError(
+            f"--push-to-hub {repo_id}: no Hugging Face token; set HF_TOKEN or run `hf auth login`"
+        )
+    try:
+        huggingface_hub.HfApi().model_info(repo_id, timeout=timeout)
+    except huggingface_hub.errors.HfHubHTTPError:
+        return  # the Hub answered (a new repo is a 404): reachable
+    except Exception as err:  # the transport's error classes differ between versions
+        raise ExportError(
+            f"--push-to-hub {repo_id}: the Hugging Face Hub is unreachable from this machine "
+            f"({type(err).__name__}: {err}); export without --push-to-hub and push the folder "
+            "from a machine with the network"
+        ) from None
+
+
+def _same_logits(model: nn.Module, folder: Path, input_size: tuple[int, ...]) -> None:
+    """Load ``folder`` back through timm and compare its logits with ``model``'s."""
+    import lavit  # noqa: F401  (registers the lavit_* architectures)
+
+    reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    images = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = model(images), reloaded(images)
+    if not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
+        raise ExportError(
+            f"{folder}: timm rebuilds a model whose logits differ from the checkpoint's "
+            f"(max |Δ| {float((expected - got).abs().max()):.3g}); the export is not usable"
+        )
+
+
+def export_checkpoint(
+    checkpoint_path: str | Path,
+    out: str | Path,
+    ema: bool = True,
+    push_to_hub: str | None = None,
+    private: bool = False,
+) -> Path:
+    """Write ``out/model.safetensors`` and ``out/config.json``, optionally push them; ``out``."""
+    from timm.models import push_to_hf_hub, save_for_hf
+
+    if push_to_hub:
+        check_hub_push_possible(push_to_hub)  # before any work
+    path = find_checkpoint(checkpoint_path)
+    try:
+        checkpoint = load_checkpoint_file(path)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    model, used_ema = load_eval_model(checkpoint, ema)
+    config = data_config(checkpoint, model)
+    names = label_names(checkpoint)
+    model_config = {"label_names": names} if names else None
+    if names is not None and len(names) != model.num_classes:
+        raise ExportError(f"{len(names)} class names for a {model.num_classes}-class model")
+    out = Path(out)
+    save_for_hf(model, out, model_config=model_config, safe_serialization=True, data_config=config)
+    saved = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+    _same_logits(model, out, tuple(saved["pretrained_cfg"]["input_size"]))
+    weights = "EMA weights" if used_ema else "weights"
+    print(
+        f"[export] {path} ({weights}) → {out}: {saved['architecture']}, "
+        f"{saved['num_classes']} classes, input {tuple(saved['pretrained_cfg']['input_size'])}; "
+        "reloaded through timm: same logits"
+    )
+    print(
+        "[export] load it with: import lavit, timm; "
+        f'timm.create_model("local-dir:{out}", pretrained=True)'
+    )
+    if push_to_hub:
+        started = time.monotonic()
+        push_to_hf_hub(
+            model,
+            push_to_hub,
+            model_config=model_config,
+            data_config=config,
+            safe_serialization=True,
+            private=private,
+            model_card={"license": "apache-2.0", "tags": ["image-classification", "timm", "lavit"]},
+        )
+        print(
+            f"[export] pushed to {push_to_hub} in {time.monotonic() - started:.0f} s: "
+            f'timm.create_model("hf-hub:{push_to_hub}", pretrained=True)'
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lavit export``: see the module docstring."""
+    parser = argparse.ArgumentParser(
+        prog="lavit export",
+        description="Export a run's checkpoint as model.safetensors + config.json that timm "
+        "loads: timm.create_model('local-dir:FOLDER', pretrained=True), or 'hf-hub:REPO' once "
+        "pushed.",
+    )
+    parser.add_argument(
+        "checkpoint", type=Path, help="a *.ckpt, or a run directory (its best, else last.ckpt)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder (default: <run dir>/{DEFAULT_EXPORT_DIR}/)",
+    )
+    parser.add_argument(
+        "--no-ema", action="store_true", help="export the raw weights even when the run kept an EMA"
+    )
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO", default=None, help="also upload to this Hub model repo"
+    )
+    parser.add_argument("--private", action="store_true", help="a new Hub repo is private")
+    args = parser.parse_args(argv)
+    out = args.out
+    if out is None:
+        try:
+            ckpt = find_checkpoint(args.checkpoint)
+        except ExportError as err:
+            print(f"lavit export: error: {err}", file=sys.stderr)
+            return 2
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        out = run_dir / DEFAULT_EXPORT_DIR
+    try:
+        export_checkpoint(args.checkpoint, out, not args.no_ema, args.push_to_hub, args.private)
+    except ExportError as err:
+        print(f"lavit export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
