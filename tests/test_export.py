@@ -86,6 +86,10 @@ def test_export_loads_through_timm_with_the_ema_logits(trained_run, capsys):
     assert cfg["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])  # base.yaml's CIFAR statistics
     assert cfg["std"] == pytest.approx([0.2470, 0.2435, 0.2616])
 
+    # The names came with the checkpoint (lavit fit stores them), not from re-reading the data.
+    assert load_checkpoint_file(trained_run / "checkpoints" / "last.ckpt")["class_names"] == (
+        CIFAR10_CLASSES
+    )
     ema, raw = checkpoint_models(trained_run / "checkpoints" / "last.ckpt")
     images = torch.randn(3, 3, 32, 32)
     from_folder = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
