@@ -56,6 +56,7 @@ from lavit.training.faults import (
 )
 from lavit.training.logging import WandbOptions, default_loggers
 from lavit.training.module import LaViTModule
+from lavit.training.pretrained import apply_pretrained_data_config
 from lavit.training.saturation_callback import AttentionSaturation
 
 __all__ = ["TOOL_COMMANDS", "ConfigError", "DataError", "LaViTCLI", "main", "sweep_run_dir"]
@@ -155,6 +156,7 @@ class LaViTCLI(LightningCLI):
             check_config(config)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        apply_pretrained_data_config(config)  # data defaults follow pretrained weights' config
 
     def _parse_ckpt_path(self) -> None:
         """Leave the model to the config: the checkpoint must fit it (checked before running).

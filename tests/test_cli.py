@@ -177,7 +177,7 @@ def test_tools_are_dispatched_with_their_arguments(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--a", "1", "b"])
     assert exit_info.value.code == 3
-    assert set(cli.TOOL_COMMANDS) == {"bench", "analyze", "sweep", "report"}
+    assert set(cli.TOOL_COMMANDS) == {"bench", "analyze", "sweep", "report", "export"}
 
 
 def test_wandb_mode_follows_env_and_credentials(monkeypatch, tmp_path):

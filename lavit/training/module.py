@@ -31,6 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lavit.models.attention import LessAttentionInit
 from lavit.models.lavit import AttnState, DPLossLayers
 from lavit.models.losses import DPLossVariant
+from lavit.training.pretrained import pretrained_kwargs
 
 __all__ = ["LAVIT_SWITCHES", "LaViTModule", "build_model", "is_lavit_arch", "warmup_cosine"]
 
@@ -135,6 +136,11 @@ class LaViTModule(L.LightningModule):
         drop_path_rate: stochastic depth rate (linear over blocks).
         drop_rate: dropout before the classifier.
         model_kwargs: other model arguments (``embed_dims``, ``depths``, ``num_heads``, ...).
+        pretrained: start from timm's published weights of ``arch`` (a baseline to fine-tune):
+            from the Hugging Face cache, else the Hub; the classifier is new when ``num_classes``
+            differs. The CLI then takes the data's preprocessing from the weights' config.
+        pretrained_file: start from this ``.safetensors`` / ``.pth`` state dict instead (any arch,
+            e.g. the ``model.safetensors`` of ``lavit export``).
         lr: peak learning rate, for a global batch of 512 when ``scale_lr_by_batch``.
         scale_lr_by_batch: use ``lr × global batch / 512`` (batch × devices × accumulation).
         weight_decay: AdamW weight decay (not on norms, biases, position embeddings, Ψ/Θ).
@@ -173,6 +179,8 @@ class LaViTModule(L.LightningModule):
         drop_path_rate: float = 0.1,
         drop_rate: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
         lr: float = 5e-4,
         scale_lr_by_batch: bool = True,
         weight_decay: float = 0.05,
@@ -207,8 +215,15 @@ class LaViTModule(L.LightningModule):
             dp_loss_layers=dp_loss_layers,
             dp_loss_weight=dp_loss_weight,
         )
+        weights = pretrained_kwargs(arch, pretrained, pretrained_file)  # checked before building
         self.model = build_model(
-            arch, num_classes, img_size, drop_rate, drop_path_rate, switches, model_kwargs
+            arch,
+            num_classes,
+            img_size,
+            drop_rate,
+            drop_path_rate,
+            switches,
+            {**(model_kwargs or {}), **weights},
         )
         self.is_lavit = is_lavit_arch(arch)
         if channels_last:

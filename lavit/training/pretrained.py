@@ -1,0 +1,175 @@
+"""Pretrained weights for fine-tuning: timm's published weights (the Hugging Face cache or the Hub)
+or a local weights file, checked before the model is built so that a missing file fails at once.
+
+* ``pretrained=True`` with a timm architecture (``pvt_v2_b1``, ``resnet50``...) loads timm's
+  default weights for it: from the Hugging Face cache when they are there (no network needed),
+  else downloaded from the Hub; offline (``HF_HUB_OFFLINE=1``, or no network) and not cached is a
+  ``ValueError`` saying how to get them.
+* ``pretrained_file=PATH`` loads a ``.safetensors`` / ``.pth`` state dict instead (any arch,
+  LaViT included, e.g. the ``model.safetensors`` of ``lavit export``).
+* A classifier whose size differs from ``num_classes`` starts afresh (timm's rule); the rest is
+  loaded, resampled to the input size where the model knows how (position embeddings, Ψ/Θ).
+* The data's preprocessing follows the weights' (``pretrained_data_config``): the CLI applies it to
+  every data option left at its default.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import timm
+from timm.models import get_pretrained_cfg
+
+__all__ = [
+    "PRETRAINED_DATA_KEYS",
+    "apply_pretrained_data_config",
+    "pretrained_data_config",
+    "pretrained_kwargs",
+]
+
+HUB_PROBE_TIMEOUT_S = 5.0
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for, in order
+PRETRAINED_DATA_KEYS = ("img_size", "mean", "std", "crop_pct", "interpolation")
+
+
+def _cfg(arch: str):
+    try:
+        return get_pretrained_cfg(arch)
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _classifier_outputs(path: Path, arch: str) -> int | None:
+    """The class count of the classifier in a weights file (``None``: no such tensor)."""
+    cfg = _cfg(arch)
+    classifiers = (cfg.classifier if cfg else None) or "head"
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    try:
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+    except Exception as err:  # safetensors, torch and pickle errors differ
+        raise ValueError(
+            f"pretrained_file={str(path)!r}: not a readable state dict ({err})"
+        ) from None
+    for name in classifiers:
+        weight = state.get(f"{name}.weight")
+        if weight is not None:
+            return int(weight.shape[0])
+    return None
+
+
+def _check_hub_weights(arch: str, hf_hub_id: str, filename: str | None) -> None:
+    """Pass when the weights are cached or the Hub answers; else a ValueError saying what to do."""
+    import huggingface_hub
+    import huggingface_hub.constants as hub
+
+    for name in (filename,) if filename else HUB_WEIGHT_FILES:
+        if isinstance(huggingface_hub.try_to_load_from_cache(hf_hub_id, name), str):
+            return  # cached: no network needed
+    if hub.HF_HUB_OFFLINE:
+        problem = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            huggingface_hub.HfApi().model_info(hf_hub_id, timeout=HUB_PROBE_TIMEOUT_S)
+            return
+        except huggingface_hub.errors.HfHubHTTPError:
+            return  # the Hub answered: the download reports what it says (gated, missing...)
+        except Exception as err:  # the transport's error classes differ between versions
+            problem = f"the Hub is unreachable ({type(err).__name__}: {err})"
+    raise ValueError(
+        f"pretrained=true: the weights of {arch} ({hf_hub_id}) are not in the Hugging Face cache "
+        f"({hub.HF_HUB_CACHE}) and {problem}; download them once where the network is "
+        f"(python -c \"import timm; timm.create_model('{arch}', pretrained=True)\", then copy the "
+        "cache folder), or pass pretrained_file=PATH (a .safetensors or .pth state dict)"
+    )
+
+
+def pretrained_kwargs(
+    arch: str, pretrained: bool, pretrained_file: str | None = None
+) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments that load the weights, after checking they can be had.
+
+    ``{}`` when neither is asked for. Raises ``ValueError`` naming the problem and the fix.
+    """
+    if pretrained_file is not None:
+        path = Path(pretrained_file).expanduser()
+        if not path.is_file():
+            raise ValueError(f"pretrained_file={pretrained_file!r}: no such file")
+        overlay: dict[str, Any] = {"file": str(path)}
+        outputs = _classifier_outputs(path, arch)
+        if outputs is not None:  # keep a classifier that fits; timm drops one that does not
+            overlay["num_classes"] = outputs
+        return {"pretrained": True, "pretrained_cfg_overlay": overlay}
+    if not pretrained:
+        return {}
+    cfg = _cfg(arch)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        hint = (
+            "LaViT has no published weights: pass pretrained_file=PATH (e.g. the "
+            "model.safetensors of `lavit export`)"
+            if arch.split(".")[0] in timm.list_models("lavit_*")
+            else "pass pretrained_file=PATH, or pick an arch from timm.list_models(pretrained=True)"
+        )
+        raise ValueError(f"pretrained=true: timm has no weights for arch={arch!r}; {hint}")
+    if cfg.hf_hub_id:
+        _check_hub_weights(arch, cfg.hf_hub_id, cfg.hf_hub_filename)
+    return {"pretrained": True}
+
+
+def pretrained_data_config(arch: str) -> dict[str, Any]:
+    """Input size and preprocessing the weights of ``arch`` were trained with (no download)."""
+    cfg = _cfg(arch)
+    if cfg is None:
+        return {}
+    config: dict[str, Any] = {}
+    if cfg.input_size:
+        config["img_size"] = int(cfg.input_size[-1])
+    if cfg.mean:
+        config["mean"] = tuple(float(v) for v in cfg.mean)
+    if cfg.std:
+        config["std"] = tuple(float(v) for v in cfg.std)
+    if cfg.crop_pct:
+        config["crop_pct"] = float(cfg.crop_pct)
+    if cfg.interpolation in ("bicubic", "bilinear", "nearest"):
+        config["interpolation"] = cfg.interpolation
+    return config
+
+
+def _same(value: Any, default: Any) -> bool:
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return len(value) == len(default) and all(
+            _same(a, b) for a, b in zip(value, default, strict=True)
+        )
+    return value == default
+
+
+def apply_pretrained_data_config(config: Any) -> list[str]:
+    """In a parsed CLI config: the data options left at their defaults follow the weights'.
+
+    Only when the model starts from pretrained weights; returns the ``key=value`` pairs set (and
+    says so in one line). ``img_size`` is set on the model too (the CLI's link ran at parsing).
+    """
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lavit.training.data import ImageDataModule
+
+    model, data = config.get("model"), config.get("data")
+    if model is None or data is None:
+        return []
+    if not (model.get("pretrained") or model.get("pretrained_file")):
+        return []
+    defaults = {k: p.default for k, p in inspect.signature(ImageDataModule).parameters.items()}
+    changed = []
+    for key, value in pretrained_data_config(model.arch).items():
+        if key in defaults and _same(data.get(key), defaults[key]):
+            setattr(data, key, value)
+            if key == "img_size":
+                model.img_size = value
+            changed.append(f"{key}={value}")
+    if changed:
+        rank_zero_info(
+            f"Data: {', '.join(changed)} from the pretrained config of {model.arch} "
+            "(options left at their defaults; set --data.<key> to choose otherwise)"
+        )
+    return changed
