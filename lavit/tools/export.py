@@ -88,8 +88,7 @@ def load_eval_model(checkpoint: dict[str, Any], ema: bool = True) -> tuple[nn.Mo
             "export takes the checkpoints `lavit fit` writes"
         )
     hparams["compile"] = False  # nothing is trained: no compiled forward
-    if "pretrained" in hparams:
-        hparams["pretrained"] = False  # the checkpoint holds the weights
+    hparams.update(pretrained=False, pretrained_file=None)  # the checkpoint holds the weights
     try:
         module = LaViTModule(**hparams)
         module.load_state_dict(checkpoint["state_dict"])
