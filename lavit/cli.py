@@ -10,19 +10,16 @@ and the best by ``val/top1``), one ``version_N/`` per attempt (config.yaml, metr
 hparams.yaml, run_info.json, attention/), ``wandb/`` and ``wandb_run_id``; under ``wandb agent``
 it is ``<default_root_dir>/<sweep id>/<run id>``.
 
-Exit codes: 0 done; 2 a bad option, data or checkpoint (one ``error:`` line, before training);
-3 a non-finite loss stopped training; 75 pre-empted by SIGTERM (``last.ckpt`` saved, resume with
-``--ckpt_path last``); 1 anything else. See RELIABILITY.md.
+This module only wires the pieces together; exit codes and exceptions are in
+:mod:`lavit.errors` (see RELIABILITY.md).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError
@@ -31,68 +28,55 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lavit.runtime import tune_cpu_runtime
-from lavit.training.callbacks import AttentionMaps, RunCheckpoint, RunMetadata
-from lavit.training.checkpoint_io import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    load_checkpoint_file,
-    state_dict_mismatch,
-)
-from lavit.training.checks import check_config, linked_option_in_arguments, secret_in_arguments
-from lavit.training.data import ImageDataModule
-from lavit.training.faults import (
+from lavit.errors import (
     EXIT_CONFIG_ERROR,
     EXIT_DIVERGED,
+    EXIT_FAILURE,
     EXIT_PREEMPTED,
-    DDPOptions,
-    NonFiniteGuard,
+    CheckpointError,
+    ConfigError,
+    DataError,
     NonFiniteLossError,
-    PreemptionCheckpoint,
-    StopOtherRanks,
-    ddp_strategy,
-    distributed_failure,
-    fault_injection_callbacks,
+    OptionError,
+    one_line,
 )
-from lavit.training.logging import WandbOptions, default_loggers
+from lavit.runtime import tune_cpu_runtime
+from lavit.training.callbacks import AttentionMaps, RunMetadata
+from lavit.training.checkpoint_io import AtomicCheckpointIO
+from lavit.training.checkpointing import (
+    PreemptionCheckpoint,
+    RunCheckpoint,
+    check_checkpoint,
+    checkpoint_file,
+    resolve_best_checkpoint,
+)
+from lavit.training.data import ImageDataModule
+from lavit.training.distributed import DDPOptions, StopOtherRanks, ddp_strategy, distributed_failure
+from lavit.training.guards import NonFiniteGuard
+from lavit.training.logging import WandbOptions, default_loggers, sweep_run_dir
 from lavit.training.module import LaViTModule
+from lavit.training.options import describe_parse_error, plain
 from lavit.training.pretrained import apply_pretrained_data_config
 from lavit.training.saturation_callback import AttentionSaturation
+from lavit.training.secrets import secret_in_arguments
 
-__all__ = ["TOOL_COMMANDS", "ConfigError", "DataError", "LaViTCLI", "main", "sweep_run_dir"]
+__all__ = ["TOOL_COMMANDS", "LaViTCLI", "main"]
 
 # `lavit <tool> ...` → module:function(argv_after_the_tool_name), imported only when asked for.
 TOOL_COMMANDS = {
     "bench": "lavit.tools.bench:main",
-    "analyze": "lavit.tools.saturation:main",
+    "analyze": "lavit.tools.analyze:main",
     "sweep": "lavit.tools.sweep:main",
     "report": "lavit.tools.report:main",
     "export": "lavit.tools.export:main",
 }
 DEFAULT_RUN_DIR = "runs/default"
-
-
-class ConfigError(Exception):
-    """A configuration value rejected when the model, data or trainer is built."""
-
-
-class DataError(ConfigError):
-    """The data cannot be loaded as configured (the message may list files, one per line)."""
-
-
-def sweep_run_dir(run_dir: str) -> str:
-    """``<run_dir>/<sweep id>/<run id>`` under a ``wandb agent`` (both ids in the environment).
-
-    Every run of a sweep gets the same ``--trainer.default_root_dir``; without this they would
-    overwrite each other's ``last.ckpt`` and logs.
-    """
-    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
-    if not (sweep_id and run_id):
-        return run_dir
-    parts = [re.sub(r"[^\w.-]", "_", part).strip(".") or "_" for part in (sweep_id, run_id)]
-    if list(Path(run_dir).parts[-2:]) == parts:  # already this run's directory
-        return run_dir
-    return os.path.join(run_dir, *parts)
+# Options the CLI derives from others (the links below): naming them is an error.
+LINKED_OPTIONS = {
+    "model.img_size": "it is set from --data.img_size; set that instead",
+    "model.num_classes": "it is set from the data (its number of classes)",
+    "checkpoint.dirpath": "it is <--trainer.default_root_dir>/checkpoints; set the run directory",
+}
 
 
 class LaViTCLI(LightningCLI):
@@ -102,17 +86,11 @@ class LaViTCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # the module owns its optimizer
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # main() prints one line
-        # Always on: save last.ckpt on SIGTERM, stop the other DDP ranks when this one fails;
-        # test-only faults when LAVIT_FAULT_INJECT is set.
+        # Always on: save last.ckpt on SIGTERM, stop the other DDP ranks when this one fails.
         defaults = dict(kwargs.pop("trainer_defaults", None) or {})
         callbacks = defaults.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-        defaults["callbacks"] = [
-            *callbacks,
-            PreemptionCheckpoint(),
-            StopOtherRanks(),
-            *fault_injection_callbacks(),
-        ]
+        defaults["callbacks"] = [*callbacks, PreemptionCheckpoint(), StopOtherRanks()]
         kwargs["trainer_defaults"] = defaults
         super().__init__(LaViTModule, ImageDataModule, args=args, run=run, **kwargs)
 
@@ -147,15 +125,16 @@ class LaViTCLI(LightningCLI):
         parser.link_arguments("data.img_size", "model.img_size")
 
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(str(self.subcommand), self.config)
+        config = self._subcommand_config()
         run_dir = config.trainer.default_root_dir or DEFAULT_RUN_DIR
         if sweep_run_dir(run_dir) != run_dir:  # under `wandb agent`: one directory per run
             config.trainer.default_root_dir = sweep_run_dir(run_dir)
             config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir, "checkpoints")
-        try:
-            check_config(config)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        # The range-checked values as builtins: they end up in checkpoints (read weights-only).
+        for group in ("model", "data", "nonfinite", "saturation", "ddp"):
+            if config.get(group) is not None:
+                for key, value in vars(config[group]).items():
+                    config[group][key] = plain(value)
         apply_pretrained_data_config(config)  # data defaults follow pretrained weights' config
 
     def _parse_ckpt_path(self) -> None:
@@ -170,11 +149,13 @@ class LaViTCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+        except OptionError as err:  # the constructor names the argument, not its group
+            raise ConfigError(f"--{self._option_group(err.option, err.value)}{err}") from None
         except (ValueError, TypeError, OSError) as err:  # a bad value found by a constructor
             raise ConfigError(str(err)) from err
         for callback in self.trainer.callbacks:
             if isinstance(callback, RunMetadata):
-                callback.config = self._config_dict()
+                callback.config = _as_plain(self._subcommand_config())
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})
@@ -194,10 +175,9 @@ class LaViTCLI(LightningCLI):
         if ddp is not None:  # a DDP strategy by name: with the --ddp.timeout on collectives
             kwargs["strategy"] = ddp
         if config.get("logger") in (None, True):  # not chosen in the config: CSV + W&B
-            subcommand_config = self.config.get(str(self.subcommand), self.config)
             # Evaluating a run, or resuming its fit, continues the run's W&B run.
             resume = self.subcommand in ("validate", "test", "predict") or bool(
-                subcommand_config.get("ckpt_path")
+                self._subcommand_config().get("ckpt_path")
             )
             kwargs["logger"] = default_loggers(
                 config.get("default_root_dir") or DEFAULT_RUN_DIR,
@@ -211,10 +191,8 @@ class LaViTCLI(LightningCLI):
         self._check_data()
         self._check_checkpoint()
 
-    # `--ckpt_path best` in a new process: Lightning only knows the best checkpoint of a fit
-    # that ran in the same process, so look it up in the run's checkpoint folder.
     def _before_evaluation(self) -> None:
-        self._resolve_best_checkpoint()
+        resolve_best_checkpoint(self.config_init[self.subcommand], self.trainer.checkpoint_callback)
         self._check_data()
         self._check_checkpoint()
 
@@ -232,69 +210,48 @@ class LaViTCLI(LightningCLI):
         except (ValueError, OSError) as err:
             raise DataError(str(err)) from None
 
-    def _checkpoint_file(self) -> str | None:
-        """The file ``--ckpt_path`` designates (``last`` resolved as Lightning does), or ``None``."""
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        callback = self.trainer.checkpoint_callback
-        if ckpt_path is None or ckpt_path in ("hpc",) or "://" in str(ckpt_path):
-            return None
-        if ckpt_path == "best":  # not resolved by _resolve_best_checkpoint: there is none
-            folder = getattr(callback, "dirpath", None)
-            raise ConfigError(f"--ckpt_path best: no best-*.ckpt checkpoint in {folder}")
-        if ckpt_path == "last":
-            folder = Path(getattr(callback, "dirpath", None) or "")
-            last = [p for p in folder.glob("last*.ckpt") if re.match(r"last(-v\d+)?$", p.stem)]
-            return str(max(last, key=os.path.getmtime)) if last else None  # none: a fresh start
-        return str(ckpt_path)
-
     def _check_checkpoint(self) -> None:
-        """A one-line error for a checkpoint that cannot be loaded or does not fit the model."""
-        path = self._checkpoint_file()
-        if path is None:
-            return
-        try:
-            checkpoint = load_checkpoint_file(path, mmap=True)  # weights-only; cheap to inspect
-        except CheckpointError as err:
-            raise ConfigError(f"--ckpt_path: {err}") from None
-        if self.subcommand == "fit" and "optimizer_states" not in checkpoint:
-            raise ConfigError(
-                f"--ckpt_path: {path}: holds weights only (no optimizer or loop state), so it "
-                "cannot resume a fit"
-            )
-        problem = state_dict_mismatch(self.model.state_dict(), checkpoint["state_dict"])
-        if problem:
-            trained = (checkpoint.get("hyper_parameters") or {}).get("arch")
-            arch = getattr(self.model.hparams, "arch", None)
-            origin = f" (trained as arch={trained!r}, this run builds arch={arch!r})"
-            raise ConfigError(
-                f"--ckpt_path: {path} does not fit this run's model{origin if trained else ''}: "
-                f"{problem}; pass the config it was trained with (--config <run dir>/"
-                "version_0/config.yaml)"
-            )
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        path = checkpoint_file(ckpt_path, self.trainer.checkpoint_callback)
+        check_checkpoint(path, self.model, fitting=self.subcommand == "fit")
 
-    def _resolve_best_checkpoint(self) -> None:
-        config = self.config_init[self.subcommand]
-        callback = self.trainer.checkpoint_callback
-        if config.get("ckpt_path") != "best" or callback is None or callback.best_model_path:
-            return
-        best = sorted(Path(callback.dirpath or "").glob("best-*.ckpt"), key=os.path.getmtime)
-        if best:
-            config["ckpt_path"] = str(best[-1])
+    def _subcommand_config(self):
+        return self.config.get(str(self.subcommand), self.config)
 
-    def _config_dict(self) -> dict:
-        return _as_plain(self.config.get(str(self.subcommand), self.config))
+    def _option_group(self, option: str, value: object) -> str:
+        """``"data."`` if the data group holds ``option`` with ``value`` (likewise the others)."""
+        config = self._subcommand_config()
+        for group in ("model", "data"):
+            section = config.get(group)
+            if section is not None and option in section and section[option] == value:
+                return f"{group}."
+        return ""
 
 
 def _as_plain(namespace) -> dict:
     """A jsonargparse Namespace as plain dicts/lists (for loggers and JSON)."""
-    plain = namespace.clone().as_dict()
-    plain.pop("config", None)  # the config file paths themselves
-    return plain
+    config = namespace.clone().as_dict()
+    config.pop("config", None)  # the config file paths themselves
+    return config
+
+
+def linked_option_in_arguments(args: Sequence[str]) -> str | None:
+    """A one-line error if an option the CLI derives from another one is given."""
+    for arg in args:
+        option = arg.partition("=")[0]
+        if option.startswith("--") and option[2:] in LINKED_OPTIONS:
+            return f"{option}: cannot be given: {LINKED_OPTIONS[option[2:]]}"
+    return None
 
 
 def _call_tool(name: str, argv: list[str]) -> int | None:
     module_name, function = TOOL_COMMANDS[name].split(":")
     return getattr(importlib.import_module(module_name), function)(argv)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -305,8 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Before parsing: jsonargparse would echo a token back in its error message.
     problem = secret_in_arguments(args) or linked_option_in_arguments(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+        _fail(problem, EXIT_CONFIG_ERROR)
     # TF32 matmuls on Ampere+ GPUs (no effect on CPU): ~free speed for fp32 parts under AMP.
     torch.set_float32_matmul_precision("high")
     tune_cpu_runtime()  # reuse freed memory, flush denormals (LAVIT_CPU_TUNING=0: off)
@@ -315,48 +271,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SIGTERMException:  # pre-empted: PreemptionCheckpoint saved last.ckpt
         sys.exit(EXIT_PREEMPTED)
     except ArgumentError as err:
-        print(f"error: {describe_parse_error(str(err))}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+        _fail(describe_parse_error(str(err), args), EXIT_CONFIG_ERROR)
     except DataError as err:  # may list bad files, one per line
-        print(f"error: {str(err).strip()}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+        _fail(str(err).strip(), EXIT_CONFIG_ERROR)
     except (ConfigError, CheckpointError) as err:
-        print(f"error: {_one_line(str(err))}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+        _fail(one_line(str(err)), EXIT_CONFIG_ERROR)
     except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_DIVERGED)
+        _fail(str(err), EXIT_DIVERGED)
     except RuntimeError as err:
         failure = distributed_failure(err)  # a traceback into the collective would tell nothing
         if failure is None:
             raise
-        print(f"error: {failure}", file=sys.stderr)
-        sys.exit(1)
-
-
-def describe_parse_error(message: str) -> str:
-    """jsonargparse's multi-line type error as one line: option, given value, expected type."""
-    match = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
-    if match is None:
-        return _one_line(message)
-    key, detail = match.groups()
-    expected = [
-        _readable_type(t)
-        for t in re.findall(r"Expected a (.+?)(?:\. Got value: .*)?$", detail, re.M)
-        if "NoneType" not in t
-    ]
-    given = re.search(r"(?:Given|Got) value: (.*)$", detail, re.M)
-    if not expected or given is None:
-        return f"--{key}: {_one_line(detail)}"
-    return f"--{key}: invalid value {given.group(1)} (expected {' or '.join(expected)})"
-
-
-def _readable_type(text: str) -> str:
-    text = re.sub(r"<class '([\w.]+)'>", r"\1", text).replace("typing.", "")
-    literal = re.fullmatch(r"Literal\[(.*)\]", text)
-    return f"one of {literal.group(1)}" if literal else text
-
-
-def _one_line(message: str) -> str:
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    return " ".join(lines[:3]) if lines else "invalid configuration"
+        _fail(failure, EXIT_FAILURE)

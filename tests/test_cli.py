@@ -11,15 +11,15 @@ from conftest import REPO
 from lightning.pytorch.loggers import CSVLogger
 
 from lavit import cli
-from lavit.cli import LaViTCLI, describe_parse_error, main
+from lavit.cli import LaViTCLI, main
 from lavit.models.lavit import LABlock
-from lavit.training.callbacks import redact_secrets
 from lavit.training.logging import (
     FallbackWandbLogger,
     WandbOptions,
     default_loggers,
     resolve_wandb_mode,
 )
+from lavit.training.secrets import redact_secrets
 
 FAST_DATA = ["--data.img_size=32", "--data.num_workers=0", "--data.batch_size=8"]
 
@@ -157,17 +157,6 @@ def test_a_bad_value_exits_with_one_line(tmp_path, capsys, argument, expected):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and expected in err[-1], err
     assert not any("Traceback" in line for line in err)
-
-
-def test_parse_errors_are_summarised():
-    message = (
-        'Parser key "model.attn_state":\n  Does not validate against any of the Union subtypes\n'
-        "  Errors:\n    - Expected a typing.Literal['scores', 'probs']\n"
-        "    - Expected a <class 'NoneType'>\n  Given value type: <class 'str'>\n  Given value: x"
-    )
-    assert describe_parse_error(message) == (
-        "--model.attn_state: invalid value x (expected one of 'scores', 'probs')"
-    )
 
 
 def test_tools_are_dispatched_with_their_arguments(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lavit.training import data as data_module
+from lavit.training import sources
 from lavit.training.data import ImageDataModule, guess_source_type
 
 # Small, fast settings: 32x32 inputs, no resize margin, the default augmentation recipe.
@@ -423,7 +423,7 @@ def test_carved_validation_is_disjoint_stratified_and_deterministic(cache_dir):
 
     labels = np.asarray(
         datasets.Dataset.from_parquet(
-            str(data_module.embedded_dataset_dir() / "train.parquet"), cache_dir=cache_dir
+            str(sources.embedded_dataset_dir() / "train.parquet"), cache_dir=cache_dir
         )["label"]
     )
     assert np.bincount(labels[val_ids]).tolist() == [40] * 10

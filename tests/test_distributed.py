@@ -150,7 +150,7 @@ def test_a_failing_rank_ends_the_whole_ddp_job_in_bounded_time(
     ]
     started = time.monotonic()
     result = subprocess.run(  # capture_output: waits until every process holding the pipes ends
-        [sys.executable, "-m", "lavit", *args],
+        [sys.executable, "-m", "lavit.testing", *args],
         cwd=REPO,
         env=run_env(tmp_path, LAVIT_FAULT_INJECT=fault),
         capture_output=True,

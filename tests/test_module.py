@@ -10,7 +10,7 @@ from conftest import SMALL_DATA, TINY_LAVIT
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lavit.training.data import ImageDataModule
-from lavit.training.module import LaViTModule, build_model, warmup_cosine
+from lavit.training.module import LaViTModule, warmup_cosine
 
 
 @pytest.fixture(autouse=True)
@@ -185,10 +185,3 @@ def test_optimizer_groups_lr_scaling_and_schedule():
     assert factors[2] == pytest.approx(1.0)
     assert factors[3] == pytest.approx(warmup_cosine(60, 20, 100, 0, 1e-5 / peak))
     assert factors[4] == pytest.approx(1e-5 / peak)
-
-
-def test_model_kwargs_errors_are_value_errors():
-    with pytest.raises(ValueError, match="not a timm model"):
-        build_model("no_such_model", 10)
-    with pytest.raises(ValueError, match="model_kwargs"):
-        build_model("lavit_cifar", 10, model_kwargs={"no_such_argument": 1})

@@ -26,15 +26,16 @@ import torch
 from conftest import REPO, TINY_LAVIT
 
 from lavit.cli import LaViTCLI, main
-from lavit.training.checkpoint_io import (
-    AtomicCheckpointIO,
+from lavit.errors import (
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
     CheckpointError,
     NonFiniteCheckpointError,
-    load_checkpoint_file,
-    partial_path,
 )
+from lavit.testing.faults import InjectedFault
+from lavit.testing.faults import main as main_with_faults
+from lavit.training.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file, partial_path
 from lavit.training.data import ImageDataModule
-from lavit.training.faults import EXIT_DIVERGED, EXIT_PREEMPTED, InjectedFault
 from lavit.training.module import LaViTModule
 
 TINY_MODEL = f"--model.model_kwargs={json.dumps(TINY_LAVIT)}"
@@ -107,11 +108,12 @@ def run_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 class LiveRun:
-    """``python -m lavit ...`` in a subprocess whose output is read line by line as it comes."""
+    """``python -m <module> ...`` (``lavit``, or ``lavit.testing`` to inject faults) in a
+    subprocess whose output is read line by line as it comes."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], module: str = "lavit") -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "lavit", *args],
+            [sys.executable, "-m", module, *args],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -207,7 +209,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_last_loadable_and_resume_contin
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     slow = run_env(tmp_path, LAVIT_FAULT_INJECT="slow_checkpoint:seconds=2")
-    run = LiveRun(fit_args(run_dir, "--trainer.max_epochs=4"), slow)
+    run = LiveRun(fit_args(run_dir, "--trainer.max_epochs=4"), slow, module="lavit.testing")
     run.wait_for(r"lavit-fault: writing .*last\.ckpt", count=2)  # epoch 1's last.ckpt
     time.sleep(0.4)  # a fifth of the way through the write
     run.process.send_signal(signal.SIGKILL)
@@ -272,7 +274,7 @@ def test_a_crash_resumes_from_the_last_epoch_even_without_improvement(tmp_path, 
     """
     monkeypatch.setenv("LAVIT_FAULT_INJECT", "crash:step=9")
     with pytest.raises(InjectedFault, match="global step 9"):
-        main(fit_args(tmp_path, "--trainer.max_epochs=3", "--model.lr=1e-9"))
+        main_with_faults(fit_args(tmp_path, "--trainer.max_epochs=3", "--model.lr=1e-9"))
     assert load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 8
     best = list((tmp_path / "checkpoints").glob("best-*.ckpt"))
     assert [load_checkpoint_file(p)["global_step"] for p in best] == [4]
@@ -318,7 +320,7 @@ def test_a_nan_loss_stops_training_naming_the_step_and_the_last_good_checkpoint(
     """
     monkeypatch.setenv("LAVIT_FAULT_INJECT", "nan_loss:step=6")
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(tmp_path, "--trainer.max_epochs=3"))
+        main_with_faults(fit_args(tmp_path, "--trainer.max_epochs=3"))
     assert exit_info.value.code == EXIT_DIVERGED
     last = tmp_path / "checkpoints" / "last.ckpt"
     line = error_line(capsys)
@@ -335,7 +337,7 @@ def test_the_skip_policy_drops_a_nan_batch_counts_and_logs_it(tmp_path, monkeypa
     is in the checkpoint; every weight stays finite
     """
     monkeypatch.setenv("LAVIT_FAULT_INJECT", "nan_loss:step=2")
-    main(fit_args(tmp_path, "--trainer.max_epochs=2", "--nonfinite.policy=skip"))
+    main_with_faults(fit_args(tmp_path, "--trainer.max_epochs=2", "--nonfinite.policy=skip"))
     checkpoint = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 8 and all_finite(checkpoint)
     assert checkpoint["callbacks"]["NonFiniteGuard"] == {"skipped": 1}

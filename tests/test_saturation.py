@@ -1,4 +1,4 @@
-"""``lavit analyze`` and the saturation callback: the measurement, its outputs, the CLI."""
+"""Attention saturation (``lavit.analysis.saturation``), ``lavit analyze`` and the training callback."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from small_lavit import SMALL
 from torch.utils.data import DataLoader, TensorDataset
 
+from lavit.analysis.saturation import attention_maps, saturation_table
 from lavit.models import LaViT, LessAttention
-from lavit.tools.saturation import attention_maps, main, saturation_table
+from lavit.tools.analyze import main
 from lavit.training.saturation_callback import AttentionSaturation
 
 

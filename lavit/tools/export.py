@@ -22,11 +22,9 @@ compared with the checkpoint's. Loading it (``import lavit`` registers the LaViT
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,9 @@ import timm
 import torch
 from torch import nn
 
-from lavit.training.checkpoint_io import CheckpointError, load_checkpoint_file
+from lavit.errors import CheckpointError
+from lavit.tools._cli import fail, tool_parser
+from lavit.training.checkpoint_io import load_checkpoint_file
 
 __all__ = [
     "ExportError",
@@ -227,11 +227,14 @@ def export_checkpoint(
     return out
 
 
+PROG = "lavit export"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``lavit export``: see the module docstring."""
-    parser = argparse.ArgumentParser(
-        prog="lavit export",
-        description="Export a run's checkpoint as model.safetensors + config.json that timm "
+    parser = tool_parser(
+        PROG,
+        "Export a run's checkpoint as model.safetensors + config.json that timm "
         "loads: timm.create_model('local-dir:FOLDER', pretrained=True), or 'hf-hub:REPO' once "
         "pushed.",
     )
@@ -257,13 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ckpt = find_checkpoint(args.checkpoint)
         except ExportError as err:
-            print(f"lavit export: error: {err}", file=sys.stderr)
-            return 2
+            return fail(PROG, str(err))
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
         out = run_dir / DEFAULT_EXPORT_DIR
     try:
         export_checkpoint(args.checkpoint, out, not args.no_ema, args.push_to_hub, args.private)
     except ExportError as err:
-        print(f"lavit export: error: {err}", file=sys.stderr)
-        return 2
+        return fail(PROG, str(err))
     return 0

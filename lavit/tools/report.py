@@ -8,7 +8,7 @@ One row per setting (the swept parameters except the seed): parameters, MACs, to
 mean ± sample std over the seeds (the best epoch's ``val/top1`` of each run by default, or the
 last epoch's with ``--top1 final``), the number of seeds that finished, and inference throughput.
 Params and MACs come from each run's ``run_info.json`` (written by the training run). Throughput
-comes from the run when it logged one, else it is measured with ``lavit.tools.bench`` on this
+comes from the run when it logged one, else it is measured with ``lavit.tools.timing`` on this
 machine (batch ``--bench-batch``, CPU or the first GPU) unless ``--no-bench``; otherwise ``n/a``.
 
 Writes ``ablation.md``, ``ablation.csv`` and ``ablation.png`` (bars with ± std error bars) in
@@ -18,20 +18,24 @@ Writes ``ablation.md``, ``ablation.csv`` and ``ablation.png`` (bars with ± std 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import socket
 import statistics
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lavit.errors import EXIT_FAILURE
+from lavit.models.factory import LAVIT_SWITCHES, create_model
+from lavit.tables import markdown_table, write_csv
+from lavit.tools._cli import fail, positive_int, tool_parser
 from lavit.tools.sweep import STATE_FILE, load_state, read_metric_history, run_values
+from lavit.tools.timing import inference_task, synchronizer, time_interleaved
+from lavit.training.logging import explicit_wandb_mode
 
 __all__ = ["RunResult", "SettingRow", "collect_local", "collect_wandb", "main", "summarise_runs"]
 
@@ -140,10 +144,10 @@ def collect_local(sweep_dir: Path, metric: str | None = None) -> tuple[list[RunR
 
 def check_wandb_reachable(timeout: float = 5.0) -> None:
     """Fail fast, with a clear message, when the W&B API cannot be used from here."""
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_DISABLED"):
+    mode = explicit_wandb_mode()
+    if mode in ("offline", "disabled"):
         raise SystemExit(
-            f"--wandb-sweep needs the W&B API, but WANDB_MODE={mode or 'disabled'}: unset it, or "
+            f"--wandb-sweep needs the W&B API, but WANDB_MODE={mode}: unset it, or "
             "report a local sweep instead (`lavit report <sweep dir>` of a `lavit sweep` run)"
         )
     url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
@@ -304,30 +308,26 @@ def table_rows(parameters: list[str], rows: list[SettingRow], top1: str) -> list
 
 
 def markdown(table: list[dict[str, str]]) -> str:
-    if not table:
-        return "(no runs)\n"
-    columns = list(table[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in table]
-    return "\n".join(lines) + "\n"
+    """The table as Markdown (``(no runs)`` when empty)."""
+    return (markdown_table(table) if table else "(no runs)") + "\n"
 
 
-def write_csv(path: Path, parameters: list[str], rows: list[SettingRow], top1: str) -> None:
-    """Raw numbers (top-1 in percent), one line per setting."""
-    with open(path, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(
-            [_short(n) for n in parameters]
-            + ["params", "macs", f"top1_{top1}_mean", f"top1_{top1}_std", "seeds", "failed"]
-            + ["throughput_img_s", "top1_per_seed"]
-        )
-        for row in rows:
-            writer.writerow(
-                [_format_value(row.values[n]) for n in parameters]
-                + [row.params, row.macs, row.mean, row.std, len(row.top1)]
-                + [sum(r.state == "failed" for r in row.runs), row.throughput]
-                + [" ".join(f"{v:.4f}" for v in row.top1)]
-            )
+def csv_rows(parameters: list[str], rows: list[SettingRow], top1: str) -> list[dict[str, Any]]:
+    """Raw numbers (top-1 in percent), one row per setting, for the CSV file."""
+    return [
+        {
+            **{_short(n): _format_value(row.values[n]) for n in parameters},
+            "params": row.params,
+            "macs": row.macs,
+            f"top1_{top1}_mean": row.mean,
+            f"top1_{top1}_std": row.std,
+            "seeds": len(row.top1),
+            "failed": sum(r.state == "failed" for r in row.runs),
+            "throughput_img_s": row.throughput,
+            "top1_per_seed": " ".join(f"{v:.4f}" for v in row.top1),
+        }
+        for row in rows
+    ]
 
 
 def plot(path: Path, parameters: list[str], rows: list[SettingRow], top1: str, title: str) -> None:
@@ -367,39 +367,34 @@ def plot(path: Path, parameters: list[str], rows: list[SettingRow], top1: str, t
 
 
 def bench_throughput(batch_size: int = 64, warmup: int = 2, iters: int = 10) -> Any:
-    """A measurer ``(model configs) -> images/s each`` built on ``lavit.tools.bench``, or ``None``.
+    """A measurer ``(model configs) -> images/s each``, with ``lavit bench``'s harness.
 
-    The models are timed round-robin (``bench.time_interleaved``), so that load from other
+    The models are timed round-robin (``time_interleaved``), so that load from other
     processes hits every row alike; inference, fp32, CPU or the first GPU.
     """
-    try:
-        from lavit.tools import bench
-    except ImportError:  # the bench tool is optional for the report
-        return None
     import torch
 
-    from lavit.training.module import LAVIT_SWITCHES, build_model
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def measure(model_configs: list[dict[str, Any]]) -> list[float | None]:
         tasks = {}
         for index, config in enumerate(model_configs):
             if not config.get("arch"):
                 continue
-            model = build_model(
+            model = create_model(
                 config["arch"],
                 config.get("num_classes") or 1000,
                 config.get("img_size"),
+                drop_rate=0.0,
+                drop_path_rate=0.0,
                 switches={name: config.get(name) for name in LAVIT_SWITCHES},
                 model_kwargs=config.get("model_kwargs"),
             ).to(device)
             model.eval()
             size = getattr(model, "img_size", None) or (224, 224)
             x = torch.randn(batch_size, 3, *size, device=device)
-            tasks[index] = bench.inference_task(model, x, device, "fp32")
-        times = bench.time_interleaved(tasks, warmup, iters, sync) if tasks else {}
+            tasks[index] = inference_task(model, x, device, "fp32")
+        times = time_interleaved(tasks, warmup, iters, synchronizer(device)) if tasks else {}
         return [
             batch_size / statistics.median(times[i]) if i in times else None
             for i in range(len(model_configs))
@@ -411,10 +406,12 @@ def bench_throughput(batch_size: int = 64, warmup: int = 2, iters: int = 10) -> 
 # ------------------------------------------------------------------------------------------- main
 
 
+PROG = "lavit report"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lavit report",
-        description="The ablation table of a sweep: one row per setting, mean ± std over seeds.",
+    parser = tool_parser(
+        PROG, "The ablation table of a sweep: one row per setting, mean ± std over seeds."
     )
     parser.add_argument(
         "sweep_dir", nargs="?", type=Path, help="the --sweep-dir of a `lavit sweep` run"
@@ -440,7 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not measure inference throughput when the runs did not log it",
     )
     parser.add_argument(
-        "--bench-batch", type=int, default=64, help="batch size of the throughput measurement"
+        "--bench-batch",
+        type=positive_int,
+        default=64,
+        help="batch size of the throughput measurement",
     )
     return parser
 
@@ -461,11 +461,9 @@ def main(argv: list[str]) -> int:
             title = load_state(args.sweep_dir).sweep_config.get("name") or args.sweep_dir.name
             out = args.out or args.sweep_dir / "report"
     except FileNotFoundError as err:
-        print(f"lavit report: error: {err}", file=sys.stderr)
-        return 2
+        return fail(PROG, str(err))
     if not results:
-        print("lavit report: error: the sweep has no runs yet", file=sys.stderr)
-        return 1
+        return fail(PROG, "the sweep has no runs yet", EXIT_FAILURE)
     bench = None if args.no_bench else bench_throughput(args.bench_batch)
     parameters, rows = summarise_runs(results, args.top1, bench)
     table = table_rows(parameters, rows, args.top1)
@@ -478,7 +476,7 @@ def main(argv: list[str]) -> int:
         + "."
     )
     (out / "ablation.md").write_text(f"## {title}\n\n{text}\n{note}\n", encoding="utf-8")
-    write_csv(out / "ablation.csv", parameters, rows, args.top1)
+    write_csv(out / "ablation.csv", csv_rows(parameters, rows, args.top1))
     plot(out / "ablation.png", parameters, rows, args.top1, f"{title}: {metric}")
     print(text + "\n" + note)
     print(f"\nwrote {out / 'ablation.md'}, {out / 'ablation.csv'}, {out / 'ablation.png'}")

@@ -45,6 +45,9 @@ from typing import Any
 
 import yaml
 
+from lavit.errors import EXIT_INTERRUPTED
+from lavit.tools._cli import fail, positive_int, tool_parser
+
 __all__ = [
     "RunRecord",
     "SweepEngineError",
@@ -663,16 +666,18 @@ def _raise_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+PROG = "lavit sweep"
+
+
 def main(argv: list[str]) -> int:
     """``lavit sweep``: run a W&B sweep file offline (see the module docstring)."""
-    parser = argparse.ArgumentParser(
-        prog="lavit sweep",
-        description="Run a W&B sweep file locally, with W&B's sweep engine choosing the runs.",
+    parser = tool_parser(
+        PROG, "Run a W&B sweep file locally, with W&B's sweep engine choosing the runs."
     )
     parser.add_argument("sweep_file", type=Path, help="a sweep file, e.g. sweeps/va_layers.yaml")
     parser.add_argument(
         "--count",
-        type=int,
+        type=positive_int,
         default=None,
         help="start at most N runs in this invocation (default: until a grid is done)",
     )
@@ -711,8 +716,6 @@ def main(argv: list[str]) -> int:
         "--retry-failed", action="store_true", help="on resume, run failed runs again"
     )
     args = parser.parse_args(argv)
-    if args.count is not None and args.count < 1:
-        parser.error("--count must be ≥ 1")
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         state = run_sweep(
@@ -726,10 +729,9 @@ def main(argv: list[str]) -> int:
         )
     except KeyboardInterrupt:
         print("[sweep] interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except (ValueError, OSError, SweepEngineError) as err:
-        print(f"lavit sweep: error: {err}", file=sys.stderr)
-        return 2
+        return fail(PROG, str(err))
     counts = {s: sum(r.state == s for r in state.runs) for s in ("finished", "failed", "pending")}
     stopped = sum(r.state == STOPPED for r in state.runs)
     sweep_dir = args.sweep_dir or DEFAULT_SWEEP_ROOT / args.sweep_file.stem

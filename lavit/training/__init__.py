@@ -1,0 +1,1 @@
+"""Lightning pieces for image classification: the module, the data, callbacks, checkpoints, loggers."""

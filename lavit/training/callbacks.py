@@ -20,31 +20,28 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
+from lavit.analysis.flops import count_macs
 from lavit.runtime import cpu_tuning_state
+from lavit.training.secrets import redact_secrets
 
 __all__ = [
     "AttentionMaps",
-    "RunCheckpoint",
     "RunMetadata",
-    "count_macs",
     "git_info",
     "model_input_shape",
     "package_versions",
-    "redact_secrets",
+    "run_file_dir",
 ]
 
 PACKAGES = (
     "lavit", "torch", "torchvision", "lightning", "timm", "torchmetrics", "datasets", "wandb",
     "jsonargparse", "numpy",
 )  # fmt: skip
-SECRET_MARKERS = ("token", "api_key", "apikey", "password", "secret")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -75,20 +72,6 @@ def git_info() -> dict[str, Any] | None:
         return None
 
 
-def redact_secrets(value: Any) -> Any:
-    """A copy of a nested config with every token/key/password-like entry replaced."""
-    if isinstance(value, dict):
-        return {
-            k: "<redacted>"
-            if any(m in str(k).lower() for m in SECRET_MARKERS) and v is not None
-            else redact_secrets(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [redact_secrets(v) for v in value]
-    return value
-
-
 def model_input_shape(model: nn.Module, datamodule: Any = None) -> tuple[int, int, int]:
     """(C, H, W) the model is trained at: LaViT's img_size, else the data's, else timm's cfg."""
     cfg_shape = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
@@ -100,24 +83,6 @@ def model_input_shape(model: nn.Module, datamodule: Any = None) -> tuple[int, in
         size = cfg_shape[1:]
     size = (size, size) if isinstance(size, int) else tuple(size)
     return (int(channels), int(size[0]), int(size[1]))
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """Multiply-accumulates of one forward pass on one image (FLOPs / 2).
-
-    The math SDPA backend makes fused attention countable the same way on every device.
-    """
-    param = next(model.parameters())
-    x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops()) // 2
 
 
 def run_file_dir(trainer: L.Trainer) -> Path:
@@ -138,45 +103,6 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {
         k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) or v.numel() == 1
     }
-
-
-class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that saves nothing under ``fast_dev_run`` and keeps ``last`` current.
-
-    Lightning 2.6 still writes ``last.ckpt`` at the end of a ``fast_dev_run``, which a later
-    ``--ckpt_path last`` would then resume from. And with a monitored metric it refreshes
-    ``last.ckpt`` only when a top-k checkpoint is saved (the metric improved): a run that stops
-    improving would resume from its best epoch instead of its last one. Here ``last.ckpt``
-    follows every checkpointing epoch, and the end of training.
-    """
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.fast_dev_run:
-            return
-        super().on_train_end(trainer, pl_module)
-        # Stopped between checkpoints (max_steps, early stopping): last.ckpt is the final state.
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def _refresh_last(self, trainer: L.Trainer) -> None:
-        every = self._every_n_epochs
-        if (
-            self.save_last
-            and every >= 1
-            and (trainer.current_epoch + 1) % every == 0
-            and not self._should_skip_saving_checkpoint(trainer)  # also: saved at this step
-        ):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class RunMetadata(Callback):

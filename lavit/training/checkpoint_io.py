@@ -12,31 +12,29 @@
   tensors and plain values only, so a file that needs pickled code (a malicious ``__reduce__``) is
   refused before anything in it runs. Every failure is a :class:`CheckpointError` with a one-line
   message (missing, empty, truncated, not a checkpoint, pickled objects, not a Lightning one).
+
+Which checkpoint a run resumes from, and when ``last.ckpt`` is written, is
+:mod:`lavit.training.checkpointing`'s business.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
-import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lavit.training.faults import injected_fault
+from lavit.errors import CheckpointError, NonFiniteCheckpointError
 
 __all__ = [
     "AtomicCheckpointIO",
-    "CheckpointError",
-    "NonFiniteCheckpointError",
     "load_checkpoint_file",
     "nan_tensors",
     "partial_path",
@@ -44,14 +42,6 @@ __all__ = [
 ]
 
 LIGHTNING_KEYS = ("state_dict", "epoch", "global_step", "pytorch-lightning_version")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message is one line naming the file."""
-
-
-class NonFiniteCheckpointError(RuntimeError):
-    """A checkpoint whose weights hold NaN; it was not written."""
 
 
 def partial_path(path: _PATH) -> Path:
@@ -198,26 +188,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
     ) -> None:
-        if "://" in str(path):
-            bad = nan_tensors(checkpoint.get("state_dict", {}))
-            if bad:
-                raise NonFiniteCheckpointError(_nan_message(path, bad))
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
         bad = nan_tensors(checkpoint.get("state_dict", {}))
         if bad:
             raise NonFiniteCheckpointError(_nan_message(path, bad))
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = partial_path(target)
         try:
             with open(temporary, "wb") as file:
-                slow = injected_fault("slow_checkpoint")
-                if slow is None:
-                    torch.save(checkpoint, file)
-                else:
-                    _write_slowly(checkpoint, file, target, float(slow.get("seconds", 2.0)))
+                self.write(checkpoint, file, target)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, target)
@@ -225,6 +208,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             temporary.unlink(missing_ok=True)
             raise
         _fsync_dir(target.parent)
+
+    def write(self, checkpoint: dict[str, Any], file: BinaryIO, target: Path) -> None:
+        """Serialise ``checkpoint`` into ``file``, the open temporary file of ``target``."""
+        torch.save(checkpoint, file)
 
     def load_checkpoint(
         self,
@@ -243,19 +230,3 @@ def _nan_message(path: _PATH, keys: list[str]) -> str:
         f"(e.g. {keys[0]}); the checkpoint already on disk is kept"
     )
 
-
-def _write_slowly(checkpoint: dict[str, Any], file: Any, target: Path, seconds: float) -> None:
-    """Test-only (``LAVIT_FAULT_INJECT=slow_checkpoint``): a write that takes ``seconds``.
-
-    Announces itself on stderr, so that a test can kill the process in the middle of it.
-    """
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    data = buffer.getvalue()
-    print(f"lavit-fault: writing {target} slowly ({len(data)} bytes)", file=sys.stderr, flush=True)
-    chunks = 20
-    size = -(-len(data) // chunks)
-    for start in range(0, len(data), size):
-        file.write(data[start : start + size])
-        file.flush()
-        time.sleep(seconds / chunks)

@@ -5,13 +5,18 @@ W&B must never block a run: with no API key (``WANDB_API_KEY`` or an ``api.wandb
 an online start that fails or times out falls back to offline, and ``WANDB_MODE`` wins when set.
 
 A run directory keeps its W&B run id in ``<run_dir>/wandb_run_id``; a resumed run (``--ckpt_path``)
-continues that W&B run instead of starting a new one.
+continues that W&B run instead of starting a new one. Under ``wandb agent`` each run gets its own
+run directory (:func:`sweep_run_dir`).
+
+:func:`resolve_wandb_mode` is the one rule for every command that logs to W&B (``lavit fit``,
+``lavit bench --wandb``); :func:`explicit_wandb_mode` is its part that the environment decides.
 """
 
 from __future__ import annotations
 
 import netrc
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +31,10 @@ __all__ = [
     "FallbackWandbLogger",
     "WandbOptions",
     "default_loggers",
+    "explicit_wandb_mode",
     "has_wandb_credentials",
     "resolve_wandb_mode",
+    "sweep_run_dir",
 ]
 
 WandbMode = Literal["auto", "online", "offline", "disabled"]
@@ -70,16 +77,39 @@ def has_wandb_credentials() -> bool:
         return False
 
 
-def resolve_wandb_mode(mode: WandbMode = "auto") -> Literal["online", "offline", "disabled"]:
-    """The mode W&B will actually run in (see :class:`WandbOptions`)."""
-    if mode != "auto":
-        return mode
+def explicit_wandb_mode() -> Literal["online", "offline", "disabled"] | None:
+    """The mode the environment asks for (``WANDB_DISABLED``, ``WANDB_MODE``), or ``None``."""
     if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
         return "disabled"
     env_mode = os.environ.get("WANDB_MODE", "").lower()
     if env_mode:
         return {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode)  # type: ignore[return-value]
+    return None
+
+
+def resolve_wandb_mode(mode: WandbMode = "auto") -> Literal["online", "offline", "disabled"]:
+    """The mode W&B will actually run in (see :class:`WandbOptions`)."""
+    if mode != "auto":
+        return mode
+    explicit = explicit_wandb_mode()
+    if explicit is not None:
+        return explicit
     return "online" if has_wandb_credentials() else "offline"
+
+
+def sweep_run_dir(run_dir: str) -> str:
+    """``<run_dir>/<sweep id>/<run id>`` under a ``wandb agent`` (both ids in the environment).
+
+    Every run of a sweep gets the same ``--trainer.default_root_dir``; without this they would
+    overwrite each other's ``last.ckpt`` and logs.
+    """
+    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if not (sweep_id and run_id):
+        return run_dir
+    parts = [re.sub(r"[^\w.-]", "_", part).strip(".") or "_" for part in (sweep_id, run_id)]
+    if list(Path(run_dir).parts[-2:]) == parts:  # already this run's directory
+        return run_dir
+    return os.path.join(run_dir, *parts)
 
 
 class FallbackWandbLogger(WandbLogger):

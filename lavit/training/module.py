@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -29,74 +28,20 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lavit.models.attention import LessAttentionInit
+from lavit.models.factory import create_model, parse_model_name
 from lavit.models.lavit import AttnState, DPLossLayers
 from lavit.models.losses import DPLossVariant
+from lavit.training.options import (
+    NonNegativeFloat,
+    OpenUnitInterval,
+    PositiveFloat,
+    Probability,
+    UnitIntervalRightOpen,
+    check_arguments,
+)
 from lavit.training.pretrained import pretrained_kwargs
 
-__all__ = ["LAVIT_SWITCHES", "LaViTModule", "build_model", "is_lavit_arch", "warmup_cosine"]
-
-# Arguments that only a LaViT model understands (dp_loss_weight too, when it is not 0).
-LAVIT_SWITCHES = (
-    "num_va_layers",
-    "residual_attn_downsample",
-    "la_init",
-    "attn_state",
-    "dp_loss_variant",
-    "dp_loss_layers",
-)
-
-
-def is_lavit_arch(arch: str) -> bool:
-    """Whether ``arch`` names a registered LaViT variant (``lavit_tiny``, ``lavit_cifar.untrained``...)."""
-    return arch.split(".")[0] in timm.list_models("lavit_*")
-
-
-def build_model(
-    arch: str,
-    num_classes: int,
-    img_size: int | None = None,
-    drop_rate: float = 0.0,
-    drop_path_rate: float = 0.0,
-    switches: dict[str, Any] | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-) -> nn.Module:
-    """``timm.create_model(arch, ...)``; every mistake is a ``ValueError`` naming the argument.
-
-    ``switches`` are the LaViT switches (``None`` values mean "the variant's default");
-    ``model_kwargs`` go to the model unchanged (widths, depths, ...).
-    """
-    switches = {k: v for k, v in (switches or {}).items() if v is not None}
-    lavit = is_lavit_arch(arch)
-    if not lavit:
-        given = [k for k, v in switches.items() if k != "dp_loss_weight" or v != 0]
-        if given:
-            raise ValueError(
-                f"{', '.join(given)}: LaViT-only switch{'es' if len(given) > 1 else ''}, which "
-                f"arch={arch!r} does not have (LaViT archs are named lavit_*)"
-            )
-        switches = {}
-    if arch.split(".")[0] not in timm.list_models():
-        raise ValueError(
-            f"arch={arch!r} is not a timm model (e.g. lavit_cifar, lavit_tiny, pvt_v2_b1)"
-        )
-    kwargs = {
-        **(model_kwargs or {}),
-        **switches,
-        "num_classes": num_classes,
-        "drop_rate": drop_rate,
-        "drop_path_rate": drop_path_rate,
-    }
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    try:
-        return timm.create_model(arch, **kwargs)
-    except TypeError as err:
-        if not lavit and "img_size" in kwargs and "img_size" in str(err):
-            # Size-agnostic models (CNNs, PVTv2) take no img_size; the data decides the size.
-            kwargs.pop("img_size")
-            return build_model(arch, num_classes, None, drop_rate, drop_path_rate, None, kwargs)
-        raise ValueError(f"model_kwargs do not fit arch={arch!r}: {err}") from None
-
+__all__ = ["LaViTModule", "warmup_cosine"]
 
 def warmup_cosine(
     step: int, warmup_steps: int, total_steps: int, start_factor: float, end_factor: float
@@ -116,11 +61,12 @@ def _accuracy(num_classes: int, prefix: str, top5: bool = True) -> MetricCollect
 
 
 class LaViTModule(L.LightningModule):
-    """Image classification with a LaViT or a timm baseline (SPEC §5 recipe by default).
+    """Image classification with a LaViT or a timm baseline (the recipe of docs/spec.md §5).
 
     Args:
-        arch: timm model name: ``lavit_cifar``, ``lavit_tiny``, ``lavit_small``, ``lavit_base``,
-            or any timm classifier as a baseline (e.g. ``pvt_v2_b1``).
+        arch: a model name of :mod:`lavit.models.factory`: ``lavit_cifar``, ``lavit_tiny``,
+            ``lavit_small``, ``lavit_base`` (``/all-va`` for the all-VA twin), or any timm
+            classifier as a baseline (e.g. ``pvt_v2_b1``).
         num_classes: classifier outputs (linked from the data module by the CLI).
         img_size: input side; ``None``: the variant's default (linked from the data by the CLI).
         num_va_layers: LaViT: Vanilla Attention layers per stage (the rest are Less-Attention);
@@ -175,37 +121,34 @@ class LaViTModule(L.LightningModule):
         attn_state: AttnState | None = None,
         dp_loss_variant: DPLossVariant | None = None,
         dp_loss_layers: DPLossLayers | None = None,
-        dp_loss_weight: float = 0.0,
-        drop_path_rate: float = 0.1,
-        drop_rate: float = 0.0,
+        dp_loss_weight: NonNegativeFloat = 0.0,
+        drop_path_rate: UnitIntervalRightOpen = 0.1,
+        drop_rate: UnitIntervalRightOpen = 0.0,
         model_kwargs: dict[str, Any] | None = None,
         pretrained: bool = False,
         pretrained_file: str | None = None,
-        lr: float = 5e-4,
+        lr: PositiveFloat = 5e-4,
         scale_lr_by_batch: bool = True,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_epochs: float = 5.0,
-        warmup_lr: float = 1e-6,
-        min_lr: float = 1e-5,
-        label_smoothing: float = 0.1,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        mixup_prob: float = 1.0,
-        mixup_switch_prob: float = 0.5,
+        weight_decay: NonNegativeFloat = 0.05,
+        betas: tuple[UnitIntervalRightOpen, UnitIntervalRightOpen] = (0.9, 0.999),
+        eps: NonNegativeFloat = 1e-8,
+        warmup_epochs: NonNegativeFloat = 5.0,
+        warmup_lr: NonNegativeFloat = 1e-6,
+        min_lr: NonNegativeFloat = 1e-5,
+        label_smoothing: UnitIntervalRightOpen = 0.1,
+        mixup_alpha: NonNegativeFloat = 0.0,
+        cutmix_alpha: NonNegativeFloat = 0.0,
+        mixup_prob: Probability = 1.0,
+        mixup_switch_prob: Probability = 0.5,
         mixup_mode: Literal["batch", "pair", "elem"] = "batch",
-        ema_decay: float | None = None,
+        ema_decay: OpenUnitInterval | None = None,
         channels_last: bool = False,
         compile: bool = False,
         reseed_every_epoch: bool = True,
     ) -> None:
         super().__init__()
+        check_arguments(LaViTModule.__init__, locals())
         self.save_hyperparameters()
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         switches = dict(
             num_va_layers=num_va_layers,
             residual_attn_downsample=residual_attn_downsample,
@@ -216,7 +159,7 @@ class LaViTModule(L.LightningModule):
             dp_loss_weight=dp_loss_weight,
         )
         weights = pretrained_kwargs(arch, pretrained, pretrained_file)  # checked before building
-        self.model = build_model(
+        self.model = create_model(
             arch,
             num_classes,
             img_size,
@@ -225,7 +168,7 @@ class LaViTModule(L.LightningModule):
             switches,
             {**(model_kwargs or {}), **weights},
         )
-        self.is_lavit = is_lavit_arch(arch)
+        self.is_lavit = parse_model_name(arch).is_lavit
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
 

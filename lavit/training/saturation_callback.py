@@ -1,6 +1,6 @@
 """A Lightning callback that measures attention saturation when training ends.
 
-The same measurement as ``lavit analyze`` (``lavit.tools.saturation``): per stage, layer pair and
+The same measurement as ``lavit analyze`` (:mod:`lavit.analysis.saturation`): per stage, layer pair and
 head, the cosine similarity of attention maps over a few validation images. The table (CSV/JSON)
 and the plot (PNG) are written to ``<log dir>/saturation/``; with a ``WandbLogger`` they are also
 logged as a W&B table and image.
@@ -18,8 +18,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
-from lavit.tools.saturation import head_means, saturation_table, write_report
+from lavit.analysis.saturation import head_means, saturation_table, write_report
 from lavit.training.callbacks import run_file_dir
+from lavit.training.options import NonNegativeInt, PositiveInt, check_arguments
 
 __all__ = ["AttentionSaturation"]
 
@@ -35,14 +36,13 @@ class AttentionSaturation(Callback):
     """
 
     def __init__(
-        self, num_images: int = 32, batch_size: int = 16, dirname: str = "saturation"
+        self,
+        num_images: NonNegativeInt = 32,
+        batch_size: PositiveInt = 16,
+        dirname: str = "saturation",
     ) -> None:
         super().__init__()
-        if num_images < 0 or batch_size < 1:
-            raise ValueError(
-                f"saturation: num_images must be ≥ 0 (0 = off) and batch_size ≥ 1, "
-                f"got num_images={num_images}, batch_size={batch_size}"
-            )
+        check_arguments(AttentionSaturation.__init__, locals())
         self.num_images = num_images
         self.batch_size = batch_size
         self.dirname = dirname

@@ -1,52 +1,45 @@
-"""``lavit analyze``: attention saturation, how alike the attention maps of a stage's layers are.
+"""Attention saturation: how alike the attention maps of a stage's layers are.
 
 The paper's motivation: within a stage, later layers' attention maps look much like the earlier
 ones ("saturation"), so recomputing them is wasted work. For each stage this measures, per head and
 averaged over images, the cosine similarity of the flattened attention map (N×N') of
 
 * each layer and the layer before it (``consecutive``), and
-* each layer and the stage's first layer (``to_first``).
+* each layer and the stage's first layer (``to_first``),
 
-Models: a Lightning checkpoint (``*.ckpt`` of ``LaViTModule``), or a LaViT / timm model name
-(random weights; ``NAME/all-va`` for a LaViT without LA layers). LaViT maps come from
+and the same of the maps minus uniform attention (``centred_similarity``), which separates real
+reuse from the near-uniform maps of an untrained model. LaViT maps come from
 ``forward_with_aux(collect_attn=True)``; timm attention modules (PVTv2, ViT) are switched to their
-explicit path and their ``attn_drop`` input is hooked. Images: the embedded CIFAR-10 subset (the
-default), ``--images DIR``, or ``--random`` noise.
+explicit path and their ``attn_drop`` input is hooked.
 
-    lavit analyze --model runs/base/checkpoints/last.ckpt --num-images 64 --out runs/base/saturation
-    lavit analyze --model pvt_v2_b1 --random --img-size 224 --out saturation/pvt_v2_b1
+Used by the training callback (``lavit.training.saturation_callback``) and ``lavit analyze``
+(``lavit.tools.analyze``) alike.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
-from lavit.models.lavit import LaViT
-from lavit.tools.bench import build_model, markdown_table, parse_model_name, write_csv
+from lavit.models import LaViT
+from lavit.tables import write_csv
 
 __all__ = [
     "AttentionMap",
     "SaturationAccumulator",
     "attention_maps",
-    "load_model",
-    "main",
+    "head_means",
     "plot_saturation",
     "saturation_table",
     "write_report",
 ]
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
 @dataclass
@@ -300,135 +293,3 @@ def write_report(
     )
     plot_saturation(rows, paths["png"], title)
     return paths
-
-
-# --- models and images ---------------------------------------------------------------------------
-
-
-def load_model(source: str, img_size: int | None) -> tuple[nn.Module, int, str]:
-    """A model from a ``*.ckpt`` (``LaViTModule``; its EMA weights if it has them) or a name.
-
-    Returns ``(model, img_size, label)``; ``img_size`` defaults to the model's own input size.
-    """
-    if source.endswith(".ckpt"):
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"checkpoint {source!r} does not exist")
-        from lavit.training.module import LaViTModule
-
-        module = LaViTModule.load_from_checkpoint(path, map_location="cpu")
-        model = module.eval_model
-        label = f"{module.hparams.arch} ({path.name})"
-    else:
-        spec = parse_model_name(source)
-        model = (
-            build_model(spec, img_size)
-            if img_size is not None
-            else timm.create_model(spec.arch, **spec.kwargs)
-        )
-        label = spec.label
-    native = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-    if isinstance(model, LaViT):
-        native = model.img_size[0]
-        if img_size is not None and img_size != native:
-            model.set_input_size(img_size)  # resamples position embeddings and Ψ/Θ
-            native = img_size
-    return model.eval(), img_size or native, label
-
-
-def _normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(
-        cfg.get("std", (0.229, 0.224, 0.225))
-    )
-
-
-def folder_images(folder: Path, model: nn.Module, img_size: int, limit: int) -> torch.Tensor:
-    """Up to ``limit`` images of ``folder`` (recursively), resized and centre-cropped."""
-    import PIL.Image
-    from timm.data import create_transform
-
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
-    if not files:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {str(folder)!r}")
-    mean, std = _normalisation(model)
-    transform = create_transform(img_size, is_training=False, mean=mean, std=std, crop_pct=1.0)
-    return torch.stack([transform(PIL.Image.open(f).convert("RGB")) for f in files])
-
-
-def embedded_images(model: nn.Module, img_size: int, limit: int) -> torch.Tensor:
-    """The first ``limit`` test images of the embedded CIFAR-10 subset, at ``img_size``."""
-    from lavit.training.data import ImageDataModule
-
-    mean, std = _normalisation(model)
-    data = ImageDataModule(
-        source="embedded", img_size=img_size, mean=mean, std=std, crop_pct=1.0, num_workers=0
-    )
-    data.setup("test")
-    dataset = data.test_dataset
-    return torch.stack([dataset[i][0] for i in range(min(limit, len(dataset)))])
-
-
-# --- the command ---------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lavit analyze",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="a LaViTModule checkpoint (*.ckpt) or a model name (lavit_tiny, lavit_cifar/all-va, pvt_v2_b1, ...)",
-    )
-    parser.add_argument(
-        "--img-size", type=int, default=None, help="input side (default: the model's)"
-    )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--images", type=Path, default=None, help="a folder of images")
-    source.add_argument("--random", action="store_true", help="Gaussian noise images")
-    parser.add_argument("--num-images", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="for --random and random weights")
-    parser.add_argument("--out", type=Path, default=Path("runs/saturation"), help="output folder")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``lavit analyze``; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    for name in ("img_size", "num_images", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    torch.manual_seed(args.seed)
-    try:
-        model, img_size, label = load_model(args.model, args.img_size)
-        if args.random:
-            images, source = torch.randn(args.num_images, 3, img_size, img_size), "random noise"
-        elif args.images is not None:
-            images = folder_images(args.images, model, img_size, args.num_images)
-            source = str(args.images)
-        else:
-            images, source = embedded_images(model, img_size, args.num_images), "embedded CIFAR-10"
-        rows = saturation_table(model, images.split(args.batch_size))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not rows:
-        print(f"error: {label} has no stage with two or more attention layers", file=sys.stderr)
-        return 2
-    title = f"{label}, {img_size}², {len(images)} images ({source})"
-    meta = {"model": label, "img_size": img_size, "images": len(images), "image_source": source}
-    paths = write_report(rows, args.out, title, meta)
-    print(f"# attention saturation: {title}\n")
-    print(markdown_table(head_means(rows)))
-    print("\n" + "\n".join(f"wrote {p}" for p in paths.values()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Measurements of a model that training callbacks and tools share: MACs and attention saturation."""

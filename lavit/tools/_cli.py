@@ -1,0 +1,61 @@
+"""What every ``lavit <tool>`` shares on its command line: the parser, value types, errors.
+
+Each tool is ``main(argv) -> exit code`` (``lavit.cli`` dispatches to it). A usage error is
+argparse's (``lavit bench: error: ...``, exit code 2); a problem found while working is reported
+by :func:`fail` the same way: one ``<prog>: error: ...`` line and
+:data:`~lavit.errors.EXIT_CONFIG_ERROR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lavit.errors import EXIT_CONFIG_ERROR
+
+__all__ = ["add_out_option", "fail", "non_negative_int", "positive_int", "tool_parser"]
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: ...)`` to an option's help unless it has none or says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser named ``prog`` that shows each option's default in ``--help``."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=_DefaultsFormatter
+    )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer ≥ 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
+    return value
+
+
+def add_out_option(parser: argparse.ArgumentParser, default: str, what: str) -> None:
+    """``--out DIR``: the folder a tool writes its files to."""
+    parser.add_argument("--out", type=Path, default=Path(default), help=f"folder for {what}")
+
+
+def fail(prog: str, message: str, code: int = EXIT_CONFIG_ERROR) -> int:
+    """Print ``<prog>: error: <message>`` on stderr; returns ``code`` for ``main`` to return."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,288 @@
+"""Value ranges of the options, declared once: as the types of the constructor arguments.
+
+``lr: PositiveFloat``, ``mixup_prob: Probability``, ``scale: CropScale``: the annotation is the
+whole declaration. jsonargparse checks it when the command line is parsed (a bad value stops
+``lavit fit`` before anything is built), and :func:`check_arguments` checks the same annotation
+when a class is built from Python. :func:`describe_parse_error` turns jsonargparse's message into
+the CLI's one line: ``--model.lr: invalid value -1.0 (must be > 0)``.
+
+jsonargparse's own ``PositiveInt``, ``NonNegativeInt``, ``PositiveFloat``, ``NonNegativeFloat``,
+``OpenUnitInterval`` and ``ClosedUnitInterval`` (as :data:`Probability`) are used where they fit;
+the others are built the same way here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse.typing import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    register_type,
+    restricted_number_type,
+)
+
+from lavit.errors import one_line
+
+__all__ = [
+    "AspectRatioRange",
+    "AutoAugmentPolicy",
+    "CropScale",
+    "Folder",
+    "NonNegativeFloat",
+    "NonNegativeInt",
+    "OpenUnitInterval",
+    "PositiveFloat",
+    "PositiveInt",
+    "PositiveSeconds",
+    "Probability",
+    "UnitIntervalLeftOpen",
+    "UnitIntervalRightOpen",
+    "check_arguments",
+    "describe_parse_error",
+    "plain",
+]
+
+# jsonargparse registers one type per restriction: [0, 1] is its ClosedUnitInterval, which every
+# option of this project with that range uses as a probability.
+Probability = ClosedUnitInterval
+UnitIntervalRightOpen = restricted_number_type(
+    "UnitIntervalRightOpen", float, [(">=", 0), ("<", 1)], join="and"
+)
+UnitIntervalLeftOpen = restricted_number_type(
+    "UnitIntervalLeftOpen", float, [(">", 0), ("<=", 1)], join="and"
+)
+
+
+class _CheckedValue:
+    """A value type whose constructor validates; registered with jsonargparse below."""
+
+    description = ""
+
+
+def _pair(value: Any) -> tuple[float, float]:
+    low, high = (float(v) for v in value)
+    return low, high
+
+
+class PositiveSeconds(_CheckedValue, float):
+    """A duration in seconds, > 0 (its own type: jsonargparse has one per restriction)."""
+
+    description = "> 0 seconds"
+
+    def __new__(cls, value: float) -> PositiveSeconds:
+        seconds = float(value)
+        if not seconds > 0:
+            raise ValueError(f"{seconds} is not {cls.description}")
+        return super().__new__(cls, seconds)
+
+
+class CropScale(_CheckedValue, tuple):
+    """Area range ``[low, high]`` of a random-resized crop: ``0 < low <= high <= 1``."""
+
+    description = "[low, high] with 0 < low <= high <= 1"
+
+    def __new__(cls, value: Sequence[float]) -> CropScale:
+        low, high = _pair(value)
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"{[low, high]} is not {cls.description}")
+        return super().__new__(cls, (low, high))
+
+
+class AspectRatioRange(_CheckedValue, tuple):
+    """Aspect-ratio range ``[low, high]`` of a random-resized crop: ``0 < low <= high``."""
+
+    description = "[low, high] with 0 < low <= high"
+
+    def __new__(cls, value: Sequence[float]) -> AspectRatioRange:
+        low, high = _pair(value)
+        if not 0 < low <= high:
+            raise ValueError(f"{[low, high]} is not {cls.description}")
+        return super().__new__(cls, (low, high))
+
+
+class Folder(_CheckedValue, str):
+    """A folder path: an existing folder, or one that does not exist yet."""
+
+    description = "a folder"
+
+    def __new__(cls, value: str) -> Folder:
+        if Path(value).exists() and not Path(value).is_dir():
+            raise ValueError(f"{value} is not a folder")
+        return super().__new__(cls, value)
+
+
+class AutoAugmentPolicy(_CheckedValue, str):
+    """A timm auto-augment policy string that timm's transform factory accepts."""
+
+    description = (
+        "a timm policy such as 'rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2' or 'original', or null"
+    )
+
+    def __new__(cls, value: str) -> AutoAugmentPolicy:
+        from timm.data import create_transform
+
+        try:
+            create_transform(32, is_training=True, auto_augment=str(value))
+        except Exception:  # timm raises AssertionError, KeyError, ValueError for a bad policy
+            raise ValueError(f"{value!r} is not {cls.description}") from None
+        return super().__new__(cls, value)
+
+
+register_type(PositiveSeconds, serializer=float, deserializer=PositiveSeconds)
+for _type in (CropScale, AspectRatioRange):
+    register_type(_type, serializer=list, deserializer=_type)
+for _type in (Folder, AutoAugmentPolicy):
+    register_type(_type, serializer=str, deserializer=_type)
+
+# What each constrained type allows, as the error line says it; and its base type.
+RANGES: dict[str, tuple[type, str]] = {
+    "PositiveInt": (int, ">= 1"),
+    "NonNegativeInt": (int, ">= 0"),
+    "PositiveFloat": (float, "> 0"),
+    "NonNegativeFloat": (float, ">= 0"),
+    "OpenUnitInterval": (float, "in (0, 1)"),
+    "ClosedUnitInterval": (float, "a probability in [0, 1]"),
+    "UnitIntervalRightOpen": (float, "in [0, 1)"),
+    "UnitIntervalLeftOpen": (float, "in (0, 1]"),
+    "PositiveSeconds": (float, PositiveSeconds.description),
+    **{t.__name__: (list, t.description) for t in (CropScale, AspectRatioRange)},
+    **{t.__name__: (str, t.description) for t in (Folder, AutoAugmentPolicy)},
+}
+_COUNTS = {2: "two", 3: "three", 4: "four"}
+
+
+# ------------------------------------------------------------------------------ from Python
+def _constrained(annotation: Any) -> list[tuple[type, bool]]:
+    """The constrained types in ``annotation``: ``(type, applies to each element)``."""
+    if isinstance(annotation, type) and annotation.__name__ in RANGES:
+        return [(annotation, False)]
+    found = []
+    for arg in typing.get_args(annotation):
+        if typing.get_origin(annotation) is tuple:
+            found += [(t, True) for t, _ in _constrained(arg)]
+        else:
+            found += _constrained(arg)
+    return found[:1]
+
+
+def check_arguments(function: Callable, arguments: dict[str, Any]) -> None:
+    """Raise ``ValueError("<name>: invalid value V (must be ...)")`` for the first argument of
+    ``function`` (from its ``locals()``) outside the range its annotation declares."""
+    hints = typing.get_type_hints(function)
+    for name in inspect.signature(function).parameters:
+        value = arguments.get(name)
+        for kind, each in _constrained(hints.get(name)) if value is not None else []:
+            try:
+                for item in value if each else [value]:
+                    kind(item)
+            except (TypeError, ValueError):
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ValueError(
+                    f"{name}: invalid value {shown} (must be {_allowed(kind.__name__, value)})"
+                ) from None
+
+
+def _allowed(type_name: str, value: Any) -> str:
+    base, description = RANGES[type_name]
+    if isinstance(value, (list, tuple)) and base is not list:
+        return f"{_COUNTS.get(len(value), len(value))} values {description}"
+    return description
+
+
+def plain(value: Any) -> Any:
+    """``value`` with the constrained types (``PositiveFloat(0.5)``, ``CropScale``) as builtins.
+
+    What jsonargparse parsed must reach the modules as plain values: their hyper-parameters go
+    into checkpoints, which are read weights-only (no classes but builtins).
+    """
+    if isinstance(value, bool) or value is None:
+        return value
+    for base in (int, float, str):
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, (list, tuple)):
+        items = [plain(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+# --------------------------------------------------------------------------- from the CLI
+def describe_parse_error(message: str, args: Sequence[str] = ()) -> str:
+    """jsonargparse's multi-line error as one line: option, given value, what is allowed.
+
+    ``args``: the command line, where the value of a constrained option is looked up (the
+    message names only the failing element of a list).
+    """
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
+    if match is None:
+        return one_line(message)
+    key, detail = match.groups()
+    constrained = re.search(r"Not of type (\w+): (.*)$", detail, re.M)
+    if constrained and constrained.group(1) in RANGES:
+        name = constrained.group(1)
+        value = _given_value(key, args, name)
+        if value is None:
+            value = _message_value(detail, constrained.group(2), name)
+        return f"--{key}: invalid value {value} (must be {_allowed(name, value)})"
+    expected = [
+        _readable_type(t)
+        for t in re.findall(r"Expected a (.+?)(?:\. Got value: .*)?$", detail, re.M)
+        if "NoneType" not in t
+    ]
+    given = re.search(r"(?:Given|Got) value: (.*)$", detail, re.M)
+    if not expected or given is None:
+        return f"--{key}: {one_line(detail)}"
+    return f"--{key}: invalid value {given.group(1)} (expected {' or '.join(expected)})"
+
+
+def _cast(value: Any, type_name: str) -> Any:
+    base = RANGES[type_name][0]
+    try:
+        if isinstance(value, list) and base is not list:
+            return [base(v) for v in value]
+        return [float(v) for v in value] if base is list else base(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _given_value(key: str, args: Sequence[str], type_name: str) -> Any:
+    """The last value of ``--key`` on the command line, parsed as YAML and cast, or ``None``."""
+    raw = None
+    for i, arg in enumerate(args):
+        if arg.startswith(f"--{key}="):
+            raw = arg.split("=", 1)[1]
+        elif arg == f"--{key}" and i + 1 < len(args):
+            raw = args[i + 1]
+    if raw is None:
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return _cast(value, type_name)
+
+
+def _message_value(detail: str, reason: str, type_name: str) -> Any:
+    given = re.search(r"Given value: (.*)$", detail, re.M)
+    text = given.group(1) if given else reason.split(" does not conform")[0]
+    return _cast(text.strip(), type_name)
+
+
+def _readable_type(text: str) -> str:
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text).replace("typing.", "")
+    literal = re.fullmatch(r"Literal\[(.*)\]", text)
+    return f"one of {literal.group(1)}" if literal else text
+
