@@ -26,7 +26,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
         return "(no rows)"
     columns = list(columns or rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(format_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(format_cell(row.get(c, "")) for c in columns) + " |" for row in rows
+    ]
     return "\n".join(lines)
 
 

@@ -20,13 +20,13 @@ import json, resource, statistics, sys, time
 import torch
 import torch.nn.functional as F
 from lavit.runtime import tune_cpu_runtime
-from lavit.tools.bench import build_model, parse_model_name
+from lavit.models.factory import create_model
 
 model_name = sys.argv[1]
 img_size, batch_size, steps = (int(a) for a in sys.argv[2:5])
 state = tune_cpu_runtime()
 torch.manual_seed(0)
-model = build_model(parse_model_name(model_name), img_size)  # as lavit bench builds it
+model = create_model(model_name, img_size=img_size)  # as lavit bench builds it
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 x = torch.randn(batch_size, 3, img_size, img_size)
 y = torch.randint(0, 1000, (batch_size,))

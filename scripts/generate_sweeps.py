@@ -3,7 +3,7 @@
     python scripts/generate_sweeps.py           # rewrite sweeps/*.yaml and sweeps/imagenet/*.yaml
     python scripts/generate_sweeps.py --check   # exit 1 listing the files that are stale
 
-Each ablation of SPEC §4 is one entry of ``ABLATIONS``; each scale (``SCALES``) gives its files
+Each ablation of docs/spec.md §4 is one entry of ``ABLATIONS``; each scale (``SCALES``) gives its files
 their command and the text saying where they run. The swept values of ``num_va_layers`` follow from
 each scale's variant (its depths and default split in ``LAVIT_CONFIGS``), so the paper-scale grid
 asks the same question of lavit_tiny that the CIFAR-10 grid asks of lavit_cifar.
@@ -64,7 +64,7 @@ IMAGENET = Scale(
     name_suffix="-imagenet",
     runs_on=(
         "experiments/base.yaml + experiments/imagenet/lavit_tiny.yaml — LaViT-T on ImageNet-1K at "
-        "224², the SPEC §5 recipe (300 epochs), each run on the 8 GPUs of one machine with DDP "
+        "224², the docs/spec.md §5 recipe (300 epochs), each run on the 8 GPUs of one machine with DDP "
         "(8 × 128 = global batch 1024; the lr follows the global batch, so another GPU count only "
         "changes `--trainer.devices=8` below, or `lavit sweep --override trainer.devices=N`). "
         "Data: ILSVRC/imagenet-1k (gated: accept its terms, then HF_TOKEN or `hf auth login`), or "
@@ -90,7 +90,7 @@ def va_layer_values(arch: str) -> list[tuple[list[int], str]]:
 
 @dataclass(frozen=True)
 class Ablation:
-    """One question of SPEC §4: its header text and swept parameters (``values`` or a function of
+    """One question of docs/spec.md §4: its header text and swept parameters (``values`` or a function of
     the scale's arch giving ``(value, comment)`` pairs)."""
 
     file: str
@@ -109,7 +109,8 @@ ABLATIONS = (
         file="va_layers",
         name="lavit-va-layers",
         title=(
-            "Ablation 1 (SPEC §4.1): how many Vanilla Attention (VA) layers does each stage need?"
+            "Ablation 1 (docs/spec.md §4, question 1): how many Vanilla Attention (VA) layers "
+            "does each stage need?"
         ),
         question=(
             "replacing the later layers of a stage by Less-Attention (LA) layers saves MACs and "
@@ -128,7 +129,7 @@ ABLATIONS = (
         file="dp_loss",
         name="lavit-dp-loss",
         title=(
-            "Ablation 2 (SPEC §4.2): does the Diagonality Preserving (DP) loss help, at which "
+            "Ablation 2 (docs/spec.md §4, question 2): does the Diagonality Preserving (DP) loss help, at which "
             "weight λ, and with which sign of its diagonal term?"
         ),
         question=(
@@ -149,7 +150,7 @@ ABLATIONS = (
     Ablation(
         file="residual_downsample",
         name="lavit-residual-downsample",
-        title="Ablation 3 (SPEC §4.3): does residual attention downsampling help?",
+        title="Ablation 3 (docs/spec.md §4, question 3): does residual attention downsampling help?",
         question=(
             "with it on, the first attention of stages 2–4 adds the (downsampled) last attention "
             "of the previous stage; with it off, every stage starts its attention from scratch. "
@@ -163,7 +164,7 @@ ABLATIONS = (
         file="la_init_state",
         name="lavit-la-init-state",
         title=(
-            "Ablation 4 (SPEC §4.4): how should the Less-Attention transforms start, and what "
+            "Ablation 4 (docs/spec.md §4, question 4): how should the Less-Attention transforms start, and what "
             "should they transform?"
         ),
         question=(

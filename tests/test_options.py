@@ -34,7 +34,6 @@ def test_parse_errors_are_summarised():
     )
 
 
-
 def test_a_constrained_value_is_described_with_what_its_type_allows():
     message = 'Parser key "model.lr":\n  Not of type PositiveFloat: -1 does not conform to v>0'
     assert describe_parse_error(message) == "--model.lr: invalid value -1.0 (must be > 0)"
@@ -50,7 +49,9 @@ def test_the_same_annotations_check_arguments_given_from_python():
         LaViTModule(ema_decay=1.0)
     with pytest.raises(ValueError, match=r"betas: invalid value \[0.9, 1.5\] \(must be two values"):
         LaViTModule(betas=(0.9, 1.5))
-    with pytest.raises(ValueError, match=r"scale: invalid value \[0.5, 0.1\] \(must be \[low, high\]"):
+    with pytest.raises(
+        ValueError, match=r"scale: invalid value \[0.5, 0.1\] \(must be \[low, high\]"
+    ):
         ImageDataModule(scale=(0.5, 0.1))
 
     def f(p: Probability, lr: PositiveFloat | None = None, scale: CropScale = (0.1, 1.0)) -> None:

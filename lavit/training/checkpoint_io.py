@@ -229,4 +229,3 @@ def _nan_message(path: _PATH, keys: list[str]) -> str:
         f"refusing to write checkpoint {path}: {len(keys)} weight tensor(s) hold NaN "
         f"(e.g. {keys[0]}); the checkpoint already on disk is kept"
     )
-

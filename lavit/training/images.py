@@ -157,7 +157,9 @@ def make_posterize_safe(transform: Any) -> None:
     """Swap the zero-bits-safe posterize into the auto-augment ops of a timm ``transform``."""
     for step in getattr(transform, "transforms", []):
         ops = list(getattr(step, "ops", []))  # RandAugment, AugMix
-        ops += [op for sub_policy in getattr(step, "policy", []) for op in sub_policy]  # AutoAugment
+        ops += [
+            op for sub_policy in getattr(step, "policy", []) for op in sub_policy
+        ]  # AutoAugment
         for op in ops:
             if op.aug_fn is timm_posterize:
                 op.aug_fn = _posterize_allowing_zero_bits

@@ -43,6 +43,7 @@ from lavit.training.pretrained import pretrained_kwargs
 
 __all__ = ["LaViTModule", "warmup_cosine"]
 
+
 def warmup_cosine(
     step: int, warmup_steps: int, total_steps: int, start_factor: float, end_factor: float
 ) -> float:

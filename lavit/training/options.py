@@ -285,4 +285,3 @@ def _readable_type(text: str) -> str:
     text = re.sub(r"<class '([\w.]+)'>", r"\1", text).replace("typing.", "")
     literal = re.fullmatch(r"Literal\[(.*)\]", text)
     return f"one of {literal.group(1)}" if literal else text
-
