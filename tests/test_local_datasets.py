@@ -13,8 +13,9 @@ import sys
 import pytest
 from conftest import REPO
 
-from lavit.training.data import ImageDataModule, embedded_dataset_dir
+from lavit.training.data import ImageDataModule
 from lavit.training.local_datasets import LOCAL_DATASETS_ENV, local_copies
+from lavit.training.sources import embedded_dataset_dir
 
 
 @pytest.fixture(autouse=True)

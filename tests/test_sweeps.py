@@ -36,8 +36,8 @@ from lavit.models import LAVIT_CONFIGS
 from lavit.models.attention import AttentionDownsample, LessAttention
 from lavit.models.lavit import LABlock, VABlock
 from lavit.tools.sweep import agent_command, load_sweep_config, replace_configs, run_values
-from lavit.training.data import embedded_dataset_dir
 from lavit.training.local_datasets import LOCAL_DATASETS_ENV
+from lavit.training.sources import embedded_dataset_dir
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # sweeps' pydantic-v1-style config warns on import
