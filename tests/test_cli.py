@@ -12,7 +12,6 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lavit import cli
 from lavit.cli import LaViTCLI, main
-from lavit.models.lavit import LABlock
 from lavit.training.logging import (
     FallbackWandbLogger,
     WandbOptions,
@@ -78,7 +77,7 @@ def test_fit_fast_dev_run_through_the_entry_point(tmp_path):
 
 
 def count_la_blocks(model) -> list[int]:
-    return [sum(isinstance(b, LABlock) for b in stage.blocks) for stage in model.stages]
+    return [sum(b.kind == "la" for b in stage.blocks) for stage in model.stages]
 
 
 def test_default_switches_reach_the_model(tmp_path):
@@ -87,7 +86,7 @@ def test_default_switches_reach_the_model(tmp_path):
     assert model.num_classes == 10 and model.img_size == (32, 32)  # linked from the data
     assert count_la_blocks(model) == [0, 0, 2, 1]  # lavit_cifar: depths 1,2,3,2, VA 1,2,1,1
     assert [s.attn_downsample is not None for s in model.stages] == [False, True, True, True]
-    psi = model.stages[2].blocks[1].attn.psi
+    psi = model.stages[2].blocks[1].attn.token_mixing.psi
     torch.testing.assert_close(psi, torch.eye(len(psi)))
     assert model.stages[2].attn_state == "scores"
     assert (model.dp_loss_variant, model.dp_loss_layers, model.dp_loss_weight) == (
@@ -119,7 +118,7 @@ def test_every_switch_given_as_an_argument_reaches_the_model(tmp_path):
     model = built.model.model
     assert count_la_blocks(model) == [0, 1, 2, 1]
     assert all(s.attn_downsample is None for s in model.stages)
-    psi = model.stages[2].blocks[1].attn.psi
+    psi = model.stages[2].blocks[1].attn.token_mixing.psi
     assert not torch.allclose(psi, torch.eye(len(psi)))
     assert all(s.attn_state == "probs" for s in model.stages)
     assert (model.dp_loss_variant, model.dp_loss_layers, model.dp_loss_weight) == (

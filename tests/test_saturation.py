@@ -17,7 +17,8 @@ from small_lavit import SMALL
 from torch.utils.data import DataLoader, TensorDataset
 
 from lavit.analysis.saturation import attention_maps, saturation_table
-from lavit.models import LaViT, LessAttention
+from lavit.models import LaViT
+from lavit.models.token_mixing import DenseTokenMixing
 from lavit.tools.analyze import main
 from lavit.training.saturation_callback import AttentionSaturation
 
@@ -45,7 +46,7 @@ def test_identity_la_layers_repeat_their_predecessor_and_perturbed_ones_do_not()
 
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, LessAttention):
+            if isinstance(module, DenseTokenMixing):
                 module.psi.add_(0.3 * torch.randn_like(module.psi))
                 module.theta.add_(0.3 * torch.randn_like(module.theta))
     for row in la_rows(saturation_table(model, [images])):

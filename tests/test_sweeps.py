@@ -33,8 +33,9 @@ import yaml
 from conftest import REPO
 
 from lavit.models import LAVIT_CONFIGS
-from lavit.models.attention import AttentionDownsample, LessAttention
-from lavit.models.lavit import LABlock, VABlock
+from lavit.models.attention import AttentionDownsample
+from lavit.models.lavit import LaViTBlock
+from lavit.models.token_mixing import DenseTokenMixing
 from lavit.tools.sweep import agent_command, load_sweep_config, replace_configs, run_values
 from lavit.training.local_datasets import LOCAL_DATASETS_ENV
 from lavit.training.sources import embedded_dataset_dir
@@ -110,9 +111,9 @@ def _plain(value: Any) -> Any:
 def _check_num_va_layers(net: torch.nn.Module, value: list[int]) -> None:
     for stage, va in zip(net.stages, value, strict=True):
         blocks = list(stage.blocks)
-        kinds = ["va" if isinstance(b, VABlock) else "la" for b in blocks]
+        kinds = [b.kind for b in blocks]
         assert kinds == ["va"] * va + ["la"] * (len(blocks) - va), (kinds, value)
-        assert all(isinstance(b, (VABlock, LABlock)) for b in blocks)
+        assert all(isinstance(b, LaViTBlock) for b in blocks)
 
 
 def _check_residual(net: torch.nn.Module, value: bool) -> None:
@@ -121,7 +122,7 @@ def _check_residual(net: torch.nn.Module, value: bool) -> None:
 
 
 def _check_la_init(net: torch.nn.Module, value: str) -> None:
-    transforms = [m for m in net.modules() if isinstance(m, LessAttention)]
+    transforms = [m for m in net.modules() if isinstance(m, DenseTokenMixing)]
     assert transforms, "no LA layer: la_init cannot be seen in this model"
     for m in transforms:
         identity = torch.equal(m.psi, torch.eye(len(m.psi))) and torch.equal(

@@ -1,4 +1,4 @@
-"""LaViT: a PVT-style pyramid whose stages end in Less-Attention layers (SPEC §3).
+"""LaViT: a PVT-style pyramid whose stages end in Less-Attention layers (docs/spec.md, Architecture).
 
 Blocks → stage → model, as in timm's ``pvt_v2.py``. Each stage m: patch embedding (stride-s
 stem, then conv k=2 s=2), a learnable position embedding, ``num_va_layers[m]`` Vanilla Attention
@@ -6,7 +6,9 @@ blocks, then ``depths[m] − num_va_layers[m]`` Less-Attention blocks that re-us
 handed down the stage. Optionally the first attention of stage m ≥ 2 adds the downsampled last
 attention of stage m−1 (residual attention downsampling).
 
-Variants are registered with timm: ``timm.create_model("lavit_tiny", num_classes=10)``.
+Variants are registered with timm: ``timm.create_model("lavit_tiny", num_classes=10)``. The input
+size is fixed by ``img_size`` unless ``dynamic_img_size=True`` (then position embeddings and Ψ/Θ
+are resampled per input size, see ``resize.py``).
 """
 
 from __future__ import annotations
@@ -16,20 +18,41 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from timm.layers import DropPath, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.layers import Mlp as TimmMlp
+import torch.fx
+from timm.layers import DropPath, Mlp, register_notrace_function, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
-from .attention import AttentionDownsample, Grid, LessAttention, LessAttentionInit, VanillaAttention
+from .attention import AttentionDownsample, LessAttention, VanillaAttention, upgrade_legacy_keys
 from .losses import DP_LOSS_VARIANTS, DPLossVariant, attention_dp_loss
+from .resize import Grid, infer_grid, resize_pos_embed
+from .token_mixing import DenseTokenMixing, LessAttentionInit, TokenMixing
 
-__all__ = ["LaViT", "LaViTOutput", "AttentionRecord", "checkpoint_filter_fn"]
+try:  # private in timm; the fallback below does the same
+    from timm.models._features import feature_take_indices
+except ImportError:  # pragma: no cover - depends on the timm version
+
+    def feature_take_indices(num_features: int, indices=None) -> tuple[list[int], int]:
+        """Absolute indices for ``indices`` (None: all, n: the last n, a list: negatives from the end)."""
+        if indices is None:
+            indices = num_features
+        if isinstance(indices, int):
+            if not 0 < indices <= num_features:
+                raise ValueError(f"last-n ({indices}) is out of range (1 to {num_features})")
+            taken = list(range(num_features - indices, num_features))
+        else:
+            taken = [num_features + i if i < 0 else i for i in indices]
+            if any(not 0 <= i < num_features for i in taken):
+                raise ValueError(f"feature indices {list(indices)} out of range for {num_features}")
+        return taken, max(taken)
+
+
+__all__ = ["AttentionRecord", "LaViT", "LaViTOutput", "checkpoint_filter_fn"]
 
 AttnState = Literal["scores", "probs"]
 DPLossLayers = Literal["la", "all"]
+BlockKind = Literal["va", "la"]
+HandOn = Literal["scores", "probs"] | None
 
 
 @dataclass
@@ -38,7 +61,7 @@ class AttentionRecord:
 
     stage: int
     layer: int
-    kind: Literal["va", "la"]
+    kind: BlockKind
     probs: torch.Tensor  # (B, H, N, N'), post-softmax
     query_grid: Grid
     key_grid: Grid
@@ -57,52 +80,23 @@ class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, dim: int, stride: int, overlapping: bool) -> None:
         super().__init__()
         kernel = 2 * stride - 1 if overlapping else stride
-        self.proj = nn.Conv2d(
-            in_chans,
-            dim,
-            kernel_size=kernel,
-            stride=stride,
-            padding=(kernel - stride + 1) // 2 if overlapping else 0,
-        )
+        padding = (kernel - stride + 1) // 2 if overlapping else 0
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=kernel, stride=stride, padding=padding)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, C, h, w)
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over C
 
 
-def _no_backward(*tensors: torch.Tensor) -> bool:
-    """Whether no backward will run through ``tensors`` (inference), so in-place ops are safe."""
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+class LaViTBlock(nn.Module):
+    """Pre-norm block, ``x + Attn(Norm(x))`` then ``x + MLP(Norm(x))``; the attention is VA or LA.
 
-
-def _residual_add(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``x + branch``; in inference added into the fresh branch output, saving a buffer.
-
-    Not under autograd: an in-place add on a view (a Linear's output is one) costs the backward
-    more copies than it saves.
+    ``kind="va"``: Vanilla Attention, which computes ``Q Kᵀ``; ``kind="la"``: Less-Attention,
+    which transforms the attention handed to it. ``hand_on`` is what the block passes to the
+    layer after it: its pre-softmax ``"scores"``, its ``"probs"``, or nothing (``None``); a VA
+    block that hands nothing on runs the fused attention kernel. Both are fixed at construction.
     """
-    return branch.add_(x) if _no_backward(branch, x) else x + branch
-
-
-class Mlp(TimmMlp):
-    """timm's MLP (fc1 → GELU → fc2, same parameters); without autograd the GELU runs in place.
-
-    The fc1 output is the network's largest activation; a second buffer of that size for the
-    GELU costs more than the GELU itself on CPU (fresh pages), and inference does not need it.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
-        if isinstance(self.act, nn.GELU) and _no_backward(x):
-            x = torch._C._nn.gelu_(x, approximate=self.act.approximate)
-        else:
-            x = self.act(x)
-        return self.drop2(self.fc2(self.norm(self.drop1(x))))
-
-
-class VABlock(nn.Module):
-    """Vanilla Attention layer: ``x + MHSA(Norm(x))``, then ``x + MLP(Norm(x))``."""
 
     def __init__(
         self,
@@ -112,10 +106,20 @@ class VABlock(nn.Module):
         mlp_ratio: float,
         drop_path: float,
         qkv_bias: bool,
+        kind: BlockKind,
+        hand_on: HandOn,
+        token_mixing: TokenMixing | None = None,
     ) -> None:
         super().__init__()
+        if (kind == "la") != (token_mixing is not None):
+            raise ValueError("an LA block needs a token_mixing, a VA block none")
+        self.kind = kind
+        self.hand_on = hand_on
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = VanillaAttention(dim, num_heads, sr_ratio, qkv_bias)
+        if kind == "va":
+            self.attn = VanillaAttention(dim, num_heads, sr_ratio, qkv_bias)
+        else:
+            self.attn = LessAttention(dim, num_heads, token_mixing, sr_ratio, qkv_bias)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -125,43 +129,26 @@ class VABlock(nn.Module):
         self,
         x: torch.Tensor,
         grid: Grid,
-        score_bias: torch.Tensor | None = None,
-        return_scores: bool = False,
-    ):
-        attn_out, scores, probs = self.attn(self.norm1(x), grid, score_bias, return_scores)
-        x = _residual_add(self.drop_path1(attn_out), x)
-        x = _residual_add(self.drop_path2(self.mlp(self.norm2(x))), x)
-        return x, scores, probs
+        handed: torch.Tensor | None = None,
+        return_probs: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``x`` (B, N, C) → ``(x, state handed on | None, probs (B, H, N, N') | None)``.
+
+        ``handed``: for VA a residual added to its scores, for LA the attention it transforms.
+        """
+        explicit = return_probs or self.hand_on is not None
+        out, scores, probs = self.attn(self.norm1(x), grid, handed, explicit)
+        x = x + self.drop_path1(out)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        handed_on = probs if self.hand_on == "probs" else scores if self.hand_on else None
+        return x, handed_on, probs
 
 
-class LABlock(nn.Module):
-    """Less-Attention layer: the attention path is ``Softmax(Ψ S Θᵀ)·V``; the rest of the block stays."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        sr_ratio: int,
-        mlp_ratio: float,
-        drop_path: float,
-        qkv_bias: bool,
-        num_queries: int,
-        num_keys: int,
-        init: LessAttentionInit,
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = LessAttention(dim, num_heads, num_queries, num_keys, sr_ratio, qkv_bias, init)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, grid: Grid, attn: torch.Tensor):
-        attn_out, scores, probs = self.attn(self.norm1(x), grid, attn)
-        x = _residual_add(self.drop_path1(attn_out), x)
-        x = _residual_add(self.drop_path2(self.mlp(self.norm2(x))), x)
-        return x, scores, probs
+def _hand_on(i: int, depth: int, num_va: int, attn_state: AttnState, to_next: bool) -> HandOn:
+    """What block i of a stage passes on: to an LA block after it, or (last) to the next stage."""
+    if i + 1 < depth and i + 1 >= num_va:  # the next block is LA
+        return attn_state if i < num_va else "scores"  # LA hands on its pre-softmax S'
+    return "scores" if i == depth - 1 and to_next else None
 
 
 class LaViTStage(nn.Module):
@@ -184,89 +171,129 @@ class LaViTStage(nn.Module):
         la_init: LessAttentionInit,
         attn_state: AttnState,
         prev_heads: int | None,
+        prev_sr_ratio: int | None,
+        residual_attn_init: float,
         hand_on_scores: bool,
     ) -> None:
         super().__init__()
         self.stage_index = stage_index
-        self.grid = grid
-        self.key_grid = (grid[0] // sr_ratio, grid[1] // sr_ratio)
-        self.num_va_layers = num_va_layers
+        self.grid = tuple(grid)  # the native token grid: position embeddings and Ψ are made for it
+        self.sr_ratio = sr_ratio
         self.attn_state = attn_state
         self.hand_on_scores = hand_on_scores  # the next stage downsamples our last attention
         self.downsample = PatchEmbed(in_dim, dim, stride, overlapping=stage_index == 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
         trunc_normal_(self.pos_embed, std=0.02)
         self.attn_downsample = (
-            AttentionDownsample(prev_heads, num_heads) if prev_heads is not None else None
+            AttentionDownsample(prev_heads, num_heads, prev_sr_ratio, sr_ratio, residual_attn_init)
+            if prev_heads is not None
+            else None
         )
-        n_queries, n_keys = grid[0] * grid[1], self.key_grid[0] * self.key_grid[1]
-        self.blocks = nn.ModuleList(
-            VABlock(dim, num_heads, sr_ratio, mlp_ratio, drop_path[i], qkv_bias)
-            if i < num_va_layers
-            else LABlock(
-                dim,
-                num_heads,
-                sr_ratio,
-                mlp_ratio,
-                drop_path[i],
-                qkv_bias,
-                n_queries,
-                n_keys,
-                la_init,
+        blocks = []
+        for i in range(depth):
+            la = i >= num_va_layers
+            blocks.append(
+                LaViTBlock(
+                    dim,
+                    num_heads,
+                    sr_ratio,
+                    mlp_ratio,
+                    drop_path[i],
+                    qkv_bias,
+                    kind="la" if la else "va",
+                    hand_on=_hand_on(i, depth, num_va_layers, attn_state, hand_on_scores),
+                    token_mixing=DenseTokenMixing(self.grid, self.key_grid, la_init)
+                    if la
+                    else None,
+                )  # fmt: skip
             )
-            for i in range(depth)
-        )
+        self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(dim)
+
+    @property
+    def key_grid(self) -> Grid:
+        return (self.grid[0] // self.sr_ratio, self.grid[1] // self.sr_ratio)
+
+    def stop_handing_on(self) -> None:
+        """The next stage is gone (pruned): the last block keeps its attention to itself."""
+        self.hand_on_scores = False
+        self.blocks[-1].hand_on = None
 
     def forward(
         self,
         x: torch.Tensor,
         prev_scores: torch.Tensor | None = None,
-        prev_grids: tuple[Grid, Grid] | None = None,
         collect: Literal["none", "la", "all"] = "none",
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[AttentionRecord]]:
-        """``x``: (B, C_in, 2h, 2w) → (B, C, h, w); returns also the last scores and records."""
+        """``x`` (B, C_in, 2h, 2w) → (B, C, h, w), the scores for the next stage, the records."""
         x = self.downsample(x)  # (B, C, h, w)
         B, C, h, w = x.shape
-        if (h, w) != self.grid:
-            raise ValueError(
-                f"stage {self.stage_index + 1} expects a {self.grid[0]}×{self.grid[1]} token grid but got "
-                f"{h}×{w}: the input size differs from the model's img_size; build the model with the new "
-                "img_size or call model.set_input_size(...)"
-            )
-        x = _residual_add(x.flatten(2).transpose(1, 2), self.pos_embed)  # (B, N, C)
-
-        score_bias = None
+        grid = (h, w)
+        pos_embed = resize_pos_embed(self.pos_embed, self.grid, grid)  # (1, N, C) at this grid
+        x = x.flatten(2).transpose(1, 2) + pos_embed  # (B, N, C)
+        handed = None  # (B, H, N, N'): the attention state passed down the stage
         if self.attn_downsample is not None and prev_scores is not None:
-            prev_grid, prev_key_grid = prev_grids
-            score_bias = self.attn_downsample(
-                prev_scores, prev_grid, prev_key_grid, self.key_grid
-            )  # (B, H, N, N')
-
+            handed = self.attn_downsample(prev_scores, grid)  # a residual for the first VA
         records: list[AttentionRecord] = []
-        handed: torch.Tensor | None = None  # the attention state passed down the stage
-        scores = None
-        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            if isinstance(block, VABlock):
-                next_is_la = i < last and i + 1 >= self.num_va_layers
-                need = next_is_la or (i == last and self.hand_on_scores) or collect == "all"
-                x, scores, probs = block(
-                    x, self.grid, score_bias if i == 0 else None, return_scores=need
-                )
-                if next_is_la:
-                    handed = probs if self.attn_state == "probs" else scores
-                kind = "va"
-            else:
-                x, scores, probs = block(x, self.grid, handed)
-                handed = scores  # LA layers hand on their transformed pre-softmax matrix
-                kind = "la"
-            if probs is not None and (collect == "all" or (collect == "la" and kind == "la")):
+            x, handed, probs = block(x, grid, handed, return_probs=collect == "all")
+            if probs is not None and collect in ("all", block.kind):
+                key_grid = (h // self.sr_ratio, w // self.sr_ratio)
                 records.append(
-                    AttentionRecord(self.stage_index, i, kind, probs, self.grid, self.key_grid)
+                    AttentionRecord(self.stage_index, i, block.kind, probs, grid, key_grid)
                 )
-        x = self.norm(x).transpose(1, 2).reshape(B, C, h, w)
-        return x, (scores if self.hand_on_scores else None), records
+        x = self.norm(x).transpose(1, 2).reshape(B, C, h, w)  # (B, N, C) → (B, C, h, w)
+        return x, handed, records
+
+
+# --- input sizes --------------------------------------------------------------------------------
+
+
+def input_size_problem(img_size: Grid, stem_stride: int, sr_ratios) -> str | None:
+    """Why an H×W input cannot go through the pyramid, or ``None`` if it can."""
+    total_stride = stem_stride * 2 ** (len(sr_ratios) - 1)
+    for side in img_size:
+        if side < total_stride or side % total_stride != 0:
+            nearest = total_stride * max(1, round(side / total_stride))
+            return (
+                f"each side must be a positive multiple of {total_stride} (stem stride "
+                f"{stem_stride} × 2 per later stage), e.g. {nearest}"
+            )
+    for m, sr in enumerate(sr_ratios):
+        side = [s // (stem_stride * 2**m) for s in img_size]
+        if any(s % sr for s in side):
+            return (
+                f"it gives a {side[0]}×{side[1]} grid in stage {m + 1}, which sr_ratios[{m}] = "
+                f"{sr} does not divide; choose a size or sr_ratios that divide it"
+            )
+    return None
+
+
+def checked_input(
+    x: torch.Tensor, img_size: Grid, dynamic: bool, stem_stride: int, sr_ratios: tuple[int, ...]
+) -> torch.Tensor:
+    """``x`` itself, or a ValueError if the model cannot take its size.
+
+    An opaque call under torch.fx, so a traced model keeps the check (and this error).
+    """
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    if dynamic:
+        problem = input_size_problem(size, stem_stride, sr_ratios)
+        if problem:
+            raise ValueError(f"input size {size[0]}×{size[1]} is not allowed: {problem}")
+    elif size != tuple(img_size):
+        raise ValueError(
+            f"the model takes {img_size[0]}×{img_size[1]} inputs (its img_size) but got "
+            f"{size[0]}×{size[1]}: build it with img_size={size[0] if size[0] == size[1] else size}, "
+            "call model.set_input_size(...), or create it with dynamic_img_size=True"
+        )
+    return x
+
+
+for _fn in (checked_input, resize_pos_embed):
+    register_notrace_function(_fn)
+torch.fx.wrap("checked_input")
+torch.fx.wrap("resize_pos_embed")
 
 
 def _validate_config(
@@ -285,6 +312,7 @@ def _validate_config(
     dp_loss_variant: str,
     dp_loss_layers: str,
     dp_loss_weight: float,
+    residual_attn_init: float,
 ) -> None:
     """Raise a ValueError naming the argument and what is allowed."""
     num_stages = len(depths)
@@ -318,20 +346,9 @@ def _validate_config(
         raise ValueError(f"sr_ratios must be ≥ 1, got {list(sr_ratios)}")
     if stem_stride < 1:
         raise ValueError(f"stem_stride must be ≥ 1, got {stem_stride}")
-    total_stride = stem_stride * 2 ** (num_stages - 1)
-    for side in img_size:
-        if side < total_stride or side % total_stride != 0:
-            raise ValueError(
-                f"img_size {tuple(img_size)} is not allowed: each side must be a positive multiple of "
-                f"{total_stride} (stem stride {stem_stride} × 2 per later stage), e.g. {total_stride * max(1, round(side / total_stride))}"
-            )
-    for m, sr in enumerate(sr_ratios):
-        side = [s // (stem_stride * 2**m) for s in img_size]
-        if any(s % sr for s in side):
-            raise ValueError(
-                f"img_size {tuple(img_size)} gives a {side[0]}×{side[1]} grid in stage {m + 1}, which sr_ratios[{m}] = {sr} "
-                "does not divide; choose an img_size or sr_ratios that divide it"
-            )
+    problem = input_size_problem(img_size, stem_stride, sr_ratios)
+    if problem:
+        raise ValueError(f"img_size {tuple(img_size)} is not allowed: {problem}")
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
     if not 0.0 <= drop_path_rate < 1.0:
@@ -350,13 +367,20 @@ def _validate_config(
         raise ValueError(
             f"dp_loss_weight must be a finite number ≥ 0 (0 turns the DP loss off), got {dp_loss_weight}"
         )
+    if not math.isfinite(residual_attn_init):
+        raise ValueError(
+            f"residual_attn_init must be a finite number (γ's starting value), got {residual_attn_init}"
+        )
 
 
 class LaViT(nn.Module):
-    """LaViT backbone + classifier, with every open choice of the paper as a switch (SPEC §3).
+    """LaViT backbone + classifier, with every open choice of the paper as a switch.
+
+    The choices and why are in docs/spec.md (Architecture, DP loss) and the README.
 
     Args:
-        img_size: input size (int or (H, W)); fixes the token grids, the position embeddings and Ψ.
+        img_size: input size (int or (H, W)); fixes the token grids, the position embeddings and
+            Ψ/Θ (the native size when ``dynamic_img_size``).
         in_chans: input channels.
         num_classes: classifier outputs (0 for a feature extractor).
         embed_dims, depths, num_heads, mlp_ratios, sr_ratios: per-stage widths, layers, heads,
@@ -364,7 +388,9 @@ class LaViT(nn.Module):
         num_va_layers: Vanilla Attention layers per stage (the rest are LA); = depth → all VA.
         stem_stride: stride of the first patch embedding (4 at ImageNet scale).
         residual_attn_downsample: add the downsampled last attention of stage m−1 to stage m's
-            first attention scores.
+            first attention scores, scaled by a learnable γ.
+        residual_attn_init: γ's starting value. 0 (default): the residual starts switched off,
+            so the on and off arms of the ablation start as the same function.
         la_init: Ψ/Θ initialisation, ``"identity"`` (exact reuse at start) or ``"random"``.
         attn_state: what a VA layer hands to the first LA layer: pre-softmax ``"scores"`` or the
             post-softmax ``"probs"`` (the paper's literal reading).
@@ -372,6 +398,10 @@ class LaViT(nn.Module):
         dp_loss_layers: which attentions the DP loss covers, ``"la"`` or ``"all"`` layers.
         dp_loss_weight: λ of ``CE + λ·DP``; 0 turns the DP loss off (and its computation).
         drop_rate, drop_path_rate: head dropout and stochastic depth (linear over blocks).
+        global_pool: ``"avg"``, or ``""`` for unpooled (B, C, h, w) maps (needs num_classes=0).
+        dynamic_img_size: accept any input whose sides are multiples of the total stride (and
+            that the SR ratios divide), resampling position embeddings and Ψ/Θ per size;
+            at ``img_size`` it runs exactly as the fixed model.
     """
 
     def __init__(
@@ -396,19 +426,23 @@ class LaViT(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        residual_attn_init: float = 0.0,
+        dynamic_img_size: bool = False,
     ) -> None:
         super().__init__()
         img_size = to_2tuple(img_size)
         _validate_config(
             img_size, stem_stride, embed_dims, depths, num_heads, mlp_ratios, sr_ratios, num_va_layers,
             drop_rate, drop_path_rate, la_init, attn_state, dp_loss_variant, dp_loss_layers, dp_loss_weight,
+            residual_attn_init,
         )  # fmt: skip
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        _check_pool(global_pool, num_classes)
         self.img_size = tuple(img_size)
+        self.dynamic_img_size = bool(dynamic_img_size)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.stem_stride = stem_stride
+        self.sr_ratios = tuple(sr_ratios)
         self.embed_dims = list(embed_dims)
         self.num_va_layers = list(num_va_layers)
         self.residual_attn_downsample = residual_attn_downsample
@@ -421,16 +455,13 @@ class LaViT(nn.Module):
         self.grad_checkpointing = False
 
         total = sum(depths)
-        drop_path = [
-            drop_path_rate * i / max(1, total - 1) for i in range(total)
-        ]  # linear decay rule
+        drop_path = [drop_path_rate * i / max(1, total - 1) for i in range(total)]  # linear rule
         self.stages = nn.ModuleList()
         self.feature_info = []
         in_dim, cursor = in_chans, 0
         for m in range(len(depths)):
-            stride = stem_stride if m == 0 else 2
             reduction = stem_stride * 2**m
-            grid = (img_size[0] // reduction, img_size[1] // reduction)
+            residual = residual_attn_downsample and m > 0
             self.stages.append(
                 LaViTStage(
                     stage_index=m,
@@ -441,13 +472,15 @@ class LaViT(nn.Module):
                     num_heads=num_heads[m],
                     sr_ratio=sr_ratios[m],
                     mlp_ratio=mlp_ratios[m],
-                    stride=stride,
-                    grid=grid,
+                    stride=stem_stride if m == 0 else 2,
+                    grid=(img_size[0] // reduction, img_size[1] // reduction),
                     drop_path=drop_path[cursor : cursor + depths[m]],
                     qkv_bias=qkv_bias,
                     la_init=la_init,
                     attn_state=attn_state,
-                    prev_heads=num_heads[m - 1] if (residual_attn_downsample and m > 0) else None,
+                    prev_heads=num_heads[m - 1] if residual else None,
+                    prev_sr_ratio=sr_ratios[m - 1] if residual else None,
+                    residual_attn_init=residual_attn_init,
                     hand_on_scores=residual_attn_downsample and m < len(depths) - 1,
                 )
             )
@@ -459,11 +492,6 @@ class LaViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        for module in self.modules():  # re-apply the inits that _init_weights overwrote
-            if isinstance(module, AttentionDownsample):
-                module.reset_parameters()
-            elif isinstance(module, LessAttention):
-                module.reset_transforms(la_init)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -477,21 +505,34 @@ class LaViT(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "LaViT does not support TorchScript: its size logic is Python that torch.fx and "
+            "torch.export handle but TorchScript cannot compile; use torch.export.export(model, "
+            "(x,)) or torch.compile(model) instead"
+        )
+
     # --- timm model API -------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Position embeddings and Ψ/Θ: decay would pull Ψ/Θ towards 0, away from reuse."""
-        names = set()
-        for name, _ in self.named_parameters():
-            if name.endswith(("pos_embed", ".psi", ".theta", ".theta_bias", ".gamma")):
-                names.add(name)
-        return names
+        """Position embeddings, Ψ/Θ and γ: decay would pull Ψ/Θ towards 0, away from reuse."""
+        suffixes = ("pos_embed", ".psi", ".theta", ".theta_bias", ".gamma")
+        return {name for name, _ in self.named_parameters() if name.endswith(suffixes)}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise LR decay: stem, then blocks in depth order, then head."""
         return dict(
-            stem=r"^stages\.0\.downsample",
-            blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.blocks\.(\d+)",
+            stem=r"^stages\.0\.(?:downsample|pos_embed)",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
+                # A stage's entry (patch embedding, position embedding, residual downsampling)
+                # goes with its first block, its closing norm with its last.
+                (r"^stages\.(\d+)\.(?:downsample|pos_embed|attn_downsample)", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^stages\.(\d+)\.norm", (99999,)),
+            ],
         )
 
     @torch.jit.ignore
@@ -504,20 +545,28 @@ class LaViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        """A fresh head for ``num_classes`` (0: none), on the model's device and dtype."""
+        pool = self.global_pool if global_pool is None else global_pool
+        _check_pool(pool, num_classes)
+        self.num_classes, self.global_pool = num_classes, pool
+        if num_classes > 0:
+            like = self.stages[-1].norm.weight
+            self.head = nn.Linear(
+                self.num_features, num_classes, device=like.device, dtype=like.dtype
+            )
+            self._init_weights(self.head)
+        else:
+            self.head = nn.Identity()
 
     def _forward_stages(
         self, x: torch.Tensor, collect: Literal["none", "la", "all"] = "none", stages=None
     ) -> tuple[list[torch.Tensor], list[AttentionRecord]]:
         """Runs the stages; returns every stage's output map and the recorded attentions."""
+        x = checked_input(x, self.img_size, self.dynamic_img_size, self.stem_stride, self.sr_ratios)
         features, records = [], []
-        prev_scores, prev_grids = None, None
+        scores = None  # the last attention of the previous stage
         for stage in self.stages if stages is None else stages:
-            x, prev_scores, stage_records = stage(x, prev_scores, prev_grids, collect)
-            prev_grids = (stage.grid, stage.key_grid)
+            x, scores, stage_records = stage(x, scores, collect)
             features.append(x)
             records.extend(stage_records)
         return features, records
@@ -545,23 +594,35 @@ class LaViT(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs at strides stem·(1, 2, 4, 8) (4/8/16/32 by default), for dense tasks."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        """Stage outputs at strides stem·(1, 2, 4, 8) (4/8/16/32 by default), for dense tasks.
+
+        Every stage ends in its own LayerNorm (as in pvt_v2), so ``norm`` changes nothing.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[: max_index + 1] if stop_early else self.stages
         features, _ = self._forward_stages(x, stages=stages)
         intermediates = [features[m] for m in take_indices]
+        if output_fmt == "NHWC":
+            intermediates = [f.permute(0, 2, 3, 1) for f in intermediates]
         return intermediates if intermediates_only else (features[-1], intermediates)
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ):
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices``; the head is removed or re-sized.
+
+        ``prune_norm`` changes nothing (each stage's norm belongs to its output).
+        """
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if max_index < len(self.embed_dims) - 1:
+        if max_index < len(self.stages) - 1:
+            self.stages = self.stages[: max_index + 1]
+            self.feature_info = self.feature_info[: max_index + 1]
+            self.stages[-1].stop_handing_on()
             self.num_features = self.head_hidden_size = self.embed_dims[max_index]
-            self.stages[-1].hand_on_scores = False
+            if not prune_head:  # the old head took the last stage's width
+                self.reset_classifier(self.num_classes)
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
@@ -575,12 +636,10 @@ class LaViT(nn.Module):
         ``collect_attn=True`` records every layer (VA ones computed explicitly instead of fused).
         """
         want_dp = self.dp_loss_weight > 0 if dp_loss is None else dp_loss
-        collect = (
-            "all"
-            if (collect_attn or (want_dp and self.dp_loss_layers == "all"))
-            else ("la" if want_dp else "none")
+        every_layer = collect_attn or (want_dp and self.dp_loss_layers == "all")
+        features, records = self._forward_stages(
+            x, "all" if every_layer else ("la" if want_dp else "none")
         )
-        features, records = self._forward_stages(x, collect)
         logits = self.forward_head(features[-1])
         dp = None
         if want_dp:
@@ -598,129 +657,68 @@ class LaViT(nn.Module):
 
     @torch.no_grad()
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
-        """Re-size the model for another input: resamples position embeddings and Ψ/Θ."""
-        img_size = to_2tuple(img_size)
-        sr_ratios = [self._sr_ratio(s) for s in self.stages]
-        total_stride = self.stem_stride * 2 ** (len(self.stages) - 1)
-        if any(side % total_stride or side < total_stride for side in img_size):
-            raise ValueError(
-                f"img_size {tuple(img_size)} is not allowed: each side must be a positive multiple of {total_stride}"
-            )
-        for m, sr in enumerate(sr_ratios):
-            side = [s // (self.stem_stride * 2**m) for s in img_size]
-            if any(s % sr for s in side):
-                raise ValueError(
-                    f"img_size {tuple(img_size)} gives a {side[0]}×{side[1]} grid in stage {m + 1}, which sr_ratios[{m}] = {sr} does not divide"
-                )
+        """Make ``img_size`` the native size: resamples position embeddings and Ψ/Θ in place."""
+        img_size = tuple(to_2tuple(img_size))
+        problem = input_size_problem(img_size, self.stem_stride, self.sr_ratios)
+        if problem:
+            raise ValueError(f"img_size {img_size} is not allowed: {problem}")
         for m, stage in enumerate(self.stages):
             reduction = self.stem_stride * 2**m
-            new_grid = (img_size[0] // reduction, img_size[1] // reduction)
-            new_key_grid = (new_grid[0] // sr_ratios[m], new_grid[1] // sr_ratios[m])
-            stage.pos_embed = nn.Parameter(
-                resample_abs_pos_embed(
-                    stage.pos_embed, list(new_grid), list(stage.grid), num_prefix_tokens=0
-                )
-            )
-            for block in stage.blocks:
-                if isinstance(block, LABlock):
-                    la = block.attn
-                    la.psi = nn.Parameter(resize_token_mixing(la.psi, stage.grid, new_grid))
-                    la.theta = nn.Parameter(
-                        resize_token_mixing(la.theta, stage.key_grid, new_key_grid)
-                    )
-                    la.theta_bias = nn.Parameter(
-                        resize_token_vector(la.theta_bias, stage.key_grid, new_key_grid)
-                    )
-            stage.grid, stage.key_grid = new_grid, new_key_grid
-        self.img_size = tuple(img_size)
-
-    @staticmethod
-    def _sr_ratio(stage: LaViTStage) -> int:
-        return stage.grid[0] // stage.key_grid[0]
+            grid = (img_size[0] // reduction, img_size[1] // reduction)
+            stage.pos_embed = nn.Parameter(resize_pos_embed(stage.pos_embed, stage.grid, grid))
+            stage.grid = grid
+            for module in stage.modules():
+                if isinstance(module, TokenMixing):
+                    module.resize_(stage.grid, stage.key_grid)
+        self.img_size = img_size
+        cfg = getattr(self, "pretrained_cfg", None)
+        if cfg:  # what timm's data-config resolvers read
+            stride = self.stem_stride * 2 ** (len(self.sr_ratios) - 1)
+            self.pretrained_cfg = self.default_cfg = {
+                **cfg,
+                "input_size": (cfg["input_size"][0], *img_size),
+                "pool_size": (img_size[0] // stride, img_size[1] // stride),
+            }
 
 
-# --- resizing for other input sizes (dense tasks, fine-tuning at another resolution) --------------
+def _check_pool(global_pool: str, num_classes: int) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    if global_pool == "" and num_classes > 0:
+        raise ValueError(
+            "global_pool='' gives unpooled (B, C, h, w) maps, which a classifier cannot take: "
+            "use num_classes=0 with it, or global_pool='avg'"
+        )
 
 
-def resize_token_mixing(weight: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
-    """Resample an N×N token-mixing matrix (Ψ or Θ) as a 4-D (h, w, h, w) kernel, bicubic.
-
-    The input (column) axis is rescaled by N_old/N_new so each row keeps its sum, i.e. a mixing
-    of a constant map stays the same constant.
-    """
-    if tuple(old_grid) == tuple(new_grid):
-        return weight.clone()
-    n_old, n_new = old_grid[0] * old_grid[1], new_grid[0] * new_grid[1]
-    dtype = weight.dtype
-    w = weight.float().reshape(n_old, 1, *old_grid)  # rows × (column grid)
-    w = F.interpolate(w, size=new_grid, mode="bicubic", align_corners=False).reshape(
-        n_old, n_new
-    ) * (n_old / n_new)
-    w = w.t().reshape(n_new, 1, *old_grid)  # new columns × (row grid)
-    w = (
-        F.interpolate(w, size=new_grid, mode="bicubic", align_corners=False)
-        .reshape(n_new, n_new)
-        .t()
-    )
-    return w.contiguous().to(dtype)
-
-
-def resize_token_vector(vector: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
-    if tuple(old_grid) == tuple(new_grid):
-        return vector.clone()
-    v = vector.float().reshape(1, 1, *old_grid)
-    return (
-        F.interpolate(v, size=new_grid, mode="bicubic", align_corners=False)
-        .flatten()
-        .to(vector.dtype)
-    )
-
-
-def _infer_grid(num_tokens: int, like: Grid) -> Grid:
-    """The grid a checkpoint's N tokens came from: square if possible, else the model's aspect."""
-    side = math.isqrt(num_tokens)
-    if side * side == num_tokens:
-        return (side, side)
-    h = round(math.sqrt(num_tokens * like[0] / like[1]))
-    if h > 0 and num_tokens % h == 0:
-        return (h, num_tokens // h)
-    raise ValueError(f"cannot infer the token grid of a checkpoint tensor with {num_tokens} tokens")
+# --- checkpoints at another input size, or from older code ---------------------------------------
 
 
 def checkpoint_filter_fn(
     state_dict: dict[str, torch.Tensor], model: LaViT
 ) -> dict[str, torch.Tensor]:
-    """Adapt a checkpoint trained at another input size: resample pos_embed and Ψ/Θ to ``model``."""
-    state_dict = state_dict.get("state_dict", state_dict.get("model", state_dict))
-    target = model.state_dict()
-    out = {}
-    for key, value in state_dict.items():
-        if key in target and value.shape != target[key].shape and value.ndim >= 1:
-            m = int(key.split(".")[1]) if key.startswith("stages.") else None
-            stage = model.stages[m] if m is not None else None
-            if key.endswith("pos_embed"):
-                old = _infer_grid(value.shape[1], stage.grid)
-                value = resample_abs_pos_embed(
-                    value, list(stage.grid), list(old), num_prefix_tokens=0
-                )
-            elif key.endswith(".psi"):
-                value = resize_token_mixing(
-                    value, _infer_grid(value.shape[0], stage.grid), stage.grid
-                )
-            elif key.endswith(".theta"):
-                value = resize_token_mixing(
-                    value, _infer_grid(value.shape[0], stage.key_grid), stage.key_grid
-                )
-            elif key.endswith(".theta_bias"):
-                value = resize_token_vector(
-                    value, _infer_grid(value.shape[0], stage.key_grid), stage.key_grid
-                )
-        out[key] = value
-    return out
+    """Adapt a checkpoint to ``model``: keys of older code renamed, pos_embed and Ψ/Θ resampled.
+
+    Ψ/Θ are resampled as deviations from the identity (``resize.py``), so identity stays exact.
+    """
+    state = dict(state_dict.get("state_dict", state_dict.get("model", state_dict)))
+    for name, module in model.named_modules():  # parents first: keys renamed, then resampled
+        prefix = f"{name}." if name else ""
+        if isinstance(module, (LessAttention, AttentionDownsample)):
+            upgrade_legacy_keys(module, state, prefix)
+        elif isinstance(module, TokenMixing):
+            module.resize_state(state, prefix)
+        elif isinstance(module, LaViTStage):
+            value = state.get(prefix + "pos_embed")
+            grid = module.grid
+            if value is not None and value.shape[1] != grid[0] * grid[1]:
+                old = infer_grid(value.shape[1], grid)
+                state[prefix + "pos_embed"] = resize_pos_embed(value, old, grid)
+    return state
 
 
 def load_checkpoint_resized(model: LaViT, state_dict: dict[str, torch.Tensor], strict: bool = True):
-    """``model.load_state_dict`` after resampling size-dependent tensors to the model's input size."""
+    """``model.load_state_dict`` after ``checkpoint_filter_fn`` (another size, older code)."""
     return model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=strict)
 
 
@@ -729,11 +727,22 @@ def load_checkpoint_resized(model: LaViT, state_dict: dict[str, torch.Tensor], s
 
 def _create_lavit(variant: str, pretrained: bool = False, **kwargs) -> LaViT:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    # The pretrained config says what this instance accepts: timm's data-config resolvers (and
+    # its tests) read input_size, and fixed_input_size tells them not to feed another size.
+    overlay: dict = dict(fixed_input_size=not kwargs.get("dynamic_img_size", False))
+    if "img_size" in kwargs:
+        h, w = to_2tuple(kwargs["img_size"])
+        stride = kwargs.get("stem_stride", 4) * 2 ** (len(kwargs.get("depths", (0,) * 4)) - 1)
+        overlay.update(
+            input_size=(kwargs.get("in_chans", 3), h, w), pool_size=(h // stride, w // stride)
+        )
+    overlay.update(kwargs.pop("pretrained_cfg_overlay", None) or {})
     return build_model_with_cfg(
         LaViT,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_cfg_overlay=overlay,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         **kwargs,
     )
@@ -746,6 +755,7 @@ def _cfg(**kwargs) -> dict:
             num_classes=1000,
             input_size=(3, 224, 224),
             pool_size=(7, 7),
+            fixed_input_size=True,  # unless dynamic_img_size=True (set per instance)
             crop_pct=0.875,
             interpolation="bicubic",
             mean=(0.485, 0.456, 0.406),

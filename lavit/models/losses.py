@@ -1,4 +1,4 @@
-"""The Diagonality-Preserving (DP) loss of LaViT (SPEC §3).
+"""The Diagonality-Preserving (DP) loss of LaViT (docs/spec.md, DP loss).
 
 Printed in the paper, for an N×N attention matrix A::
 

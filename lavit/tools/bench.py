@@ -44,7 +44,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lavit.analysis.flops import count_model_macs, flop_counter
 from lavit.models.factory import ALL_VA, ModelSpec, create_model, parse_model_name
-from lavit.models.lavit import LABlock
 from lavit.runtime import tune_cpu_runtime
 from lavit.tables import markdown_table, write_csv
 from lavit.tools._cli import add_out_option, fail, non_negative_int, positive_int, tool_parser
@@ -109,7 +108,7 @@ def layer_comparison(
     hooks = []
     for m, stage in enumerate(model.stages):
         for i, block in enumerate(stage.blocks):
-            if isinstance(block, LABlock):
+            if block.kind == "la":
 
                 def capture(module, args, key=(m, i)):
                     inputs[key] = args  # (x (B, N, C), grid, handed attention (B, H, N, N'))
@@ -155,7 +154,7 @@ def _time_va_and_la(
     def tasks(x: torch.Tensor, handed: torch.Tensor) -> dict[str, Callable[[], Any]]:
         return {
             "va_fused": lambda: va(x, grid),
-            "va_scores": lambda: va(x, grid, return_scores=True),
+            "va_scores": lambda: va(x, grid, return_probs=True),
             "la": lambda: la(x, grid, handed),
         }
 

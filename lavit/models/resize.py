@@ -1,0 +1,133 @@
+"""Resampling the size-dependent weights of LaViT to another token grid.
+
+Three kinds of weights depend on the input size: the per-stage position embeddings (one vector
+per token), Ψ/Θ of the Less-Attention layers (token-mixing matrices, N×N over an h×w grid) and
+Θ's bias (one value per key token). All are resampled with one linear operator per grid pair,
+``R`` (N_new × N_old): bicubic interpolation of the h×w grid, antialiased when it shrinks,
+written as a matrix so that a resampled weight is a differentiable matmul and ``R`` can be cached
+per size (``interpolation_matrix``).
+
+A token-mixing matrix is not a smooth kernel: its identity part (exact reuse of the attention it
+is handed) is a delta, which interpolation would smear. So the *deviation from the identity* is
+resampled and the identity added back::
+
+    W_new = I + (N_old / N_new) · R (W_old − I) Rᵀ
+
+``resize(I) == I`` exactly, at any size, and a learned deviation keeps its scale: the factor
+N_old/N_new compensates for the number of input tokens each output token now sums over, so the
+row sums of ``W`` are (up to border effects) resampled, not multiplied.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+Grid = tuple[int, int]
+
+__all__ = [
+    "infer_grid",
+    "interpolation_matrix",
+    "resize_pos_embed",
+    "resize_token_mixing",
+    "resize_token_vector",
+    "token_mixing_deviation",
+]
+
+
+def _axis_matrix(old: int, new: int) -> torch.Tensor:
+    """(new, old) matrix of 1-D bicubic resampling, antialiased when shrinking (float32, CPU)."""
+    # Each old position as a one-hot 1×old "image", resampled along its width. (Along the height
+    # of an old×1 image instead, torch 2.14's antialiased bicubic kernel returns wrong values.)
+    basis = torch.eye(old).reshape(old, 1, 1, old)
+    out = F.interpolate(
+        basis, size=(1, new), mode="bicubic", align_corners=False, antialias=new < old
+    )  # (old, 1, 1, new): row j is the resampled e_j, i.e. column j of R
+    return out.reshape(old, new).t().contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_matrix(old_grid: Grid, new_grid: Grid, device: torch.device) -> torch.Tensor:
+    return _build_matrix(old_grid, new_grid).to(device)
+
+
+def _build_matrix(old_grid: Grid, new_grid: Grid) -> torch.Tensor:
+    # Bicubic resampling is separable, so the 2-D operator on row-major h×w tokens is R_h ⊗ R_w.
+    return torch.kron(
+        _axis_matrix(old_grid[0], new_grid[0]), _axis_matrix(old_grid[1], new_grid[1])
+    )
+
+
+def interpolation_matrix(old_grid: Grid, new_grid: Grid, device=None) -> torch.Tensor:
+    """``R`` (N_new × N_old, float32): ``R @ v`` resamples per-token values ``v`` of an old_grid.
+
+    Cached per (grids, device), so a loop at one size builds it once. Never modify the result.
+    """
+    old_grid, new_grid = (int(old_grid[0]), int(old_grid[1])), (int(new_grid[0]), int(new_grid[1]))
+    if torch.compiler.is_compiling():  # torch.export / torch.compile trace it instead of a cache
+        return _build_matrix(old_grid, new_grid).to(device)
+    return _cached_matrix(old_grid, new_grid, torch.device(device or "cpu"))
+
+
+def _same(a: Grid, b: Grid) -> bool:
+    return a[0] == b[0] and a[1] == b[1]
+
+
+def resize_token_vector(vector: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
+    """A per-token vector (e.g. Θ's bias, (N_old,)) resampled to new_grid: ``R v``."""
+    if _same(old_grid, new_grid):
+        return vector
+    r = interpolation_matrix(old_grid, new_grid, vector.device)  # (N_new, N_old)
+    return (r @ vector.float()).to(vector.dtype)  # (N_new,)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
+    """Position embeddings (1, N_old, C) of an old_grid, resampled to (1, N_new, C)."""
+    if _same(old_grid, new_grid):
+        return pos_embed
+    r = interpolation_matrix(old_grid, new_grid, pos_embed.device)  # (N_new, N_old)
+    return (r @ pos_embed[0].float()).unsqueeze(0).to(pos_embed.dtype)  # (1, N_new, C)
+
+
+def _resize_deviation(deviation: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
+    """``(N_old/N_new) · R D Rᵀ`` for a deviation ``D = W − I`` (N_old × N_old)."""
+    r = interpolation_matrix(old_grid, new_grid, deviation.device)  # (N_new, N_old)
+    n_old, n_new = r.shape[1], r.shape[0]
+    return ((n_old / n_new) * (r @ deviation.float() @ r.t())).to(deviation.dtype)  # (N_new, N_new)
+
+
+def token_mixing_deviation(weight: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
+    """``W − I`` of a token-mixing matrix learned on old_grid, at new_grid (N_new × N_new).
+
+    The form LA layers compute with (``S + (W − I) S``), so identity is exact reuse whatever the
+    matmul precision (TF32, bf16): a zero deviation contributes exactly zero.
+    """
+    eye = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    deviation = weight - eye  # (N_old, N_old)
+    if _same(old_grid, new_grid):
+        return deviation
+    return _resize_deviation(deviation, old_grid, new_grid)
+
+
+def resize_token_mixing(weight: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
+    """A token-mixing matrix (Ψ or Θ) resampled to new_grid: ``I + (N_old/N_new)·R (W − I) Rᵀ``."""
+    deviation = token_mixing_deviation(weight, old_grid, new_grid)
+    eye = torch.eye(deviation.shape[0], dtype=weight.dtype, device=weight.device)
+    return eye + deviation
+
+
+def infer_grid(num_tokens: int, like: Grid) -> Grid:
+    """The grid a checkpoint's N tokens came from: square if possible, else ``like``'s aspect."""
+    side = math.isqrt(num_tokens)
+    if side * side == num_tokens:
+        return (side, side)
+    h = round(math.sqrt(num_tokens * like[0] / like[1]))
+    if h > 0 and num_tokens % h == 0:
+        return (h, num_tokens // h)
+    raise ValueError(
+        f"cannot infer the token grid of a checkpoint tensor with {num_tokens} tokens; resize it "
+        "with lavit.models.resize functions, giving its grid explicitly"
+    )
