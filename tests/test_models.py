@@ -125,7 +125,7 @@ def test_residual_downsampling_changes_next_stage_attention():
 
 
 def test_residual_attn_init_zero_starts_on_and_off_arms_as_the_same_function():
-    on = small_model(residual_attn_downsample=True).eval()  # default residual_attn_init=0
+    on = small_model(residual_attn_downsample=True, residual_attn_init=0.0).eval()
     off = small_model(residual_attn_downsample=False).eval()
     off.load_state_dict(on.state_dict(), strict=False)
     x = torch.randn(2, 3, 32, 32)

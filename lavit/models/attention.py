@@ -169,7 +169,7 @@ class AttentionDownsample(nn.Module):
         out_heads: int,
         in_sr_ratio: int,
         out_sr_ratio: int,
-        gamma_init: float = 0.0,
+        gamma_init: float = 1.0,
     ) -> None:
         super().__init__()
         self.in_sr_ratio, self.out_sr_ratio = in_sr_ratio, out_sr_ratio

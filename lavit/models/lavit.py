@@ -389,8 +389,8 @@ class LaViT(nn.Module):
         stem_stride: stride of the first patch embedding (4 at ImageNet scale).
         residual_attn_downsample: add the downsampled last attention of stage m−1 to stage m's
             first attention scores, scaled by a learnable γ.
-        residual_attn_init: γ's starting value. 0 (default): the residual starts switched off,
-            so the on and off arms of the ablation start as the same function.
+        residual_attn_init: γ's starting value (default 1); 0 starts the residual switched
+            off, so the on and off arms of the ablation start as the same function.
         la_init: Ψ/Θ initialisation, ``"identity"`` (exact reuse at start) or ``"random"``.
         attn_state: what a VA layer hands to the first LA layer: pre-softmax ``"scores"`` or the
             post-softmax ``"probs"`` (the paper's literal reading).
@@ -426,7 +426,7 @@ class LaViT(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
-        residual_attn_init: float = 0.0,
+        residual_attn_init: float = 1.0,
         dynamic_img_size: bool = False,
     ) -> None:
         super().__init__()
