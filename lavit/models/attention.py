@@ -1,4 +1,4 @@
-"""The three attention operators of LaViT (docs/spec.md, Architecture).
+"""The three attention operators of LaViT (docs/spec.md §3.1–§3.3).
 
 * ``VanillaAttention``: spatial-reduction multi-head self-attention (PVT-style) that can hand on
   its pre-softmax scores ``S = Q Kᵀ / √d (+ residual)`` to the layers after it.

@@ -1,4 +1,4 @@
-"""LaViT: a PVT-style pyramid whose stages end in Less-Attention layers (docs/spec.md, Architecture).
+"""LaViT: a PVT-style pyramid whose stages end in Less-Attention layers (docs/spec.md §3).
 
 Blocks → stage → model, as in timm's ``pvt_v2.py``. Each stage m: patch embedding (stride-s
 stem, then conv k=2 s=2), a learnable position embedding, ``num_va_layers[m]`` Vanilla Attention
@@ -376,7 +376,7 @@ def _validate_config(
 class LaViT(nn.Module):
     """LaViT backbone + classifier, with every open choice of the paper as a switch.
 
-    The choices and why are in docs/spec.md (Architecture, DP loss) and the README.
+    The choices and why are in docs/spec.md §3 and the README's model section.
 
     Args:
         img_size: input size (int or (H, W)); fixes the token grids, the position embeddings and

@@ -1,4 +1,4 @@
-"""The Diagonality-Preserving (DP) loss of LaViT (docs/spec.md, DP loss).
+"""The Diagonality-Preserving (DP) loss of LaViT (docs/spec.md §3.4).
 
 Printed in the paper, for an N×N attention matrix A::
 

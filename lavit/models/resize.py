@@ -1,4 +1,4 @@
-"""Resampling the size-dependent weights of LaViT to another token grid.
+"""Resampling the size-dependent weights of LaViT to another token grid (docs/spec.md §3.5).
 
 Three kinds of weights depend on the input size: the per-stage position embeddings (one vector
 per token), Ψ/Θ of the Less-Attention layers (token-mixing matrices, N×N over an h×w grid) and

@@ -1,4 +1,4 @@
-"""How a Less-Attention layer re-parameterises the attention it is handed (docs/spec.md, Architecture).
+"""How a Less-Attention layer re-parameterises the attention it is handed (docs/spec.md §3.2).
 
 A ``TokenMixing`` maps scores ``S`` (B, H, N, N') on an h×w query grid and an h'×w' key grid to
 transformed scores ``S'`` of the same shape. It owns the size-dependent parameters of an LA
