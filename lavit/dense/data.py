@@ -1,0 +1,501 @@
+"""Dense-task data: COCO-format detection and image/mask segmentation, with paired transforms.
+
+Images, boxes and masks go through torchvision ``transforms.v2`` as ``tv_tensors`` together,
+so a flip, resize or crop moves them alike. Images come out as float tensors in [0, 1]; the task
+modules normalise them (and pad them to a multiple of 32, or to a fixed input size, which is
+the model's business, not the data's).
+
+* :class:`DetectionDataModule`: keep-ratio resize to ``scale`` (mmdetection's 1333×800: short
+  side 800, long side ≤ 1333) or to fit a fixed ``canvas``, horizontal flips in training.
+  Batches are ``(list of images, list of targets)``, targets with ``boxes`` (xyxy pixels of the
+  resized image), ``labels``, ``iscrowd``, ``image_id``, ``orig_size`` and ``size``.
+* :class:`SegmentationDataModule`: random resize (ratio range around ``scale``), random crop to
+  ``crop_size`` (padding with the ignore index), flips; evaluation resizes the image only and
+  keeps the original mask, so mIoU is measured at the annotation's resolution.
+
+``source: demo`` builds the offline demo set from the embedded CIFAR-10 images on first use
+(:mod:`lavit.dense.demo`) and reads it through the same COCO and mask-folder readers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from lavit.dense.demo import CIFAR10_CLASSES, build_dense_demo, dense_demo_dir
+from lavit.dense.sources import (
+    BBoxFormat,
+    DenseSourceType,
+    DetectionSplit,
+    SegmentationSplit,
+    check_boxes,
+    decode_image,
+    decode_mask,
+    guess_dense_source_type,
+    load_hf_split,
+    read_coco_split,
+    read_hf_detection,
+    read_hf_segmentation,
+    read_mask_folder_split,
+)
+
+__all__ = [
+    "DetectionDataModule",
+    "DetectionDataset",
+    "KeepRatioResize",
+    "SegmentationDataModule",
+    "SegmentationDataset",
+    "collate_lists",
+]
+
+IGNORE_INDEX = 255
+
+
+def collate_lists(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
+    """``[(image, target), ...]`` → ``([images], [targets])`` (sizes may differ)."""
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+def _collate_segmentation_train(batch):
+    images, masks = zip(*batch, strict=True)
+    return torch.stack(images), torch.stack(masks)
+
+
+def keep_ratio_size(
+    height: int, width: int, scale: tuple[int, int] | None, canvas: tuple[int, int] | None
+) -> tuple[int, int]:
+    """(h, w) after a keep-ratio resize: to fit ``canvas`` (H, W), else mmdetection's ``scale``
+    (long, short): short side to ``short`` unless the long side would pass ``long``."""
+    if canvas is not None:
+        factor = min(canvas[0] / height, canvas[1] / width)
+    elif scale is not None:
+        long, short = max(scale), min(scale)
+        factor = min(long / max(height, width), short / min(height, width))
+    else:
+        return height, width
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+class KeepRatioResize(v2.Transform):
+    """Keep-ratio resize of every input alike (see :func:`keep_ratio_size`)."""
+
+    def __init__(self, scale: tuple[int, int] | None, canvas: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.scale = tuple(scale) if scale else None
+        self.canvas = tuple(canvas) if canvas else None
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        image = next(x for x in flat_inputs if isinstance(x, tv_tensors.Image))
+        return {"size": keep_ratio_size(*image.shape[-2:], self.scale, self.canvas)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(TF.resize, inpt, size=list(params["size"]), antialias=True)
+
+
+def _pil_to_image(image) -> tv_tensors.Image:
+    return tv_tensors.Image(TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True))
+
+
+class DetectionDataset(Dataset):
+    """Decodes image ``i``, checks its boxes against its real size, applies ``transform``."""
+
+    def __init__(self, split: DetectionSplit, transform: v2.Transform, drop_crowd: bool) -> None:
+        self.split = split
+        self.transform = transform
+        self.drop_crowd = drop_crowd  # training ignores crowd regions, as mmdetection does
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        s = self.split
+        pil = decode_image(s.images[i], s.sizes[i])
+        height, width = pil.height, pil.width
+        boxes, labels, crowd = s.boxes[i], s.labels[i], s.iscrowd[i]
+        if s.sizes[i] is None:  # no annotated size: check the boxes against the real one
+            boxes = check_boxes(boxes, (height, width), s.images[i].describe(), "xyxy")
+        if self.drop_crowd:
+            keep = crowd == 0
+            boxes, labels, crowd = boxes[keep], labels[keep], crowd[keep]
+        image = _pil_to_image(pil)
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                format="XYXY",
+                canvas_size=(height, width),
+            ),
+            "labels": torch.as_tensor(labels, dtype=torch.int64),
+            "iscrowd": torch.as_tensor(crowd, dtype=torch.int64),
+        }
+        image, target = self.transform(image, target)
+        target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
+        target["image_id"] = s.image_ids[i]
+        target["orig_size"] = (height, width)
+        target["size"] = tuple(image.shape[-2:])
+        return image.as_subclass(torch.Tensor), target
+
+
+class SegmentationDataset(Dataset):
+    """Decodes image and mask ``i``; training transforms both, evaluation the image only."""
+
+    def __init__(
+        self,
+        split: SegmentationSplit,
+        transform: v2.Transform,
+        train: bool,
+        num_classes: int,
+        reduce_zero_label: bool,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        self.split = split
+        self.transform = transform
+        self.train = train
+        self.num_classes = num_classes
+        self.reduce_zero_label = reduce_zero_label
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def _labels(self, mask: np.ndarray, i: int) -> np.ndarray:
+        if self.reduce_zero_label:  # ADE20K: 0 is "other", not a class
+            mask = np.where(mask == 0, self.ignore_index, mask - 1)
+        bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
+        if bad.any():
+            values = sorted(np.unique(mask[bad]).tolist())[:5]
+            raise ValueError(
+                f"{self.split.masks[i].describe()}: label values {values} are outside 0.."
+                f"{self.num_classes - 1} and not the ignore index {self.ignore_index}; set "
+                "data.num_classes (and data.reduce_zero_label for ADE20K-style masks)"
+            )
+        return mask
+
+    def __getitem__(self, i: int):
+        pil = decode_image(self.split.images[i])
+        mask = self._labels(decode_mask(self.split.masks[i], (pil.height, pil.width)), i)
+        image = _pil_to_image(pil)
+        mask = tv_tensors.Mask(torch.as_tensor(mask, dtype=torch.int64))
+        if self.train:
+            image, mask = self.transform(image, mask)
+        else:
+            image = self.transform(image)  # the mask stays at its own resolution
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+class DenseDataModule(L.LightningDataModule):
+    """Shared options: where the data is, its splits and the loaders."""
+
+    def __init__(
+        self,
+        source: str,
+        source_type: DenseSourceType,
+        train_split: str,
+        val_split: str,
+        test_split: str | None,
+        hub_config: str | None,
+        cache_dir: str | None,
+        image_column: str,
+        batch_size: int,
+        val_batch_size: int,
+        num_workers: int,
+        pin_memory: bool | None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or val_batch_size < 1:
+            raise ValueError("batch_size and val_batch_size must be ≥ 1")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be ≥ 0 (0: load in the main process), got {num_workers}")
+        self.source = source
+        self.source_type = guess_dense_source_type(source) if source_type == "auto" else source_type
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        self.hub_config = hub_config
+        self.cache_dir = cache_dir
+        self.image_column = image_column
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._splits: dict[str, Any] = {}
+        self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def root(self) -> str:
+        """The folder or id read: for ``demo``, the demo set (built on first use)."""
+        if self.source_type == "demo":
+            return str(build_dense_demo(dense_demo_dir(self.cache_dir)))
+        return os.path.expanduser(self.source)
+
+    def _split_names(self) -> list[str]:
+        return list(dict.fromkeys(n for n in (self.train_split, self.val_split, self.test_split) if n))
+
+    def _hf(self, split: str):
+        return load_hf_split(self.root, split, self.source_type, self.hub_config, self.cache_dir)
+
+    def _split(self, name: str):
+        if name not in self._splits:
+            self._splits[name] = self._read_split(name)
+        return self._splits[name]
+
+    def _read_split(self, name: str):
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        # Reads and checks every split's annotations: a bad file stops the run here.
+        for name in self._split_names():
+            self._split(name)
+
+    def _loader(self, name: str, train: bool, collate) -> DataLoader:
+        if name not in self.datasets:
+            raise RuntimeError("call setup() before asking for a DataLoader")
+        return DataLoader(
+            self.datasets[name],
+            batch_size=self.batch_size if train else self.val_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
+        )
+
+
+class DetectionDataModule(DenseDataModule):
+    """COCO-format detection data.
+
+    Args:
+        source: ``demo`` (offline CIFAR-10 demo set), a COCO folder (``annotations/instances_
+            <split>.json`` + ``<split>/`` images), a Hub id with an ``objects`` column
+            (``detection-datasets/coco``), a folder/glob of such parquet files, or a
+            ``save_to_disk`` folder.
+        source_type: how to read ``source``; ``auto`` guesses from it.
+        train_split, val_split, test_split: split names (COCO 2017: ``train2017``, ``val2017``).
+        bbox_format: ``xywh`` (COCO's [x, y, w, h]) or ``xyxy`` corners.
+        scale: keep-ratio resize (long, short) as mmdetection's ``(1333, 800)``.
+        canvas: instead, fit every image inside a fixed (H, W) (for backbones built for one
+            input size; the model pads batches to it); ``None``: batches padded to a multiple
+            of 32 (needs a backbone that takes any size).
+        hflip: horizontal-flip probability in training.
+        num_classes: override the number of classes (default: the annotation's categories).
+        image_column, objects_column: Hugging Face column names.
+        hub_config, cache_dir: Hub dataset configuration and cache folder (also where the demo
+            set is built).
+        batch_size, val_batch_size, num_workers, pin_memory: DataLoader settings (per device).
+    """
+
+    def __init__(
+        self,
+        source: str = "demo",
+        source_type: DenseSourceType = "auto",
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        bbox_format: BBoxFormat = "xywh",
+        scale: tuple[int, int] | None = (1333, 800),
+        canvas: tuple[int, int] | None = None,
+        hflip: float = 0.5,
+        num_classes: int | None = None,
+        image_column: str = "image",
+        objects_column: str = "objects",
+        hub_config: str | None = None,
+        cache_dir: str | None = None,
+        batch_size: int = 2,
+        val_batch_size: int = 2,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__(
+            source, source_type, train_split, val_split, test_split, hub_config, cache_dir,
+            image_column, batch_size, val_batch_size, num_workers, pin_memory,
+        )  # fmt: skip
+        if not 0.0 <= hflip <= 1.0:
+            raise ValueError(f"hflip must be a probability in [0, 1], got {hflip}")
+        if canvas is not None and any(side % 32 or side <= 0 for side in canvas):
+            raise ValueError(
+                f"canvas {list(canvas)} must be positive multiples of 32 (the backbone's stride), "
+                f"e.g. {[max(32, round(s / 32) * 32) for s in canvas]}"
+            )
+        self.bbox_format = bbox_format
+        self.scale, self.canvas = scale, (tuple(canvas) if canvas else None)
+        self.hflip = hflip
+        self._num_classes = num_classes
+        self.objects_column = objects_column
+        resize = KeepRatioResize(scale, self.canvas)
+        sanitize = v2.SanitizeBoundingBoxes(
+            min_size=1.0, labels_getter=lambda inputs: (inputs[1]["labels"], inputs[1]["iscrowd"])
+        )
+        self.train_transform = v2.Compose([v2.RandomHorizontalFlip(hflip), resize, sanitize])
+        self.eval_transform = v2.Compose([resize, v2.ClampBoundingBoxes()])
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The fixed (H, W) the model must pad to, or ``None`` (any multiple of 32)."""
+        return self.canvas
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.source_type == "demo":
+            return list(CIFAR10_CLASSES)
+        names = self._split(self.train_split).class_names
+        if not names:
+            top = max((int(lab.max()) for lab in self._split(self.train_split).labels if len(lab)), default=-1)
+            names = [str(k) for k in range(top + 1)]
+        return names
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes or len(self.class_names)
+
+    def _read_split(self, name: str) -> DetectionSplit:
+        if self.source_type in ("coco", "demo"):
+            split = read_coco_split(self.root, name, self.bbox_format)
+        else:
+            split = read_hf_detection(
+                self._hf(name), name, self.bbox_format, self.image_column, self.objects_column
+            )
+        k = self._num_classes
+        if k is not None:
+            for labels in split.labels:
+                if len(labels) and labels.max() >= k:
+                    raise ValueError(
+                        f"split {name!r} has category {int(labels.max())} but num_classes={k}; "
+                        "raise data.num_classes or leave it unset (the categories decide)"
+                    )
+        return split
+
+    def setup(self, stage: str | None = None) -> None:
+        for name in self._split_names():
+            if name not in self.datasets:
+                train = name == self.train_split
+                transform = self.train_transform if train else self.eval_transform
+                self.datasets[name] = DetectionDataset(self._split(name), transform, drop_crowd=train)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_split, True, collate_lists)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_split, False, collate_lists)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_split or self.val_split, False, collate_lists)
+
+
+class SegmentationDataModule(DenseDataModule):
+    """Semantic segmentation data: image + mask pairs.
+
+    Args:
+        source: ``demo``, ADE20K-style folders (``images/<split>/`` + ``annotations/<split>/``),
+            a Hub id with image and mask columns (``scene_parse_150``), parquet files, or a
+            ``save_to_disk`` folder.
+        num_classes: classes (150 for ADE20K); ``None``: 11 for the demo (background + 10).
+        reduce_zero_label: label 0 means "other" (ignored) and k means class k−1 (ADE20K).
+        ignore_index: label value not scored nor trained on (also the crop padding).
+        scale: the short side images are resized around (evaluation: exactly).
+        ratio_range: training resizes the short side to ``scale × U(ratio_range)``.
+        crop_size: training crop (H, W), padded with ``ignore_index`` where the image is smaller.
+        hflip: horizontal-flip probability in training.
+        mask_column: Hugging Face column of the masks.
+    """
+
+    def __init__(
+        self,
+        source: str = "demo",
+        source_type: DenseSourceType = "auto",
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        num_classes: int | None = None,
+        reduce_zero_label: bool = False,
+        ignore_index: int = IGNORE_INDEX,
+        scale: int = 512,
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        crop_size: tuple[int, int] = (512, 512),
+        hflip: float = 0.5,
+        image_column: str = "image",
+        mask_column: str = "annotation",
+        hub_config: str | None = None,
+        cache_dir: str | None = None,
+        batch_size: int = 4,
+        val_batch_size: int = 1,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__(
+            source, source_type, train_split, val_split, test_split, hub_config, cache_dir,
+            image_column, batch_size, val_batch_size, num_workers, pin_memory,
+        )  # fmt: skip
+        if num_classes is None and self.source_type != "demo":
+            raise ValueError("num_classes must be given for this source (150 for ADE20K)")
+        if not 0 < ratio_range[0] <= ratio_range[1]:
+            raise ValueError(f"ratio_range must be [low, high] with 0 < low <= high, got {list(ratio_range)}")
+        if any(side % 32 or side <= 0 for side in crop_size):
+            raise ValueError(f"crop_size {list(crop_size)} must be positive multiples of 32")
+        self._num_classes = num_classes or len(CIFAR10_CLASSES) + 1
+        self.reduce_zero_label = reduce_zero_label
+        self.ignore_index = ignore_index
+        self.crop_size = tuple(crop_size)
+        self.mask_column = mask_column
+        low, high = (max(1, math.floor(scale * r)) for r in ratio_range)
+        self.train_transform = v2.Compose(
+            [
+                v2.RandomResize(low, high + 1, antialias=True),
+                v2.RandomCrop(
+                    list(crop_size),
+                    pad_if_needed=True,
+                    fill={tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index},
+                ),
+                v2.RandomHorizontalFlip(hflip),
+            ]
+        )
+        self.eval_transform = v2.Resize(scale, antialias=True)
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.source_type == "demo":
+            return ["background", *CIFAR10_CLASSES]
+        return [str(k) for k in range(self.num_classes)]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The training crop: the size a fixed-size backbone is built for."""
+        return self.crop_size
+
+    def _read_split(self, name: str) -> SegmentationSplit:
+        if self.source_type in ("folders", "demo"):
+            return read_mask_folder_split(self.root, name)
+        return read_hf_segmentation(self._hf(name), name, self.image_column, self.mask_column)
+
+    def setup(self, stage: str | None = None) -> None:
+        for name in self._split_names():
+            if name not in self.datasets:
+                train = name == self.train_split
+                self.datasets[name] = SegmentationDataset(
+                    self._split(name),
+                    self.train_transform if train else self.eval_transform,
+                    train,
+                    self.num_classes,
+                    self.reduce_zero_label,
+                    self.ignore_index,
+                )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_split, True, _collate_segmentation_train)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_split, False, collate_lists)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_split or self.val_split, False, collate_lists)
