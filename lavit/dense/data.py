@@ -31,7 +31,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from lavit.dense.demo import CIFAR10_CLASSES, build_dense_demo, dense_demo_dir
+from lavit.dense.demo import DEMO_CLASSES, build_dense_demo, dense_demo_dir
 from lavit.dense.sources import (
     BBoxFormat,
     DenseSourceType,
@@ -344,7 +344,7 @@ class DetectionDataModule(DenseDataModule):
     @property
     def class_names(self) -> list[str]:
         if self.source_type == "demo":
-            return list(CIFAR10_CLASSES)
+            return list(DEMO_CLASSES)
         names = self._split(self.train_split).class_names
         if not names:
             top = max((int(lab.max()) for lab in self._split(self.train_split).labels if len(lab)), default=-1)
@@ -396,7 +396,7 @@ class SegmentationDataModule(DenseDataModule):
         source: ``demo``, ADE20K-style folders (``images/<split>/`` + ``annotations/<split>/``),
             a Hub id with image and mask columns (``scene_parse_150``), parquet files, or a
             ``save_to_disk`` folder.
-        num_classes: classes (150 for ADE20K); ``None``: 11 for the demo (background + 10).
+        num_classes: classes (150 for ADE20K); ``None``: 3 for the demo (background + 2).
         reduce_zero_label: label 0 means "other" (ignored) and k means class k−1 (ADE20K).
         ignore_index: label value not scored nor trained on (also the crop padding).
         scale: the short side images are resized around (evaluation: exactly).
@@ -439,7 +439,7 @@ class SegmentationDataModule(DenseDataModule):
             raise ValueError(f"ratio_range must be [low, high] with 0 < low <= high, got {list(ratio_range)}")
         if any(side % 32 or side <= 0 for side in crop_size):
             raise ValueError(f"crop_size {list(crop_size)} must be positive multiples of 32")
-        self._num_classes = num_classes or len(CIFAR10_CLASSES) + 1
+        self._num_classes = num_classes or len(DEMO_CLASSES) + 1
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = ignore_index
         self.crop_size = tuple(crop_size)
@@ -465,7 +465,7 @@ class SegmentationDataModule(DenseDataModule):
     @property
     def class_names(self) -> list[str]:
         if self.source_type == "demo":
-            return ["background", *CIFAR10_CLASSES]
+            return ["background", *DEMO_CLASSES]
         return [str(k) for k in range(self.num_classes)]
 
     @property
