@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -60,7 +63,7 @@ from lavit.training.pretrained import apply_pretrained_data_config
 from lavit.training.saturation_callback import AttentionSaturation
 from lavit.training.secrets import secret_in_arguments
 
-__all__ = ["TOOL_COMMANDS", "LaViTCLI", "main"]
+__all__ = ["TOOL_COMMANDS", "DenseCLI", "LaViTCLI", "main", "names_task_classes"]
 
 # `lavit <tool> ...` → module:function(argv_after_the_tool_name), imported only when asked for.
 TOOL_COMMANDS = {
@@ -82,7 +85,14 @@ LINKED_OPTIONS = {
 class LaViTCLI(LightningCLI):
     """LightningCLI with the project's defaults: callbacks, run directory, CSV + W&B loggers."""
 
-    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        args: Sequence[str] | None = None,
+        run: bool = True,
+        model_class=LaViTModule,
+        datamodule_class=ImageDataModule,
+        **kwargs,
+    ) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # the module owns its optimizer
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # main() prints one line
@@ -92,7 +102,7 @@ class LaViTCLI(LightningCLI):
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         defaults["callbacks"] = [*callbacks, PreemptionCheckpoint(), StopOtherRanks()]
         kwargs["trainer_defaults"] = defaults
-        super().__init__(LaViTModule, ImageDataModule, args=args, run=run, **kwargs)
+        super().__init__(model_class, datamodule_class, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(WandbOptions, "wandb")
@@ -121,6 +131,9 @@ class LaViTCLI(LightningCLI):
             "checkpoint.dirpath",
             compute_fn=lambda run_dir: os.path.join(run_dir or DEFAULT_RUN_DIR, "checkpoints"),
         )
+        self._add_task_arguments(parser)
+
+    def _add_task_arguments(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.img_size", "model.img_size")
 
@@ -228,6 +241,82 @@ class LaViTCLI(LightningCLI):
         return ""
 
 
+class DenseCLI(LaViTCLI):
+    """The same CLI for the dense tasks: model and data classes named by ``class_path``.
+
+    ``model: {class_path: lavit.dense.RetinaNetModule, init_args: {...}}`` with a
+    ``lavit.dense.DetectionDataModule`` (or ``SemanticFPNModule`` with a
+    ``SegmentationDataModule``); the data's classes and input size are linked to the model, and
+    the best checkpoint follows the model's ``MONITOR`` metric unless the config names another.
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs) -> None:
+        from lavit.dense.data import DenseDataModule
+        from lavit.dense.task import DenseTaskModule
+
+        kwargs.update(subclass_mode_model=True, subclass_mode_data=True)
+        super().__init__(args, run, DenseTaskModule, DenseDataModule, **kwargs)
+
+    def _add_task_arguments(self, parser: LightningArgumentParser) -> None:
+        # No attention figures or saturation table: they read classification models.
+        parser.set_defaults({"attention_maps.num_images": 0, "saturation.num_images": 0})
+        parser.link_arguments(
+            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
+        )
+        parser.link_arguments("data.input_size", "model.init_args.img_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self._subcommand_config()
+        model_class = _import_class(config.model.class_path)
+        monitor = getattr(model_class, "MONITOR", None)
+        if monitor and config.checkpoint.monitor == "val/top1":  # the classification default
+            name = monitor.split("/")[-1]
+            config.checkpoint.monitor = monitor
+            config.checkpoint.filename = f"best-epoch{{epoch:03d}}-{name}{{{monitor}:.4f}}"
+        for group in ("model", "data"):  # plain builtins into checkpoints (read weights-only)
+            init_args = config[group].get("init_args")
+            if init_args is not None:
+                for key, value in vars(init_args).items():
+                    init_args[key] = plain(value)
+        super().before_instantiate_classes()
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ConfigError as err:  # jsonargparse wraps a subclass constructor's error
+            causes = [c for c in re.findall(r"^\s+- (.+)$", str(err), re.M) if "NoneType" not in c]
+            raise ConfigError(causes[0] if causes else str(err)) from err
+
+
+def _import_class(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def names_task_classes(args: Sequence[str]) -> bool:
+    """Whether the command line (or a ``--config`` file) names the model class by ``class_path``.
+
+    Such a run is a dense task (:class:`DenseCLI`); classification configs give the
+    ``LaViTModule`` arguments directly.
+    """
+    for i, arg in enumerate(args):
+        if arg.startswith(("--model=", "--model.class_path")) or arg == "--model":
+            return True
+        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else None
+        if arg.startswith(("--config=", "-c=")):
+            path = arg.split("=", 1)[1]
+        if path is None:
+            continue
+        try:
+            content = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # jsonargparse reports it
+        model = content.get("model") if isinstance(content, dict) else None
+        if isinstance(model, str) or (isinstance(model, dict) and "class_path" in model):
+            return True
+    return False
+
+
 def _as_plain(namespace) -> dict:
     """A jsonargparse Namespace as plain dicts/lists (for loggers and JSON)."""
     config = namespace.clone().as_dict()
@@ -267,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_float32_matmul_precision("high")
     tune_cpu_runtime()  # reuse freed memory, flush denormals (LAVIT_CPU_TUNING=0: off)
     try:
-        LaViTCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv
+        cli_class = DenseCLI if names_task_classes(args) else LaViTCLI
+        cli_class(args=None if argv is None else args)  # None: LightningCLI reads sys.argv
     except SIGTERMException:  # pre-empted: PreemptionCheckpoint saved last.ckpt
         sys.exit(EXIT_PREEMPTED)
     except ArgumentError as err:

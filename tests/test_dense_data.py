@@ -39,7 +39,9 @@ def test_demo_boxes_and_masks_are_exact(demo_cache):
             inside = region[y : y + h, x : x + w]
             # the ellipse touches all four sides of its box; the box holds its whole mask
             # (no two objects overlap, but two objects may share a class: count inside only)
-            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            assert (
+                inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            )
             assert inside.sum() == ann["area"]
             vehicle = ann["cifar10_class"] in ("airplane", "automobile", "ship", "truck")
             assert ann["category_id"] == (1 if vehicle else 2)
@@ -49,7 +51,11 @@ def test_demo_boxes_and_masks_are_exact(demo_cache):
 def test_demo_build_is_deterministic(tmp_path, demo_cache):
     again = build_dense_demo(tmp_path / "again", sizes={"train": 12, "val": 6})
     first = dense_demo_dir(demo_cache)
-    for name in ("annotations/instances_train.json", "train/000003.png", "annotations/val/000005.png"):
+    for name in (
+        "annotations/instances_train.json",
+        "train/000003.png",
+        "annotations/val/000005.png",
+    ):
         assert (again / name).read_bytes() == (first / name).read_bytes()
 
 
@@ -220,7 +226,10 @@ def test_empty_and_unreadable_images_are_named(tmp_path):
 
 def test_missing_split_and_bad_source_are_named(tmp_path):
     root = _coco(tmp_path, [[1, 1, 4, 4]])
-    with pytest.raises(ValueError, match=r"no annotations/instances_val.json for split 'val'.*set data.train_split / data.val_split"):
+    with pytest.raises(
+        ValueError,
+        match=r"no annotations/instances_val.json for split 'val'.*set data.train_split / data.val_split",
+    ):
         DetectionDataModule(str(root), num_workers=0).prepare_data()
     with pytest.raises(OSError, match="no such file or folder"):
         DetectionDataModule(str(tmp_path / "nothing"))
@@ -228,7 +237,9 @@ def test_missing_split_and_bad_source_are_named(tmp_path):
         DetectionDataModule("demo", canvas=(100, 128))
 
 
-def _mask_folder(tmp_path, image_size=(16, 24), mask_size=(16, 24), values=(0, 1), extra_image=False):
+def _mask_folder(
+    tmp_path, image_size=(16, 24), mask_size=(16, 24), values=(0, 1), extra_image=False
+):
     root = tmp_path / "seg"
     for sub in ("images/train", "annotations/train"):
         (root / sub).mkdir(parents=True)
@@ -251,12 +262,20 @@ def _seg(root, **kwargs):
 
 def test_masks_of_another_size_out_of_range_labels_and_unpaired_files_are_named(tmp_path):
     data = _seg(_mask_folder(tmp_path / "a", mask_size=(8, 24)))
-    with pytest.raises(ValueError, match=r"x.png: the mask is 24×8 but its image is 24×16; masks must have their image's size"):
+    with pytest.raises(
+        ValueError,
+        match=r"x.png: the mask is 24×8 but its image is 24×16; masks must have their image's size",
+    ):
         data.datasets["train"][0]
     data = _seg(_mask_folder(tmp_path / "b", values=(0, 7)))
-    with pytest.raises(ValueError, match=r"label values \[7\] are outside 0..2 and not the ignore index 255; set data.num_classes"):
+    with pytest.raises(
+        ValueError,
+        match=r"label values \[7\] are outside 0..2 and not the ignore index 255; set data.num_classes",
+    ):
         data.datasets["train"][0]
-    with pytest.raises(ValueError, match=r"1 image/mask files have no partner \(e.g. y: no mask named y"):
+    with pytest.raises(
+        ValueError, match=r"1 image/mask files have no partner \(e.g. y: no mask named y"
+    ):
         _seg(_mask_folder(tmp_path / "c", extra_image=True))
     with pytest.raises(ValueError, match="num_classes must be given"):
         SegmentationDataModule(str(_mask_folder(tmp_path / "d")))

@@ -12,7 +12,7 @@ from lavit.dense.detection import RetinaNetModule
 from lavit.dense.segmentation import SemanticFPNModule, sliding_windows
 from lavit.dense.task import dense_lr_factor
 from lavit.models import LaViT
-from lavit.training.checkpoint_io import CheckpointError
+from lavit.errors import CheckpointError
 
 # A lavit_tiny-shaped LaViT small enough for CPU tests; LA layers in every stage (Ψ/Θ present).
 TINY_BACKBONE = {
@@ -151,7 +151,9 @@ def test_map_is_measured_in_original_image_coordinates():
         "orig_size": (128, 192),
         "size": SIZE,
     }
-    _detections(module, [{"boxes": truth["boxes"], "scores": torch.ones(1), "labels": truth["labels"]}])
+    _detections(
+        module, [{"boxes": truth["boxes"], "scores": torch.ones(1), "labels": truth["labels"]}]
+    )
     module._evaluate(([torch.zeros(3, *SIZE)], [truth]), module.val_map)
     result = module.val_map.compute()
     assert result["map"] == pytest.approx(1.0)
@@ -231,14 +233,22 @@ def test_backbone_loads_a_224_checkpoint_at_another_input_size(tmp_path, layout)
         saved = raw
     else:
         state = {f"model.{k}": v * 0 for k, v in raw.items()} if layout.endswith("ema") else {}
-        state.update({f"{'ema.module' if layout.endswith('ema') else 'model'}.{k}": v for k, v in raw.items()})
+        state.update(
+            {
+                f"{'ema.module' if layout.endswith('ema') else 'model'}.{k}": v
+                for k, v in raw.items()
+            }
+        )
         saved = {"state_dict": state, "hyper_parameters": {"arch": "lavit_tiny"}}
     path = tmp_path / "cls.ckpt"
     torch.save(saved, path)
 
     backbone = DenseBackbone("lavit_tiny", (8, 16, 32), SIZE, 0.0, TINY_BACKBONE)
     report = backbone.load_checkpoint(str(path))
-    assert report.prefix == {"plain": "", "lightning": "model.", "lightning+ema": "ema.module."}[layout]
+    assert (
+        report.prefix
+        == {"plain": "", "lightning": "model.", "lightning+ema": "ema.module."}[layout]
+    )
     assert report.dropped == ["head.weight", "head.bias"]
     assert any(k.endswith("pos_embed") for k in report.converted)
     assert any(k.endswith(".psi") for k in report.converted)
@@ -255,7 +265,9 @@ def test_backbone_loads_a_224_checkpoint_at_another_input_size(tmp_path, layout)
 def test_backbone_checkpoint_of_another_model_is_a_clear_error(tmp_path):
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"model.stages.0.pos_embed": torch.zeros(1, 4, 8)}}, path)
-    with pytest.raises(CheckpointError, match=r"does not fit backbone arch='lavit_tiny'.*missing.*same arch"):
+    with pytest.raises(
+        CheckpointError, match=r"does not fit backbone arch='lavit_tiny'.*missing.*same arch"
+    ):
         _detector(backbone_checkpoint=str(path))
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         _detector(backbone_checkpoint=str(tmp_path / "missing.ckpt"))

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from lavit.models.lavit import LaViT, checkpoint_filter_fn
-from lavit.training.checkpoint_io import CheckpointError, load_checkpoint_file
+from lavit.errors import CheckpointError
+from lavit.training.checkpoint_io import load_checkpoint_file
 
 __all__ = ["BackboneLoadReport", "DenseBackbone", "classifier_state_dict"]
 
@@ -78,7 +79,9 @@ class DenseBackbone(nn.Module):
         kwargs.update(num_classes=0, drop_path_rate=drop_path_rate)
         self.is_lavit = arch.startswith("lavit_")
         if img_size is not None and self.is_lavit:
-            kwargs["img_size"] = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
+            kwargs["img_size"] = (
+                tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
+            )
         try:
             body = timm.create_model(arch, pretrained=False, **kwargs)
         except TypeError as err:

@@ -214,7 +214,9 @@ class DenseDataModule(L.LightningDataModule):
         if batch_size < 1 or val_batch_size < 1:
             raise ValueError("batch_size and val_batch_size must be ≥ 1")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be ≥ 0 (0: load in the main process), got {num_workers}")
+            raise ValueError(
+                f"num_workers must be ≥ 0 (0: load in the main process), got {num_workers}"
+            )
         self.source = source
         self.source_type = guess_dense_source_type(source) if source_type == "auto" else source_type
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
@@ -236,7 +238,9 @@ class DenseDataModule(L.LightningDataModule):
         return os.path.expanduser(self.source)
 
     def _split_names(self) -> list[str]:
-        return list(dict.fromkeys(n for n in (self.train_split, self.val_split, self.test_split) if n))
+        return list(
+            dict.fromkeys(n for n in (self.train_split, self.val_split, self.test_split) if n)
+        )
 
     def _hf(self, split: str):
         return load_hf_split(self.root, split, self.source_type, self.hub_config, self.cache_dir)
@@ -347,7 +351,10 @@ class DetectionDataModule(DenseDataModule):
             return list(DEMO_CLASSES)
         names = self._split(self.train_split).class_names
         if not names:
-            top = max((int(lab.max()) for lab in self._split(self.train_split).labels if len(lab)), default=-1)
+            top = max(
+                (int(lab.max()) for lab in self._split(self.train_split).labels if len(lab)),
+                default=-1,
+            )
             names = [str(k) for k in range(top + 1)]
         return names
 
@@ -377,7 +384,9 @@ class DetectionDataModule(DenseDataModule):
             if name not in self.datasets:
                 train = name == self.train_split
                 transform = self.train_transform if train else self.eval_transform
-                self.datasets[name] = DetectionDataset(self._split(name), transform, drop_crowd=train)
+                self.datasets[name] = DetectionDataset(
+                    self._split(name), transform, drop_crowd=train
+                )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_split, True, collate_lists)
@@ -436,7 +445,9 @@ class SegmentationDataModule(DenseDataModule):
         if num_classes is None and self.source_type != "demo":
             raise ValueError("num_classes must be given for this source (150 for ADE20K)")
         if not 0 < ratio_range[0] <= ratio_range[1]:
-            raise ValueError(f"ratio_range must be [low, high] with 0 < low <= high, got {list(ratio_range)}")
+            raise ValueError(
+                f"ratio_range must be [low, high] with 0 < low <= high, got {list(ratio_range)}"
+            )
         if any(side % 32 or side <= 0 for side in crop_size):
             raise ValueError(f"crop_size {list(crop_size)} must be positive multiples of 32")
         self._num_classes = num_classes or len(DEMO_CLASSES) + 1

@@ -86,7 +86,10 @@ def _place(rng: np.random.Generator, boxes: list, size: tuple[int, int], canvas:
     w, h = size
     for _ in range(50):
         x0, y0 = int(rng.integers(0, canvas - w + 1)), int(rng.integers(0, canvas - h + 1))
-        if all(x0 >= bx + bw or bx >= x0 + w or y0 >= by + bh or by >= y0 + h for bx, by, bw, bh in boxes):
+        if all(
+            x0 >= bx + bw or bx >= x0 + w or y0 >= by + bh or by >= y0 + h
+            for bx, by, bw, bh in boxes
+        ):
             return x0, y0, w, h
     return None
 

@@ -149,7 +149,10 @@ def check_boxes(
             )
         t = BOX_TOLERANCE_PX
         outside = (
-            (xyxy[:, 0] < -t) | (xyxy[:, 1] < -t) | (xyxy[:, 2] > width + t) | (xyxy[:, 3] > height + t)
+            (xyxy[:, 0] < -t)
+            | (xyxy[:, 1] < -t)
+            | (xyxy[:, 2] > width + t)
+            | (xyxy[:, 3] > height + t)
         )
         if outside.any():
             i = int(np.flatnonzero(outside)[0])
@@ -248,9 +251,7 @@ def load_hf_split(
     path = Path(source).expanduser()
     if path.is_dir():  # <split>-*.parquet or <split>/*.parquet, at the top or under data/
         patterns = [f"{split}-*.parquet", f"{split}.parquet", f"{split}/*.parquet"]
-        files = sorted(
-            f for p in patterns for base in (path, path / "data") for f in base.glob(p)
-        )
+        files = sorted(f for p in patterns for base in (path, path / "data") for f in base.glob(p))
     else:
         files = sorted(glob.glob(os.path.expanduser(source)))
     if not files:
@@ -335,7 +336,9 @@ def read_hf_detection(
             )
     names = _category_names(dataset.features[objects_column])
     images = dataset.cast_column(image_column, datasets.Image(decode=False))
-    columns = [objects_column] + [c for c in ("width", "height", "image_id") if c in dataset.column_names]
+    columns = [objects_column] + [
+        c for c in ("width", "height", "image_id") if c in dataset.column_names
+    ]
     table = dataset.select_columns(columns).to_dict()
     out = DetectionSplit(split, [], [], [], [], [], [], names)
     for i, objects in enumerate(table[objects_column]):
@@ -391,7 +394,9 @@ def read_mask_folder_split(
                 f"{root}: no folder {folder.relative_to(root)}/ for split {split!r}; expected "
                 f"{images_subdir}/{split}/ (images) and {masks_subdir}/{split}/ (masks)"
             )
-    images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    images = {
+        p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS
+    }
     masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
     if not images:
         raise ValueError(f"{image_dir}: no images")

@@ -21,6 +21,7 @@ from timm.optim import param_groups_weight_decay
 from torch.optim.lr_scheduler import LambdaLR
 
 from lavit.dense.backbone import DenseBackbone
+from lavit.errors import CheckpointError
 
 __all__ = ["DenseTaskModule", "LRSchedule", "dense_lr_factor"]
 
@@ -72,7 +73,13 @@ class DenseTaskModule(L.LightningModule):
             model_kwargs=hp.backbone_kwargs,
         )
         if hp.backbone_checkpoint:
-            report = backbone.load_checkpoint(hp.backbone_checkpoint)
+            try:
+                report = backbone.load_checkpoint(hp.backbone_checkpoint)
+            except CheckpointError as err:
+                message = str(err)
+                if not message.startswith("--model.backbone_checkpoint"):
+                    message = f"--model.backbone_checkpoint: {message}"
+                raise CheckpointError(message) from None
             rank_zero_info(
                 f"backbone: {report.loaded} tensors from {report.path}"
                 f"{f' (under {report.prefix!r})' if report.prefix else ''}; converted to this "
@@ -127,4 +134,3 @@ class DenseTaskModule(L.LightningModule):
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return (images - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
-
