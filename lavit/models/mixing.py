@@ -40,6 +40,8 @@ __all__ = [
     "TokenMixing",
     "make_mixing",
     "nearest_kronecker",
+    "deviation_1d",
+    "deviation_2d",
     "resize_mixing_1d",
     "resize_mixing_2d",
 ]
@@ -58,31 +60,45 @@ def _resize_image(x: torch.Tensor, size: Grid) -> torch.Tensor:
     )[0]
 
 
-def resize_mixing_1d(weight: torch.Tensor, size: int) -> torch.Tensor:
-    """An n×n mixing over a line of tokens, for ``size`` tokens: ``I + (n/size)·resize(W − I)``.
+def _eye_like(weight: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    return torch.eye(n or weight.shape[0], dtype=weight.dtype, device=weight.device)
 
-    The identity maps to the identity exactly; a deviation is resampled as an image, its column
-    axis scaled so that mixing a constant line keeps (to first order) its value.
-    """
+
+def deviation_1d(weight: torch.Tensor, size: int) -> torch.Tensor:
+    """``W − I`` of an n×n mixing over a line of tokens, for ``size`` tokens:
+    ``(n/size)·resize(W − I)`` (the deviation is resampled as an image, its column axis scaled
+    so that mixing a constant line keeps, to first order, its value). Zero stays zero."""
     n = weight.shape[0]
+    delta = weight - _eye_like(weight)
     if n == size:
-        return weight
-    eye_old = torch.eye(n, dtype=weight.dtype, device=weight.device)
-    eye_new = torch.eye(size, dtype=weight.dtype, device=weight.device)
-    delta = _resize_image((weight - eye_old)[None].float(), (size, size))[0].to(weight.dtype)
-    return eye_new + delta * (n / size)
+        return delta
+    return _resize_image(delta[None].float(), (size, size))[0].to(weight.dtype) * (n / size)
+
+
+def resize_mixing_1d(weight: torch.Tensor, size: int) -> torch.Tensor:
+    """An n×n mixing over a line of tokens, for ``size`` tokens: ``I + deviation_1d``."""
+    return (
+        weight if weight.shape[0] == size else _eye_like(weight, size) + deviation_1d(weight, size)
+    )
+
+
+def deviation_2d(weight: torch.Tensor, old: Grid, new: Grid) -> torch.Tensor:
+    """``W − I`` of an N×N mixing over an h×w grid, for another grid (the deviation as a 4-D
+    (h, w, h, w) kernel resized, column axis scaled by N_old/N_new). Zero stays zero."""
+    delta = weight - _eye_like(weight)
+    if tuple(old) == tuple(new):
+        return delta
+    n_old, n_new = old[0] * old[1], new[0] * new[1]
+    delta = _resize_image(delta.float().reshape(n_old, *old), new).reshape(n_old, n_new)  # cols
+    delta = _resize_image(delta.t().reshape(n_new, *old), new).reshape(n_new, n_new).t()  # rows
+    return delta.to(weight.dtype) * (n_old / n_new)
 
 
 def resize_mixing_2d(weight: torch.Tensor, old: Grid, new: Grid) -> torch.Tensor:
-    """An N×N mixing over an h×w grid, for another grid (the 4-D (h, w, h, w) kernel resized)."""
+    """An N×N mixing over an h×w grid, for another grid: ``I + deviation_2d``."""
     if tuple(old) == tuple(new):
         return weight
-    n_old, n_new = old[0] * old[1], new[0] * new[1]
-    delta = weight - torch.eye(n_old, dtype=weight.dtype, device=weight.device)
-    delta = _resize_image(delta.float().reshape(n_old, *old), new).reshape(n_old, n_new)  # cols
-    delta = _resize_image(delta.t().reshape(n_new, *old), new).reshape(n_new, n_new).t()  # rows
-    eye = torch.eye(n_new, dtype=weight.dtype, device=weight.device)
-    return eye + delta.to(weight.dtype) * (n_old / n_new)
+    return _eye_like(weight, new[0] * new[1]) + deviation_2d(weight, old, new)
 
 
 def resize_token_map(vector: torch.Tensor, old: Grid, new: Grid) -> torch.Tensor:
@@ -111,10 +127,13 @@ def nearest_kronecker(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, t
 
 
 # ------------------------------------------------------------------------------------ forms
-def _apply_matrix(x: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
+# Every form computes ``x + (W − I)·x``: the same products as ``W·x``, but an identity (zero
+# deviation) reproduces ``x`` exactly in any matmul precision (TF32 and bf16 round the inputs of
+# a GEMM, so ``I·x`` would not be exact there).
+def _add_mixed(x: torch.Tensor, delta: torch.Tensor, dim: int) -> torch.Tensor:
     if dim == -2:
-        return torch.einsum("qn,bhnk->bhqk", weight, x)  # one (N, N) × (N, B·H·K) GEMM
-    return torch.einsum("bhnk,pk->bhnp", x, weight)  # one (B·H·N, K) × (K, K) GEMM
+        return x + torch.einsum("qn,bhnk->bhqk", delta, x)  # one (N, N) × (N, B·H·K) GEMM
+    return x + torch.einsum("bhnk,pk->bhnp", x, delta)  # one (B·H·N, K) × (K, K) GEMM
 
 
 class TokenMixing(nn.Module):
@@ -162,7 +181,7 @@ class DenseMixing(TokenMixing):
         self.weight.copy_(resize_mixing_2d(weight.to(self.weight), grid, self.grid))
 
     def forward(self, x: torch.Tensor, grid: Grid, dim: int) -> torch.Tensor:
-        return _apply_matrix(x, resize_mixing_2d(self.weight, self.grid, grid), dim)
+        return _add_mixed(x, deviation_2d(self.weight, self.grid, grid), dim)
 
 
 class SeparableMixing(TokenMixing):
@@ -195,16 +214,16 @@ class SeparableMixing(TokenMixing):
 
     def forward(self, x: torch.Tensor, grid: Grid, dim: int) -> torch.Tensor:
         h, w = grid
-        a, b = resize_mixing_1d(self.weight_h, h), resize_mixing_1d(self.weight_w, w)
+        da, db = deviation_1d(self.weight_h, h), deviation_1d(self.weight_w, w)
         B, H, N, K = x.shape
         if dim == -2:
             x = x.reshape(B, H, h, w, K)  # (B, H, h, w, K): the query axis as its grid
-            x = torch.einsum("ai,bhiwk->bhawk", a, x)  # rows
-            x = torch.einsum("cj,bhajk->bhack", b, x)  # columns
+            x = x + torch.einsum("ai,bhiwk->bhawk", da, x)  # W_h on the rows
+            x = x + torch.einsum("cj,bhajk->bhack", db, x)  # W_w on the columns
             return x.reshape(B, H, N, K)
         x = x.reshape(B, H, N, h, w)  # (B, H, N, h', w'): the key axis as its grid
-        x = torch.einsum("bhnij,ai->bhnaj", x, a)
-        x = torch.einsum("bhnaj,cj->bhnac", x, b)
+        x = x + torch.einsum("bhnij,ai->bhnaj", x, da)
+        x = x + torch.einsum("bhnaj,cj->bhnac", x, db)
         return x.reshape(B, H, N, K)
 
 
@@ -229,8 +248,9 @@ class PooledMixing(TokenMixing):
         self.weight.copy_(resize_mixing_2d(weight.to(self.weight), grid, self.pool_grid))
 
     def forward(self, x: torch.Tensor, grid: Grid, dim: int) -> torch.Tensor:
-        if tuple(grid) == self.pool_grid:
-            return _apply_matrix(x, self.weight, dim)
+        delta = self.weight - _eye_like(self.weight)
+        if tuple(grid) == self.pool_grid:  # Pool and Up are identities: exactly W·x
+            return _add_mixed(x, delta, dim)
         B, H, N, K = x.shape
         h, w = grid
         ph, pw = self.pool_grid
@@ -239,9 +259,9 @@ class PooledMixing(TokenMixing):
         else:
             maps = x.reshape(B * H, N, h, w)  # (B·H, N, h', w')
         pooled = F.adaptive_avg_pool2d(maps, (ph, pw)).flatten(2)  # (B·H, C, P)
-        delta = pooled @ (self.weight - torch.eye(ph * pw, dtype=x.dtype, device=x.device)).t()
+        mixed = pooled @ delta.t()  # (B·H, C, P): (W − I) on the pooled grid
         up = F.interpolate(
-            delta.reshape(B * H, -1, ph, pw), size=(h, w), mode="bilinear", align_corners=False
+            mixed.reshape(B * H, -1, ph, pw), size=(h, w), mode="bilinear", align_corners=False
         ).flatten(2)  # (B·H, C, N)
         if dim == -2:
             return x + up.reshape(B, H, K, N).transpose(-1, -2)
