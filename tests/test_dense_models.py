@@ -11,8 +11,8 @@ from lavit.dense.backbone import DenseBackbone, classifier_state_dict
 from lavit.dense.detection import RetinaNetModule
 from lavit.dense.segmentation import SemanticFPNModule, sliding_windows
 from lavit.dense.task import dense_lr_factor
-from lavit.models import LaViT
 from lavit.errors import CheckpointError
+from lavit.models import LaViT
 
 # A lavit_tiny-shaped LaViT small enough for CPU tests; LA layers in every stage (Ψ/Θ present).
 TINY_BACKBONE = {

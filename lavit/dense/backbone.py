@@ -19,8 +19,8 @@ import timm
 import torch
 from torch import nn
 
-from lavit.models.lavit import LaViT, checkpoint_filter_fn
 from lavit.errors import CheckpointError
+from lavit.models.lavit import LaViT, checkpoint_filter_fn
 from lavit.training.checkpoint_io import load_checkpoint_file
 
 __all__ = ["BackboneLoadReport", "DenseBackbone", "classifier_state_dict"]
