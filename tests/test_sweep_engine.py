@@ -4,6 +4,7 @@ file's ``early_terminate`` (hyperband) carried out by the engine's own ``stop_ru
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import textwrap
 import types
@@ -15,6 +16,7 @@ from conftest import REPO
 
 from lavit.tools import report, sweep
 from lavit.tools.sweep import load_state
+from lavit.tools.sweep_status import LiveStatus, format_duration, sweep_eta
 
 # Stands in for `python -m lavit fit`: one val/top1 row per epoch, flushed as it goes, 0.2 s per
 # epoch; the run's level is 0.8 - (x - 0.3)^2, reached from below.
@@ -26,6 +28,7 @@ PROGRESSIVE_TRAIN = textwrap.dedent(
     run_dir = args["trainer.default_root_dir"]
     os.makedirs(run_dir + "/version_0")
     open(run_dir + "/gpus.txt", "w").write(os.environ["CUDA_VISIBLE_DEVICES"])
+    open(run_dir + "/version_0/config.yaml", "w").write(f"trainer:\\n  max_epochs: {epochs}\\n")
     level = 0.8 - (x - 0.3) ** 2
     with open(run_dir + "/version_0/metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -133,3 +136,49 @@ def test_a_device_slot_can_hold_several_gpus(tmp_path):
     runs = load_state(sweep_dir).runs
     assert [run.device for run in runs] == ["0+1", "2+3"]
     assert [(sweep_dir / run.run_dir / "gpus.txt").read_text() for run in runs] == ["0,1", "2,3"]
+
+
+def test_status_lines_off_a_terminal(tmp_path, capsys):
+    """Not a terminal (pytest captures stdout): plain status lines every --status-every seconds,
+    a summary (runs done of the total, ETA) and one line per slot (run k of N, its setting,
+    epoch of max_epochs, the latest val/top1, its time); no escape codes."""
+    sweep_file = write_sweep(tmp_path, [0.3, 0.2, 0.0])
+    sweep_dir = tmp_path / "sweep"
+    args = [str(sweep_file), "--sweep-dir", str(sweep_dir), "--devices", "cpu,cpu"]
+    assert sweep.main([*args, "--status-every", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out
+    summaries = [line for line in out.splitlines() if line.startswith("[sweep] hyperband-sweep:")]
+    slots = [line for line in out.splitlines() if line.startswith("[sweep]   cpu: run ")]
+    assert summaries[0].startswith("[sweep] hyperband-sweep: 0 of 3 runs done, 2 running, ")
+    assert any("runs done, 1 running" in line and "ETA ?" not in line for line in summaries)
+    assert any(line.startswith("[sweep]   cpu: run 3 of 3 (model.x=0.0): epoch ") for line in slots)
+    # Mid-run: the epoch reached of the run's max_epochs and its latest val/top1 (level 0.8
+    # - (x - 0.3)^2, approached from below).
+    mid = [line for line in slots if "run 1 of 3 (model.x=0.3): epoch " in line and "/8" in line]
+    assert mid and all(", val/top1 " in line for line in mid)
+    values = [float(line.split("val/top1 ")[1].split(",")[0]) for line in mid if "- ," not in line]
+    assert values and all(0.75 <= v < 0.8 for v in values)
+    assert len(slots) >= 6  # every 0.3 s for two slots over ~2 s of runs
+
+
+def test_status_block_is_redrawn_in_place_on_a_terminal():
+    stream = io.StringIO()
+    status = LiveStatus(stream, tty=True)
+    status.show(["[sweep] a", "[sweep]   cpu: run 1"])
+    status.log("[sweep] run-000 finished")  # above the block, which is drawn again
+    status.show(["[sweep] b"], force=True)
+    text = stream.getvalue()
+    assert text.count("\x1b[2F") == 4  # up over the 2-line block: erase, then back; twice
+    assert text.endswith("\x1b[2K[sweep] b\n")
+    assert "\x1b[2K[sweep] run-000 finished\n\x1b[2K[sweep] a\n" in text
+
+
+def test_sweep_eta_and_durations():
+    # One finished run of 100 s; one half done after 50 s, one just started: 2 slots, 4 runs.
+    assert sweep_eta(4, 3, [100.0], [(50.0, 0.5), (10.0, None)], 2) == pytest.approx(120.0)
+    assert (
+        sweep_eta(None, 1, [100.0], [], 1) is None and sweep_eta(3, 1, [], [(5, None)], 1) is None
+    )
+    assert sweep_eta(2, 1, [], [(30.0, 0.25)], 1) == pytest.approx(90.0 + 120.0)
+    assert [format_duration(s) for s in (5, 125, 3725, None)] == ["0:05", "2:05", "1:02:05", "?"]

@@ -16,6 +16,9 @@
   every few seconds, and a run the engine marks is stopped (SIGTERM: ``lavit fit`` saves
   ``last.ckpt``) and recorded as ``stopped``. Its iterations are the logged values of the sweep
   metric, one per validation (per epoch, by default).
+* While runs train, a status block shows the sweep (runs done of the total, ETA) and one line per
+  device slot (run k of N, its setting, epoch, latest ``val/top1``): redrawn in place on a
+  terminal, printed as plain lines every ``--status-every`` seconds elsewhere (``sweep_status``).
 * ``lavit sweep`` needs the ``sweeps`` package, an optional extra: ``pip install 'lavit[sweep]'``.
 * The sweep's state lives in ``<sweep dir>/sweep_state.json`` (written atomically after every
   change): running the same command again resumes the sweep, skipping finished and failed runs and
@@ -47,6 +50,7 @@ import yaml
 
 from lavit.errors import EXIT_INTERRUPTED
 from lavit.tools._cli import fail, positive_int, tool_parser
+from lavit.tools.sweep_status import LiveStatus, format_duration, run_progress, sweep_eta
 
 __all__ = [
     "RunRecord",
@@ -335,7 +339,9 @@ class SweepRunner:
         overrides: list[str],
         retry_failed: bool = False,
         configs: list[str] | None = None,
+        status: LiveStatus | None = None,
     ) -> None:
+        self.status = status or LiveStatus()
         self.sweep_file = sweep_file
         self.sweep_dir = sweep_dir
         self.devices = devices
@@ -374,10 +380,9 @@ class SweepRunner:
                 f"{state.configs or 'of the sweep file'}); pass another --sweep-dir to start a new one"
             )
         if overrides and overrides != state.overrides:
-            print(
+            self.status.log(
                 f"[sweep] overrides changed from {state.overrides} to {overrides}: "
-                "runs from now on use the new ones",
-                flush=True,
+                "runs from now on use the new ones"
             )
             state.overrides = list(overrides)
         for run in state.runs:
@@ -385,7 +390,7 @@ class SweepRunner:
             if run.state == "running" or (self.retry_failed and run.state == "failed"):
                 run.state = "pending"
         done = sum(run.state in DONE_STATES for run in state.runs)
-        print(f"[sweep] resuming {self.sweep_dir}: {done} run(s) done, skipping them", flush=True)
+        self.status.log(f"[sweep] resuming {self.sweep_dir}: {done} run(s) done, skipping them")
         save_state(state, self.sweep_dir)
         return state
 
@@ -456,9 +461,8 @@ class SweepRunner:
         log = open(run_dir / RUN_LOG, "w", encoding="utf-8")  # noqa: SIM115 (closed in _finish)
         log.write("$ " + " ".join(record.command) + "\n")
         log.flush()
-        print(
-            f"[sweep] {record.name} on {device}: {format_values(run_values(record.config))}",
-            flush=True,
+        self.status.log(
+            f"[sweep] {record.name} on {device}: {format_values(run_values(record.config))}"
         )
         # Its own session, so that stopping the sweep stops the run's whole process group.
         process = subprocess.Popen(
@@ -494,9 +498,8 @@ class SweepRunner:
             else f"exit code {exitcode}, log: {self.sweep_dir / record.run_dir / RUN_LOG}"
         )
         shown_state = "stopped early" if record.state == STOPPED else record.state
-        print(
-            f"[sweep] {record.name} {shown_state} in {record.duration_s:.0f} s ({outcome})",
-            flush=True,
+        self.status.log(
+            f"[sweep] {record.name} {shown_state} in {record.duration_s:.0f} s ({outcome})"
         )
         save_state(self.state, self.sweep_dir)
 
@@ -541,9 +544,72 @@ class SweepRunner:
             run.stop_requested = True
             lines = (engine_run.early_terminate_info or {}).get("lines") or []
             reason = next((line for line in lines if line.startswith("Run:")), "")
-            print(f"[sweep] {run.record.name}: stopped early by hyperband ({reason})", flush=True)
+            self.status.log(f"[sweep] {run.record.name}: stopped early by hyperband ({reason})")
             with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
                 os.killpg(run.process.pid, signal.SIGTERM)
+
+    # -- status ----------------------------------------------------------------------------------
+    def _total_runs(self) -> int | None:
+        """Runs the sweep will have when this invocation ends (``None``: unknown)."""
+        config = self.state.sweep_config
+        total: float = math.inf
+        if config.get("method") == "grid":
+            total = 1
+            for spec in (config.get("parameters") or {}).values():
+                if "values" in spec:
+                    total *= len(spec["values"])
+                elif "value" not in spec:
+                    return None  # nested parameters: the engine knows, not this count
+        if config.get("run_cap") is not None:
+            total = min(total, config["run_cap"])
+        if self.count is not None:
+            total = min(total, self._started_before + self.count)
+        return None if math.isinf(total) else int(total)
+
+    def _status_lines(self, active: dict[int, _ActiveRun]) -> list[str]:
+        """The sweep's summary line, then one line per device slot."""
+        now = time.monotonic()
+        metric = self.state.metric_name
+        total = self._total_runs()
+        runs = self.state.runs
+        counts = {s: sum(r.state == s for r in runs) for s in DONE_STATES}
+        lines, running = [], []
+        for slot, device in enumerate(self.devices):
+            run = active.get(slot)
+            if run is None:
+                lines.append(f"[sweep]   {device}: idle")
+                continue
+            record, elapsed = run.record, now - run.started
+            progress = run_progress(
+                read_metric_history(self.sweep_dir / record.run_dir),
+                self.sweep_dir / record.run_dir,
+                metric,
+            )
+            running.append((elapsed, progress.fraction))
+            index = int(record.name.rsplit("-", 1)[-1]) + 1
+            epoch = (
+                "epoch ?"
+                if progress.epoch is None
+                else f"epoch {progress.epoch}/{progress.max_epochs or '?'}"
+            )
+            value = f"{progress.top1:.4f}" if progress.top1 is not None else "-"
+            lines.append(
+                f"[sweep]   {device}: run {index} of {total or '?'} "
+                f"({format_values(run_values(record.config))}): {epoch}, {metric} {value}, "
+                f"{format_duration(elapsed)}"
+            )
+        finished = [r.duration_s for r in runs if r.state == "finished" and r.duration_s]
+        started = sum(r.state != "pending" for r in runs)
+        eta = sweep_eta(total, started, finished, running, len(self.devices))
+        done = sum(counts.values())
+        apart = ", ".join(f"{n} {s}" for s, n in counts.items() if n and s != "finished")
+        summary = (
+            f"[sweep] {self.state.sweep_config.get('name') or self.sweep_file.stem}: "
+            f"{done} of {total or '?'} runs done{f' ({apart})' if apart else ''}, "
+            f"{len(active)} running, {format_duration(now - self._started_at)} elapsed, "
+            f"ETA {format_duration(eta)}"
+        )
+        return [summary, *lines]
 
     def _stop_all(self, active: dict[int, _ActiveRun]) -> None:
         """Stop the running subprocesses; they stay ``running`` in the state, so resume redoes them."""
@@ -567,6 +633,9 @@ class SweepRunner:
     def run(self) -> SweepState:
         """Run until the sweep is exhausted or ``count`` runs have been started."""
         active: dict[int, _ActiveRun] = {}  # device slot → its run
+        self._started_at = time.monotonic()
+        self._started_before = sum(run.state in DONE_STATES for run in self.state.runs)
+        changed = True  # a run started or ended: show the status now, not at the next interval
         try:
             while True:
                 for slot, device in enumerate(self.devices):
@@ -577,14 +646,18 @@ class SweepRunner:
                         break
                     active[slot] = self._launch(record, device)
                     self.launched += 1
+                    changed = True
                 if not active:
                     break
+                self.status.show(self._status_lines(active), force=changed)
+                changed = False
                 time.sleep(POLL_INTERVAL_S)
                 for slot, run in list(active.items()):
                     exitcode = run.process.poll()
                     if exitcode is not None:
                         self._finish(run, exitcode)
                         del active[slot]
+                        changed = True
                 self._early_terminate(active)
         except BaseException:  # KeyboardInterrupt, SIGTERM (via _raise_on_sigterm), errors
             self._stop_all(active)
@@ -621,8 +694,12 @@ def run_sweep(
     overrides: list[str] | None = None,
     retry_failed: bool = False,
     configs: list[str] | None = None,
+    status_every: float = 60.0,
 ) -> SweepState:
-    """Run (or resume) a sweep locally; see the module docstring. Returns the final state."""
+    """Run (or resume) a sweep locally; see the module docstring. Returns the final state.
+
+    ``status_every``: seconds between status blocks when the output is not a terminal.
+    """
     sweep_file = Path(sweep_file)
     sweep_dir = Path(sweep_dir) if sweep_dir else DEFAULT_SWEEP_ROOT / sweep_file.stem
     runner = SweepRunner(
@@ -633,6 +710,7 @@ def run_sweep(
         list(overrides or []),
         retry_failed,
         configs,
+        LiveStatus(interval_s=status_every),
     )
     method = runner.state.sweep_config.get("method")
     if (
@@ -715,6 +793,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--retry-failed", action="store_true", help="on resume, run failed runs again"
     )
+    parser.add_argument(
+        "--status-every",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="when the output is not a terminal: print the status lines this often (default "
+        "60; on a terminal they are redrawn in place every second)",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
@@ -726,6 +812,7 @@ def main(argv: list[str]) -> int:
             args.override,
             args.retry_failed,
             args.config,
+            args.status_every,
         )
     except KeyboardInterrupt:
         print("[sweep] interrupted: run the same command again to resume", file=sys.stderr)
