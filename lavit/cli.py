@@ -60,6 +60,7 @@ from lavit.training.logging import WandbOptions, default_loggers, sweep_run_dir
 from lavit.training.module import LaViTModule
 from lavit.training.options import describe_parse_error, plain
 from lavit.training.pretrained import apply_pretrained_data_config
+from lavit.training.progress import TrainingProgress
 from lavit.training.saturation_callback import AttentionSaturation
 from lavit.training.secrets import secret_in_arguments
 
@@ -112,6 +113,7 @@ class LaViTCLI(LightningCLI):
         parser.add_lightning_class_args(AttentionMaps, "attention_maps")
         parser.add_lightning_class_args(AttentionSaturation, "saturation")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(TrainingProgress, "progress")  # img/s, MAC/s, ETA
         parser.add_class_arguments(DDPOptions, "ddp")
         parser.set_defaults(
             {

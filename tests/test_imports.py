@@ -1,8 +1,10 @@
 """The import graph of ``lavit/``, read with ``ast``: no circles, and every import points down.
 
 Layers, bottom up: ``models`` (torch + timm only) ← ``analysis`` ← ``training`` ← ``dense``
-(detection and segmentation, which reuse training's checkpoint reading) ← ``tools`` and ``cli``; the top-level helpers (``errors``, ``runtime``, ``tables``) import no layer. Nothing imports
-``lavit.testing`` (the fault-injection harness of the tests). Imports inside functions count too.
+(detection and segmentation, which reuse training's checkpoint reading) ← ``tools`` and ``cli``;
+the top-level helpers (``errors``, ``runtime``, ``tables``, ``units``) import no layer. Nothing
+imports ``lavit.testing`` (the fault-injection harness of the tests). Imports inside functions
+count too.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ FORBIDDEN = {
     "errors": ("models", "analysis", "training", "dense", "tools", "cli", "testing"),
     "runtime": ("models", "analysis", "training", "dense", "tools", "cli", "testing"),
     "tables": ("models", "analysis", "training", "dense", "tools", "cli", "testing"),
+    "units": ("models", "analysis", "training", "dense", "tools", "cli", "testing"),
 }
 
 

@@ -16,7 +16,8 @@ from conftest import REPO
 
 from lavit.tools import report, sweep
 from lavit.tools.sweep import load_state
-from lavit.tools.sweep_status import LiveStatus, format_duration, sweep_eta
+from lavit.tools.sweep_status import LiveStatus, sweep_eta
+from lavit.units import format_duration
 
 # Stands in for `python -m lavit fit`: one val/top1 row per epoch, flushed as it goes, 0.2 s per
 # epoch; the run's level is 0.8 - (x - 0.3)^2, reached from below.
@@ -116,6 +117,7 @@ def test_without_the_sweep_extra_lavit_sweep_names_it(tmp_path, monkeypatch, cap
     assert "pip install 'lavit[sweep]'" in err and "found only the folder" in err
     # The report of a finished sweep does not need the engine.
     assert report.main([str(sweep_dir), "--out", str(tmp_path / "report"), "--no-bench"]) == 0
+    assert "[report] 1 run(s) of hyperband-sweep: val/top1 of each" in capsys.readouterr().err
 
 
 def test_a_wandb_without_its_private_sweep_helpers_is_a_clear_error(monkeypatch):

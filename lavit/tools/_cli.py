@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lavit.errors import EXIT_CONFIG_ERROR
 
-__all__ = ["add_out_option", "fail", "non_negative_int", "positive_int", "tool_parser"]
+__all__ = ["add_out_option", "fail", "non_negative_int", "positive_int", "say", "tool_parser"]
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -59,3 +59,8 @@ def fail(prog: str, message: str, code: int = EXIT_CONFIG_ERROR) -> int:
     """Print ``<prog>: error: <message>`` on stderr; returns ``code`` for ``main`` to return."""
     print(f"{prog}: error: {message}", file=sys.stderr)
     return code
+
+
+def say(prog: str, message: str) -> None:
+    """What a tool is doing now, as ``[<prog>] <message>`` on stderr (stdout keeps its results)."""
+    print(f"[{prog.removeprefix('lavit ')}] {message}", file=sys.stderr, flush=True)

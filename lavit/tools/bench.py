@@ -46,7 +46,7 @@ from lavit.analysis.flops import count_model_macs, flop_counter
 from lavit.models.factory import ALL_VA, ModelSpec, create_model, parse_model_name
 from lavit.runtime import tune_cpu_runtime
 from lavit.tables import markdown_table, write_csv
-from lavit.tools._cli import add_out_option, fail, non_negative_int, positive_int, tool_parser
+from lavit.tools._cli import add_out_option, fail, non_negative_int, positive_int, say, tool_parser
 from lavit.tools.loop_overhead import loop_overhead
 from lavit.tools.timing import (
     DTYPES,
@@ -339,6 +339,7 @@ def _comparisons(
 
 def run_throughput(args: argparse.Namespace, specs: list[ModelSpec], device: torch.device) -> dict:
     """MACs, then interleaved inference and training rounds (with the peak GEMMs among them)."""
+    say(PROG, f"counting params and MACs of {len(specs)} model(s) (meta device, batch 1)")
     counts = {
         spec.label: count_model_macs(
             partial(create_model, spec, args.num_classes, args.img_size), args.img_size
@@ -363,18 +364,39 @@ def run_throughput(args: argparse.Namespace, specs: list[ModelSpec], device: tor
     gemm, gemm_macs = gemm_task(gemm_size, DTYPES[gemm_dtype], device)
     peak_name = f"gemm_{'tf32' if args.tf32 and gemm_dtype == 'fp32' else gemm_dtype}_{gemm_size}"
 
+    def timed(phase: str, tasks: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
+        say(
+            PROG,
+            f"timing {phase}: {len(models)} model(s) and {peak_name} round-robin on {device}, "
+            f"batch {args.batch_size}, {args.warmup} warm-up + {args.iters} timed round(s)",
+        )
+        started = time.monotonic()
+        return time_interleaved(
+            {**tasks, peak_name: gemm},
+            args.warmup,
+            args.iters,
+            sync,
+            lambda done, total: say(
+                PROG, f"{phase}: round {done}/{total} ({time.monotonic() - started:.0f} s)"
+            ),
+        )
+
     infer_times: dict[str, list[float]] = {}
     if not args.no_infer:
         for model in models.values():
             model.eval()
-        tasks = {label: inference_task(m, x, device, args.dtype) for label, m in models.items()}
-        infer_times = time_interleaved({**tasks, peak_name: gemm}, args.warmup, args.iters, sync)
+        infer_times = timed(
+            "inference",
+            {label: inference_task(m, x, device, args.dtype) for label, m in models.items()},
+        )
     train_times: dict[str, list[float]] = {}
     if not args.no_train:
         for model in models.values():
             model.train()
-        tasks = {label: training_task(m, x, y, device, args.dtype) for label, m in models.items()}
-        train_times = time_interleaved({**tasks, peak_name: gemm}, args.warmup, args.iters, sync)
+        train_times = timed(
+            "training steps",
+            {label: training_task(m, x, y, device, args.dtype) for label, m in models.items()},
+        )
 
     gemm_samples = infer_times.get(peak_name, []) + train_times.get(peak_name, [])
     peak_macs_s = gemm_macs / median(gemm_samples)
@@ -443,6 +465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.loop_overhead:
+            say(
+                PROG,
+                f"timing the Lightning loop against a bare loop, {args.loop_steps} steps each: "
+                + ", ".join(spec.label for spec in specs),
+            )
             result["loop_overhead"] = [
                 row
                 for spec in specs
@@ -460,6 +487,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             result.update(run_throughput(args, specs, device))
             labels = [spec.label for spec in specs]
             result["comparisons"] = _comparisons(labels, result["samples_s"])
+            lavit_specs = [spec for spec in specs if spec.is_lavit and not spec.switches]
+            if not args.no_layers and lavit_specs:
+                say(
+                    PROG,
+                    "timing each LA layer against the VA layer that would replace it: "
+                    + ", ".join(spec.label for spec in lavit_specs),
+                )
             if not args.no_layers:
                 result["layers"] = [
                     row

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 from lavit.errors import EXIT_FAILURE
 from lavit.models.factory import LAVIT_SWITCHES, create_model
 from lavit.tables import markdown_table, write_csv
-from lavit.tools._cli import fail, positive_int, tool_parser
+from lavit.tools._cli import fail, positive_int, say, tool_parser
 from lavit.tools.sweep import STATE_FILE, load_state, read_metric_history, run_values
 from lavit.tools.timing import inference_task, synchronizer, time_interleaved
 from lavit.training.logging import explicit_wandb_mode
@@ -394,7 +394,20 @@ def bench_throughput(batch_size: int = 64, warmup: int = 2, iters: int = 10) -> 
             size = getattr(model, "img_size", None) or (224, 224)
             x = torch.randn(batch_size, 3, *size, device=device)
             tasks[index] = inference_task(model, x, device, "fp32")
-        times = time_interleaved(tasks, warmup, iters, synchronizer(device)) if tasks else {}
+        if not tasks:
+            return [None] * len(model_configs)
+        say(
+            PROG,
+            f"measuring the inference throughput of {len(tasks)} setting(s) on {device}: batch "
+            f"{batch_size}, round-robin, {warmup} warm-up + {iters} timed round(s)",
+        )
+        times = time_interleaved(
+            tasks,
+            warmup,
+            iters,
+            synchronizer(device),
+            lambda done, total: say(PROG, f"throughput: round {done}/{total}"),
+        )
         return [
             batch_size / statistics.median(times[i]) if i in times else None
             for i in range(len(model_configs))
@@ -464,6 +477,7 @@ def main(argv: list[str]) -> int:
         return fail(PROG, str(err))
     if not results:
         return fail(PROG, "the sweep has no runs yet", EXIT_FAILURE)
+    say(PROG, f"{len(results)} run(s) of {title}: {metric} of each, grouped by setting")
     bench = None if args.no_bench else bench_throughput(args.bench_batch)
     parameters, rows = summarise_runs(results, args.top1, bench)
     table = table_rows(parameters, rows, args.top1)

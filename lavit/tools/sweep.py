@@ -50,7 +50,8 @@ import yaml
 
 from lavit.errors import EXIT_INTERRUPTED
 from lavit.tools._cli import fail, positive_int, tool_parser
-from lavit.tools.sweep_status import LiveStatus, format_duration, run_progress, sweep_eta
+from lavit.tools.sweep_status import LiveStatus, run_progress, sweep_eta
+from lavit.units import format_duration
 
 __all__ = [
     "RunRecord",

@@ -20,20 +20,10 @@ from typing import Any, TextIO
 
 import yaml
 
-__all__ = ["LiveStatus", "RunProgress", "format_duration", "run_progress", "sweep_eta"]
+__all__ = ["LiveStatus", "RunProgress", "run_progress", "sweep_eta"]
 
 ERASE_LINE = "\x1b[2K"
 TTY_REFRESH_S = 1.0
-
-
-def format_duration(seconds: float | None) -> str:
-    """``1:02:03`` (or ``2:03``); ``?`` when unknown."""
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(max(0.0, seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 @dataclass

@@ -54,10 +54,12 @@ def time_interleaved(
     warmup: int,
     iters: int,
     sync: Callable[[], None] = lambda: None,
+    on_round: Callable[[int, int], None] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each task per iteration, the tasks run round-robin.
 
     The order rotates every round, so no task always follows the same neighbour (caches, turbo).
+    ``on_round(done, total)`` is called after each timed round (to show progress).
     """
     names = list(tasks)
     for _ in range(warmup):
@@ -72,6 +74,8 @@ def time_interleaved(
             tasks[name]()
             sync()
             times[name].append(time.perf_counter() - start)
+        if on_round is not None:
+            on_round(i + 1, iters)
     return times
 
 

@@ -1,9 +1,10 @@
 """Training throughput and the whole run's ETA, logged and shown in the progress bar.
 
-Every ``every_n_batches`` training batches (default: the trainer's ``log_every_n_steps``):
+Logged at the trainer's logging steps, measured over the last ``every_n_batches`` training
+batches or fewer (default: ``log_every_n_steps``):
 
-* ``train/images_per_s``: images trained per second over those batches, wall clock between batch
-  ends (so data loading counts, validation and epoch boundaries do not), all devices together;
+* ``train/images_per_s``: images trained per second, wall clock between batch ends (so data
+  loading counts, validation and epoch boundaries do not), all devices together;
 * ``train/macs_per_s``: the same times the training MACs of one image (forward + backward,
   counted once when fit starts with the project's MAC counter, ``lavit.analysis.flops``);
 * ``train/eta_s``: seconds until the last training step, from this fit's average time per step
@@ -24,19 +25,9 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lavit.analysis.flops import flop_counter
-from lavit.tools.sweep_status import format_duration
+from lavit.units import format_duration, format_si
 
-__all__ = ["TrainingProgress", "format_si", "training_macs_per_image"]
-
-
-def format_si(value: float | None, unit: str = "") -> str:
-    """``1.23T`` style: three significant digits and an SI prefix."""
-    if value is None or not math.isfinite(value):
-        return "?"
-    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{prefix}{unit}"
-    return f"{value:.3g}{unit}"
+__all__ = ["TrainingProgress", "training_macs_per_image"]
 
 
 def training_macs_per_image(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> int:
@@ -69,7 +60,7 @@ class TrainingProgress(Callback):
     """Images/s, achieved MACs/s and the run's ETA during fit (see the module docstring).
 
     Args:
-        every_n_batches: measure and log over this many training batches; default: the
+        every_n_batches: measure over windows of this many training batches; default: the
             trainer's ``log_every_n_steps``.
         count_macs: count the training MACs per image when fit starts (for ``train/macs_per_s``).
     """
@@ -125,22 +116,21 @@ class TrainingProgress(Callback):
         total = trainer.estimated_stepping_batches
         if done > 0 and math.isfinite(total):
             self.eta_s = (now - self._fit_start) / done * max(0, total - trainer.global_step)
-        if self._window_start is None:
+        if self._window_start is None:  # the epoch's first batch: its end starts the window
             self._window_start, self._window_images, self._window_batches = now, 0, 0
             return
         self._window_images += _batch_size(batch) * trainer.world_size
         self._window_batches += 1
-        every = self.every_n_batches or trainer.log_every_n_steps or 1
-        if self._window_batches < every:
-            return
         self.images_per_s = self._window_images / max(now - self._window_start, 1e-9)
         metrics = {"train/images_per_s": self.images_per_s}
         if self.train_macs:
             metrics["train/macs_per_s"] = self.images_per_s * self.train_macs
         if self.eta_s is not None:
             metrics["train/eta_s"] = self.eta_s
+        # Logged every batch: Lightning keeps the values of its own logging steps.
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        self._window_start, self._window_images, self._window_batches = now, 0, 0
+        if self._window_batches >= (self.every_n_batches or trainer.log_every_n_steps or 1):
+            self._window_start, self._window_images, self._window_batches = now, 0, 0
 
     def bar_items(self) -> dict[str, str]:
         """What the progress bar shows: ``img/s``, ``MAC/s`` (with the count) and ``ETA``."""
