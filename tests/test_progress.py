@@ -110,3 +110,12 @@ def test_bench_and_report_say_what_they_are_doing(tmp_path, capsys):
         "round-robin, 0 warm-up + 1 timed round(s)",
         "[report] throughput: round 1/1",
     ]
+
+
+def test_batches_of_image_lists_count_their_images():
+    """Detection batches hold a list of differently sized images."""
+    from lavit.training.progress import _batch_size
+
+    images = [torch.zeros(3, 32, 48), torch.zeros(3, 40, 40)]
+    assert _batch_size((images, [{}, {}])) == 2
+    assert _batch_size((torch.zeros(5, 3, 8, 8), torch.zeros(5))) == 5

@@ -52,8 +52,11 @@ def training_macs_per_image(model: torch.nn.Module, input_shape: tuple[int, int,
 
 
 def _batch_size(batch: Any) -> int:
+    """Images in a batch: ``(images, targets)`` with a batched tensor or a list of images."""
     images = batch[0] if isinstance(batch, (list, tuple)) else batch
-    return int(images.shape[0]) if hasattr(images, "shape") else 0
+    if hasattr(images, "shape"):
+        return int(images.shape[0])
+    return len(images) if isinstance(images, (list, tuple)) else 0
 
 
 class TrainingProgress(Callback):
