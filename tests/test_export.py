@@ -151,3 +151,30 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     assert export.main([str(tmp_path / "junk.ckpt"), "--out", str(tmp_path / "o")]) == 2
     assert "lavit export: error:" in capsys.readouterr().err
+
+
+def test_load_checkpoint_resized_takes_a_lightning_checkpoint(trained_run):
+    """The whole `lavit fit` checkpoint or its state_dict: the EMA weights, at any input size;
+    and the same file as --model.pretrained_file of a new run."""
+    from lavit.models import load_checkpoint_resized
+
+    last = trained_run / "checkpoints" / "last.ckpt"
+    checkpoint = load_checkpoint_file(last)
+    ema, _ = checkpoint_models(last)
+    switches = {"num_va_layers": [1, 1, 1, 1], **TINY_LAVIT}
+    images = torch.randn(2, 3, 32, 32)
+    for given in (checkpoint, checkpoint["state_dict"]):
+        model = timm.create_model("lavit_cifar", num_classes=10, img_size=32, **switches).eval()
+        load_checkpoint_resized(model, given)  # strict
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), ema(images))
+    bigger = timm.create_model("lavit_cifar", num_classes=10, img_size=64, **switches).eval()
+    load_checkpoint_resized(bigger, checkpoint)  # position embeddings and Ψ/Θ resampled
+    assert bigger(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+    module = LaViTModule(
+        num_classes=10, img_size=32, pretrained_file=str(last), num_va_layers=[1, 1, 1, 1],
+        model_kwargs=TINY_LAVIT,
+    )  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(module.model.eval()(images), ema(images))

@@ -694,14 +694,25 @@ def _check_pool(global_pool: str, num_classes: int) -> None:
 # --- checkpoints at another input size, or from older code ---------------------------------------
 
 
+# Where a LaViTModule keeps its model's tensors, in the order a checkpoint's are taken.
+LIGHTNING_PREFIXES = ("ema.module.", "model.")
+
+
 def checkpoint_filter_fn(
     state_dict: dict[str, torch.Tensor], model: LaViT
 ) -> dict[str, torch.Tensor]:
     """Adapt a checkpoint to ``model``: keys of older code renamed, pos_embed and Ψ/Θ resampled.
 
     Ψ/Θ are resampled as deviations from the identity (``resize.py``), so identity stays exact.
+    A ``lavit fit`` (Lightning) checkpoint, or its ``state_dict``, gives its model's weights: the
+    EMA copy's when it has one (``ema.module.*``, the weights it evaluates), else ``model.*``.
     """
     state = dict(state_dict.get("state_dict", state_dict.get("model", state_dict)))
+    for wrapper in LIGHTNING_PREFIXES:
+        unwrapped = {k[len(wrapper) :]: v for k, v in state.items() if k.startswith(wrapper)}
+        if unwrapped:
+            state = unwrapped
+            break
     for name, module in model.named_modules():  # parents first: keys renamed, then resampled
         prefix = f"{name}." if name else ""
         if isinstance(module, (LessAttention, AttentionDownsample)):
@@ -718,7 +729,8 @@ def checkpoint_filter_fn(
 
 
 def load_checkpoint_resized(model: LaViT, state_dict: dict[str, torch.Tensor], strict: bool = True):
-    """``model.load_state_dict`` after ``checkpoint_filter_fn`` (another size, older code)."""
+    """``model.load_state_dict`` after ``checkpoint_filter_fn`` (another size, older code, a
+    Lightning checkpoint of ``lavit fit`` or its ``state_dict``)."""
     return model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=strict)
 
 

@@ -52,10 +52,11 @@ def _classifier_outputs(path: Path, arch: str) -> int | None:
         raise ValueError(
             f"pretrained_file={str(path)!r}: not a readable state dict ({err})"
         ) from None
-    for name in classifiers:
-        weight = state.get(f"{name}.weight")
-        if weight is not None:
-            return int(weight.shape[0])
+    for name in classifiers:  # a `lavit fit` checkpoint's too (the EMA's, as the filter takes)
+        for wrapper in ("", "ema.module.", "model."):
+            weight = state.get(f"{wrapper}{name}.weight")
+            if weight is not None:
+                return int(weight.shape[0])
     return None
 
 
