@@ -26,7 +26,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -372,6 +372,14 @@ STEPS = [
 # --- report --------------------------------------------------------------------------------------
 
 
+def short(text: str) -> str:
+    """A recorded number to 3 significant digits (other text as it is)."""
+    try:
+        return f"{float(text):.3g}"
+    except ValueError:
+        return text
+
+
 def md_table(rows: list[dict], columns: list[str]) -> str:
     def cell(value) -> str:
         if isinstance(value, float):
@@ -384,9 +392,10 @@ def md_table(rows: list[dict], columns: list[str]) -> str:
     )
 
 
-def summary(check: Check, results: list[dict], skip_line: str | None) -> str:
+def summary(check: Check, results: list[dict], skip_line: str | None) -> tuple[str, str]:
+    """(the head: environment, steps, headline, fit; the whole: also tests and bench tables)."""
     env = check.env
-    parts = [f"# GPU check, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", ""]
+    parts = [f"# GPU check, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC", ""]
     hardware = (
         f"{env['gpu']} ({env['gpu_memory_gib']} GiB, compute {env['capability']}), driver "
         f"{env['driver']}, CUDA {env['cuda_build']}, cuDNN {env['cudnn']}"
@@ -398,9 +407,22 @@ def summary(check: Check, results: list[dict], skip_line: str | None) -> str:
         f"timm {env['versions']['timm']}, lightning {env['versions']['lightning']}",
         "",
     ]
-    if skip_line:
-        parts += [skip_line, ""]
+    if skip_line:  # without the console prefix: the console shows it once, as it happens
+        parts += [skip_line.removeprefix(f"{PREFIX} "), ""]
     parts += [md_table(results, ["step", "status", "seconds", "detail"]), ""]
+    headline = []
+    for path in check.bench_results:
+        result = json.loads(path.read_text())
+        for c in result["comparisons"]:
+            if c["comparison"] == HEADLINE:
+                headline.append({"run": path.stem, **c})
+    if headline:
+        columns = ["run", "infer_speedup", "train_speedup"]
+        parts += [f"## Headline: {HEADLINE}", "", md_table(headline, columns), ""]
+    if check.fit_report:
+        report = check.fit_report
+        parts += ["## fit (experiments/base.yaml)", "", md_table([report], list(report)), ""]
+    brief = len(parts)  # what the console shows: its tail is all a lent machine returns
     xml = check.details / "cuda_tests.xml"
     if xml.exists():
         rows = []
@@ -408,8 +430,12 @@ def summary(check: Check, results: list[dict], skip_line: str | None) -> str:
             outcome = next(
                 (c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed"
             )
-            props = {p.get("name"): p.get("value") for p in case.iter("property")}
-            rows.append({"test": case.get("name"), "outcome": outcome, "measured": props or None})
+            measured = ", ".join(
+                f"{p.get('name')} {short(p.get('value'))}" for p in case.iter("property")
+            )
+            rows.append(
+                {"test": case.get("name"), "outcome": outcome, "measured": measured or None}
+            )
         parts += ["## CUDA tests", "", md_table(rows, ["test", "outcome", "measured"]), ""]
     for path in check.bench_results:
         result = json.loads(path.read_text())
@@ -436,10 +462,7 @@ def summary(check: Check, results: list[dict], skip_line: str | None) -> str:
             md_table(result["comparisons"], ["comparison", "infer_speedup", "train_speedup"]),
             "",
         ]
-    if check.fit_report:
-        report = check.fit_report
-        parts += ["## fit (experiments/base.yaml)", "", md_table([report], list(report)), ""]
-    return "\n".join(parts)
+    return "\n".join(parts[:brief]), "\n".join(parts)
 
 
 def pack(check: Check) -> Path:
@@ -529,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = [r["step"] for r in results if r["status"] == "fail"]
     not_run = [r["step"] for r in results if r["status"] == "not run"]
-    text = summary(check, results, skip_line)
+    brief, text = summary(check, results, skip_line)
     (args.out / "summary.md").write_text(text)
     verdict = f"FAILED: {', '.join(failed)}" if failed else "every step run passed"
     if not_run:
@@ -548,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     check.say(f"{PREFIX} {verdict}; summary: {args.out / 'summary.md'}")
     (args.out / "console.log").write_text("\n".join(check.console) + "\n")
     pack(check)
-    print("\n" + text)
+    print("\n" + brief)
     return 1 if failed else 0
 
 
