@@ -40,8 +40,9 @@ while (($#)); do
     esac
 done
 
-# The packages lavit needs that the lent machine's image lacks, at this environment's versions.
-WHEEL_PACKAGES=(jsonargparse docstring-parser typeshed-client datasets dill multiprocess)
+# The packages lavit needs that the lent machine's image lacks, at this environment's versions,
+# and timm, whose version there is unknown (lavit is tested with its floor, pyproject.toml).
+WHEEL_PACKAGES=(jsonargparse docstring-parser typeshed-client datasets dill multiprocess timm)
 if [[ -n $fetch ]]; then
     py="${python:-python3}"
     mapfile -t pinned < <("$py" - "${WHEEL_PACKAGES[@]}" <<'EOF'
