@@ -46,9 +46,9 @@ FIT_MINUTES = 2
 # once `lavit bench` can; until then a GPU run with `la_mixing` present fails this step loudly.
 DENSE_BENCH_ARGS: list[str] | None = None
 # Modules each step imports; a missing one fails that step at once with the fix, not a traceback.
-# The CLI (`python -m lavit`) imports the training stack; `lavit bench` itself needs torch and timm.
+# `python -m lavit` (bench too) imports the training stack.
 CLI_MODULES = ["torch", "timm", "lightning", "torchmetrics", "jsonargparse", "datasets", "yaml"]
-NEEDS = {"tests": ["torch", "timm", "pytest"], "bench": ["torch", "timm"], "fit": CLI_MODULES}
+NEEDS = {"tests": ["torch", "timm", "pytest"], "bench": CLI_MODULES, "fit": CLI_MODULES}
 FIT_PROFILE_ACTIONS = ("[_TrainingEpochLoop].train_dataloader_next", "run_training_batch")
 
 ENV_SNIPPET = r"""
@@ -199,12 +199,8 @@ def bench_step(name: str, args: list[str]) -> Callable[[Check, float], tuple[str
     def run(check: Check, timeout: float) -> tuple[str, str]:
         if problem := missing_for(check, "bench"):
             return "fail", problem
-        # `lavit bench` is lavit.tools.bench's main: run it directly where the CLI cannot import
-        # (no jsonargparse or datasets there), so that a GPU still gives its numbers.
-        cli_ok = missing_for(check, "fit") is None
-        command = ["lavit", "bench"] if cli_ok else ["lavit.tools.bench"]
         out = ["--out", str(check.details / "bench"), "--tag", name]
-        rc = run_logged(check, name, [sys.executable, "-m", *command, *args, *out], timeout)
+        rc = run_logged(check, name, [sys.executable, "-m", "lavit", "bench", *args, *out], timeout)
         if rc is None:
             # Out of budget, not wrong: reported apart from failures (rerun: --steps NAME).
             return "timeout", f"stopped after {timeout:.0f} s (rerun: --steps {name} --budget ...)"
@@ -220,8 +216,7 @@ def bench_step(name: str, args: list[str]) -> Callable[[Check, float], tuple[str
             if ratio
             else ""
         )
-        how = "" if cli_ok else " (ran python -m lavit.tools.bench: the CLI cannot import here)"
-        return "pass", f"{len(result['models'])} models{headline}{how}"
+        return "pass", f"{len(result['models'])} models{headline}"
 
     return run
 
