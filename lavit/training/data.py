@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader
+from torchvision.transforms import Compose
 
 from lavit.errors import OptionError
+from lavit.training.batch_transforms import BatchAugment, InMemoryImages, keep_batch
 from lavit.training.images import DecodedImages, make_posterize_safe
 from lavit.training.local_datasets import local_copy
 from lavit.training.options import (
@@ -118,6 +120,12 @@ class ImageDataModule(L.LightningDataModule):
         bad_images: for image folders, what to do with files that cannot be decoded: ``"error"``
             lists them all and stops, ``"skip"`` leaves them out with a warning.
         cache_dir: Hugging Face ``datasets`` cache folder; default: the library's.
+        in_memory: decode the training and validation images once into a uint8 tensor and run
+            the training crop, flips and normalisation on whole batches as tensor ops
+            (:mod:`lavit.training.batch_transforms`): for small images such as CIFAR, where
+            decoding and transforming each image costs as much as a third of a step. Needs the
+            training images to share one size and no per-image augmentation (``auto_augment``,
+            ``color_jitter`` and ``re_prob`` off). Test and prediction data are read per image.
 
     Attributes:
         num_classes: number of classes (readable before ``setup``).
@@ -157,6 +165,7 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         bad_images: Literal["error", "skip"] = "error",
         cache_dir: Folder | None = None,
+        in_memory: bool = False,
     ) -> None:
         super().__init__()
         check_arguments(ImageDataModule.__init__, locals())
@@ -210,6 +219,23 @@ class ImageDataModule(L.LightningDataModule):
             re_count=re_count,
         )
         make_posterize_safe(self.train_transform)
+        self.in_memory = in_memory
+        self.batch_augment = None
+        if in_memory:
+            per_image = {"auto_augment": auto_augment, "color_jitter": color_jitter}
+            per_image["re_prob"] = re_prob or None
+            for name, value in per_image.items():
+                if value is not None:
+                    raise OptionError(
+                        name,
+                        value,
+                        "in_memory=true applies crop, flips and normalisation to whole batches; "
+                        f"per-image augmentations are not available: set {name}=null (re_prob=0) "
+                        "or in_memory=false",
+                    )
+            self.batch_augment = BatchAugment(
+                img_size, mean, std, scale, ratio, hflip, vflip, interpolation
+            )
         self.eval_transform = create_transform(
             input_size=img_size,
             is_training=False,
@@ -251,8 +277,8 @@ class ImageDataModule(L.LightningDataModule):
         train_rows = splits[self.train_split]
         val_name = self.val_split or next((n for n in VALIDATION_SPLIT_NAMES if n in splits), None)
         if val_name is not None:
-            self.train_dataset = DecodedImages(train_rows, self.train_transform, self.train_split)
-            self.val_dataset = DecodedImages(splits[val_name], self.eval_transform, val_name)
+            self.train_dataset = self._fit_dataset(train_rows, self.train_split, None, train=True)
+            self.val_dataset = self._fit_dataset(splits[val_name], val_name, None, train=False)
         else:
             labels = _labels(train_rows)
             kept, held_out = stratified_split(labels, self.val_fraction, self.seed)
@@ -261,18 +287,34 @@ class ImageDataModule(L.LightningDataModule):
                     f"val_fraction={self.val_fraction} of the {len(labels)} training images "
                     "leaves no validation images; raise it or set val_split"
                 )
-            self.train_dataset = DecodedImages(
-                train_rows.select(kept), self.train_transform, self.train_split, kept
+            self.train_dataset = self._fit_dataset(
+                train_rows.select(kept), self.train_split, kept, train=True
             )
-            self.val_dataset = DecodedImages(
-                train_rows.select(held_out), self.eval_transform, self.train_split, held_out
+            self.val_dataset = self._fit_dataset(
+                train_rows.select(held_out), self.train_split, held_out, train=False
             )
         test_name = self.test_split or ("test" if _is_labelled(splits.get("test")) else None)
-        self.test_dataset = (
-            DecodedImages(splits[test_name], self.eval_transform, test_name)
-            if test_name
-            else self.val_dataset
-        )
+        if test_name:
+            self.test_dataset = DecodedImages(splits[test_name], self.eval_transform, test_name)
+        elif isinstance(self.val_dataset, InMemoryImages):  # test and predict read per image
+            rows, ids = self.val_dataset.rows, self.val_dataset.row_ids
+            self.test_dataset = DecodedImages(
+                rows, self.eval_transform, self.val_dataset.split, ids
+            )
+        else:
+            self.test_dataset = self.val_dataset
+
+    def _fit_dataset(
+        self, rows: datasets.Dataset, split: str, row_ids, train: bool
+    ) -> DecodedImages | InMemoryImages:
+        """A training or validation dataset: decoded per image, or once into memory."""
+        if not self.in_memory:
+            transform = self.train_transform if train else self.eval_transform
+            return DecodedImages(rows, transform, split, row_ids)
+        # Evaluation geometry (timm's resize + centre crop) applied once; ToTensor and
+        # Normalize happen on the batch (BatchAugment.normalize gives the same values).
+        geometry = None if train else _before_to_tensor(self.eval_transform)
+        return InMemoryImages(rows, split, row_ids, geometry)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._require(self.train_dataset), train=True)
@@ -291,10 +333,18 @@ class ImageDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() before asking for a DataLoader")
         return dataset
 
-    def _loader(self, dataset: DecodedImages, train: bool) -> DataLoader:
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """In-memory batches arrive as uint8: crop, flip and normalise them here, on the device."""
+        if self.batch_augment is not None and batch[0].dtype == torch.uint8:
+            training = self.trainer is not None and self.trainer.training
+            batch = (self.batch_augment(batch[0], training), *batch[1:])
+        return batch
+
+    def _loader(self, dataset: DecodedImages | InMemoryImages, train: bool) -> DataLoader:
         # Plain DataLoaders: under DDP Lightning swaps in a DistributedSampler itself.
         return DataLoader(
             dataset,
+            collate_fn=keep_batch if isinstance(dataset, InMemoryImages) else None,
             batch_size=self.batch_size,
             shuffle=train,
             drop_last=train,
@@ -325,6 +375,16 @@ class ImageDataModule(L.LightningDataModule):
             self._splits = splits
             self._class_names = list(train.features["label"].names)
         return self._splits
+
+
+def _before_to_tensor(transform):
+    """The PIL steps of a timm transform: those before its ``ToTensor``."""
+    steps = []
+    for step in transform.transforms:
+        if "ToTensor" in type(step).__name__:
+            return Compose(steps)
+        steps.append(step)
+    raise TypeError(f"no ToTensor step in {transform}")
 
 
 def _is_labelled(split: datasets.Dataset | None) -> bool:
