@@ -90,6 +90,39 @@ def test_loop_overhead_compares_lightning_with_a_bare_loop(tmp_path):
 
 
 @pytest.mark.slow
+def test_loop_overhead_of_a_real_fit_with_its_data_module(tmp_path):
+    config = tmp_path / "small.yaml"  # base.yaml at batch 8, in-memory batches
+    config.write_text(
+        f"""
+trainer: {{default_root_dir: {tmp_path / "unused"}, max_epochs: 1}}
+model: {{arch: lavit_cifar}}
+data:
+  {{source: embedded, val_split: test, img_size: 32, crop_pct: 1.0, scale: [0.5, 1.0],
+   color_jitter: null, auto_augment: null, re_prob: 0.0, batch_size: 8, num_workers: 0,
+   in_memory: true}}
+"""
+    )
+    argv = ["--loop-overhead", "--loop-config", str(config), "--loop-steps", "4"]
+    argv += ["--warmup", "0", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (row,) = read_csv(tmp_path / "loop_overhead_cpu_fp32.csv")
+    assert row["model"] == "lavit_cifar" and row["loop"] == f"lavit fit --config {config}"
+    assert int(row["steps"]) == 3  # 4 batches: 3 intervals
+    assert float(row["lightning_step_ms"]) > 0 and float(row["bare_step_ms"]) > 0
+
+
+def test_loop_config_needs_loop_overhead_and_an_existing_file(tmp_path, capsys):
+    for argv, message in (
+        (["--loop-config", "experiments/base.yaml"], "--loop-config needs --loop-overhead"),
+        (["--loop-overhead", "--loop-config", str(tmp_path / "missing.yaml")], "no such file"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_cli_subprocess_smoke(tmp_path):
     argv = ["--models", "lavit_cifar", "--img-size", "32", "--batch-size", "2", "--iters", "1"]
     argv += ["--warmup", "0", "--no-train", "--no-layers", "--out", str(tmp_path)]

@@ -47,7 +47,7 @@ from lavit.models.factory import ALL_VA, ModelSpec, create_model, parse_model_na
 from lavit.runtime import tune_cpu_runtime
 from lavit.tables import markdown_table, write_csv
 from lavit.tools._cli import add_out_option, fail, non_negative_int, positive_int, say, tool_parser
-from lavit.tools.loop_overhead import loop_overhead
+from lavit.tools.loop_overhead import fit_overhead, loop_overhead
 from lavit.tools.timing import (
     DTYPES,
     autocast,
@@ -281,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--loop-steps", type=positive_int, default=8, help="batches per loop run (≥ 2)"
     )
+    parser.add_argument(
+        "--loop-config",
+        default=None,
+        metavar="YAML",
+        help="with --loop-overhead: time `lavit fit --config YAML` itself (its real data module, "
+        "callbacks and loggers) against a bare step on the same batches, instead of synthetic "
+        "batches; keep --loop-steps within one epoch",
+    )
     add_out_option(parser, "runs/bench", "JSON/CSV")
     parser.add_argument("--tag", default=None, help="file name stem (default: from device/dtype)")
     parser.add_argument("--wandb", action="store_true", help="also log the tables to W&B")
@@ -291,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[ModelSpec]:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
+    if args.loop_config and not args.loop_overhead:
+        parser.error("--loop-config needs --loop-overhead")
+    if args.loop_config and not Path(args.loop_config).is_file():
+        parser.error(f"--loop-config: no such file {args.loop_config!r}")
     if args.loop_overhead and args.loop_steps < 2:
         parser.error("--loop-steps must be ≥ 2 (a step is the interval between two batches)")
     if args.dtype == "fp16" and args.device != "cuda":
@@ -464,7 +476,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ("_compiled" if args.compile else "")
     )
     try:
-        if args.loop_overhead:
+        if args.loop_overhead and args.loop_config:
+            say(PROG, f"timing `lavit fit --config {args.loop_config}` against a bare step")
+            result["loop_overhead"] = [
+                fit_overhead(
+                    args.loop_config, args.loop_steps, min(args.warmup, args.loop_steps - 2)
+                )
+            ]
+        elif args.loop_overhead:
             say(
                 PROG,
                 f"timing the Lightning loop against a bare loop, {args.loop_steps} steps each: "

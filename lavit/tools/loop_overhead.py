@@ -8,7 +8,12 @@ loop (forward, loss, backward, AdamW, zero_grad, one ``.item()``) on a copy of t
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,7 +26,7 @@ from lavit.models.factory import ModelSpec, create_model
 from lavit.tools.timing import autocast, median
 from lavit.training.module import LaViTModule
 
-__all__ = ["loop_overhead"]
+__all__ = ["PairedBareSteps", "fit_overhead", "loop_overhead"]
 
 
 def loop_overhead(
@@ -66,44 +71,6 @@ def loop_overhead(
         def configure_optimizers(self):
             return torch.optim.AdamW(self.model.parameters(), lr=1e-4)
 
-    class PairedSteps(L.Callback):
-        """Times Lightning's steps and, inside each, a bare step of a copy of the model.
-
-        The bare step runs right after a batch starts on even batches and right before it ends
-        on odd ones: whichever position is favoured (caches, the other model's gradients still
-        in memory) favours both loops alike over the median.
-        """
-
-        def __init__(self, model: nn.Module) -> None:
-            self.model = copy.deepcopy(model).to(device).train()
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-            self.lightning: list[float] = []
-            self.bare: list[float] = []
-            self.start: float | None = None
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            now = time.perf_counter()
-            if self.start is not None:  # the interval held one bare step: take it out
-                self.lightning.append(now - self.start - self.bare[-1])
-            self.start = now
-            if batch_idx % 2 == 0:
-                self.bare_step(batch)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if batch_idx % 2 == 1:
-                self.bare_step(batch)
-
-        def bare_step(self, batch) -> None:
-            start = time.perf_counter()
-            x, y = (t.to(device) for t in batch)
-            with autocast(device, dtype):
-                loss = F.cross_entropy(self.model(x), y)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.item()  # what logging a loss costs: one sync
-            self.bare.append(time.perf_counter() - start)
-
     def minimal_module() -> L.LightningModule:
         return MinimalModule(create_model(spec, num_classes, img_size))
 
@@ -124,7 +91,7 @@ def loop_overhead(
         ("LaViTModule", project_module),
     ):
         module = make()
-        timer = PairedSteps(module.model)
+        timer = PairedBareSteps(dtype=dtype)
         trainer = L.Trainer(
             accelerator=device.type,
             devices=1,
@@ -139,16 +106,121 @@ def loop_overhead(
             callbacks=[timer],
         )
         trainer.fit(module, train_dataloaders=loader)
-        lightning, bare = timer.lightning[warmup:], timer.bare[warmup : len(timer.lightning)]
-        rows.append(
-            {
-                "model": spec.label,
-                "loop": name,
-                "steps": len(lightning),
-                "lightning_step_ms": median(lightning) * 1e3,
-                "bare_step_ms": median(bare) * 1e3,
-                "overhead_pct": (median([a / b for a, b in zip(lightning, bare, strict=True)]) - 1)
-                * 100,
-            }
-        )
+        rows.append({"model": spec.label, "loop": name, **timer.summary(warmup)})
     return rows
+
+
+class PairedBareSteps(L.Callback):
+    """Times Lightning's training steps and, inside each, a bare step of a copy of the model.
+
+    The bare step (forward, cross-entropy, backward, AdamW, zero_grad, one ``.item()``) runs on
+    the batch Lightning just received (after transfer and ``on_after_batch_transfer``), right
+    after the batch starts on even batches and right before it ends on odd ones: whichever
+    position is favoured (caches, the other model's gradients still in memory) favours both
+    loops alike over the median. A Lightning step is the interval between the starts of
+    consecutive batches minus the bare step run inside it, so data loading, hooks, logging and
+    callbacks count.
+
+    Attach it to a real run to measure ``lavit fit`` itself::
+
+        lavit fit --config experiments/base.yaml --trainer.max_steps=40 \
+            --trainer.callbacks+=lavit.tools.loop_overhead.PairedBareSteps \
+            --trainer.callbacks.output=overhead.json
+
+    Args:
+        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for the bare step; default: from
+            the trainer's precision.
+        warmup: first step pairs left out of the summary.
+        output: a JSON file for :meth:`summary` at the end of training.
+    """
+
+    def __init__(self, dtype: str | None = None, warmup: int = 2, output: str | None = None):
+        self.dtype, self.warmup, self.output = dtype, warmup, output
+        self.lightning: list[float] = []
+        self.bare: list[float] = []
+        self.start: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.device = pl_module.device
+        if self.dtype is None:
+            precision = str(trainer.precision)
+            self.dtype = "bf16" if "bf16" in precision else "fp16" if "16" in precision else "fp32"
+        self.model = copy.deepcopy(pl_module.model).to(self.device).train()
+        self.model_name = str(pl_module.hparams.get("arch", type(self.model).__name__))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self.start is not None:  # the interval held one bare step: take it out
+            self.lightning.append(now - self.start - self.bare[-1])
+        self.start = now
+        if batch_idx % 2 == 0:
+            self.bare_step(batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx % 2 == 1:
+            self.bare_step(batch)
+
+    def bare_step(self, batch) -> None:
+        start = time.perf_counter()
+        x, y = (t.to(self.device) for t in batch[:2])
+        with autocast(self.device, self.dtype):
+            loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.item()  # what logging a loss costs: one sync
+        self.bare.append(time.perf_counter() - start)
+
+    def summary(self, warmup: int | None = None) -> dict[str, Any]:
+        """Median Lightning and bare step times (ms) and the overhead in percent."""
+        warmup = self.warmup if warmup is None else warmup
+        lightning, bare = self.lightning[warmup:], self.bare[warmup : len(self.lightning)]
+        if not lightning:
+            raise ValueError(f"no step pairs after {warmup} warm-up pairs: train more steps")
+        ratios = [a / b for a, b in zip(lightning, bare, strict=True)]
+        return {
+            "steps": len(lightning),
+            "lightning_step_ms": median(lightning) * 1e3,
+            "bare_step_ms": median(bare) * 1e3,
+            "overhead_pct": (median(ratios) - 1) * 100,
+        }
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.output and trainer.is_global_zero:
+            summary = {"model": self.model_name, "dtype": self.dtype, **self.summary()}
+            Path(self.output).write_text(json.dumps(summary, indent=2))
+
+
+def fit_overhead(config: str, steps: int, warmup: int) -> dict[str, Any]:
+    """``lavit fit --config <config>`` itself, ``steps`` steps, with :class:`PairedBareSteps`.
+
+    The run is the real command in a child process (its data module, callbacks and loggers as
+    configured), in a temporary run directory, stopped after ``steps`` training steps; keep
+    ``steps`` within one epoch so that no validation falls inside a timed step.
+    """
+    with tempfile.TemporaryDirectory(prefix="lavit-loop-") as run_dir:
+        output = Path(run_dir) / "overhead.json"
+        command = [
+            sys.executable,
+            "-m",
+            "lavit",
+            "fit",
+            "--config",
+            config,
+            f"--trainer.max_steps={steps}",
+            f"--trainer.default_root_dir={run_dir}",
+            "--trainer.enable_progress_bar=false",  # a child's bar would garble the bench output
+            "--saturation.num_images=0",
+            "--trainer.callbacks+=lavit.tools.loop_overhead.PairedBareSteps",
+            f"--trainer.callbacks.warmup={warmup}",
+            f"--trainer.callbacks.output={output}",
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not output.exists():
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+            raise RuntimeError(
+                f"lavit fit --config {config} failed (exit {done.returncode}):\n{tail}"
+            )
+        summary = json.loads(output.read_text())
+    return {"model": summary.pop("model"), "loop": f"lavit fit --config {config}", **summary}
