@@ -2,8 +2,8 @@
 
 On a terminal the block is redrawn in place about once a second, and the runner's event lines
 (a run started, finished, stopped) are printed above it. Anywhere else (a log file, a pipe, CI)
-the same lines are printed as plain text every ``interval_s`` seconds (and when a run ends), so a
-log shows how the sweep went without carriage returns or escape codes.
+the same lines are printed as plain text every ``interval_s`` seconds (and when a run starts or
+ends), so a log shows how the sweep went without carriage returns or escape codes.
 
 The lines come from each run's own files: its CSV log (``metrics.csv``: the epoch reached and the
 latest ``val/top1``) and the ``config.yaml`` LightningCLI writes (``trainer.max_epochs``).
