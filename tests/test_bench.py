@@ -62,6 +62,8 @@ def test_bench_writes_tables_with_positive_numbers(tmp_path, capsys):
         (["--img-size", "0"], "must be a positive integer"),
         (["--dtype", "fp16"], "needs --device cuda"),
         (["--tf32"], "needs --device cuda"),
+        (["--models", "maskrcnn:lavit_tiny"], "unknown task 'maskrcnn'"),
+        (["--img-size", "32", "64", "96"], "one side, or height and width"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
@@ -69,6 +71,23 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_dense_rows_at_a_non_square_size(tmp_path, capsys):
+    """Backbones and whole detectors at H×W, counted and timed in the same run."""
+    models = ["backbone:lavit_tiny", "retinanet:lavit_tiny", "lavit_tiny"]
+    argv = ["--models", *models, "--img-size", "64", "96", "--batch-size", "1", "--iters", "1"]
+    argv += ["--warmup", "0", "--gemm-size", "256", "--no-layers", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "64×96" in capsys.readouterr().out
+    rows = {
+        r["model"]: r for r in json.loads((tmp_path / "bench_cpu_fp32.json").read_text())["models"]
+    }
+    backbone, detector, classifier = (rows[m] for m in models)
+    assert 0 < backbone["gmacs"] <= classifier["gmacs"]  # no head (a 1000-class linear layer)
+    assert backbone["params_m"] < classifier["params_m"]
+    assert detector["gmacs"] > backbone["gmacs"] and detector["params_m"] > backbone["params_m"]
+    assert all(r["infer_img_s"] > 0 and r["train_img_s"] > 0 for r in rows.values())
 
 
 def test_size_the_model_cannot_take_is_an_error(tmp_path, capsys):

@@ -175,8 +175,11 @@ class RetinaNetModule(DenseTaskModule):
             topk_candidates=topk_candidates,
         )
         self.detector.transform = BatchOnlyTransform(image_mean, image_std, img_size)
-        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
-        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+        # Built on the CPU even when the module is built on the meta device (MAC counting):
+        # the metric reads its IoU thresholds out of a tensor; it holds no weights.
+        with torch.device("cpu"):
+            self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+            self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
 
     @property
     def backbone(self) -> DenseBackbone:

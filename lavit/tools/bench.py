@@ -21,6 +21,14 @@ timed by :mod:`lavit.tools.timing`. Results: a Markdown table on screen, JSON an
     lavit bench                                         # LaViT-T/S/B, their all-VA twins, PVTv2-b0/1/2
     lavit bench --models lavit_tiny pvt_v2_b1 --dtype bf16 --iters 10
     lavit bench --loop-overhead --models lavit_tiny
+    lavit bench --img-size 800 1344 --batch-size 1 --no-layers \
+        --models backbone:lavit_tiny backbone:pvt_v2_b1 retinanet:lavit_tiny retinanet:pvt_v2_b1
+
+Dense rows: ``backbone:NAME`` is the model as a detection/segmentation backbone (its stride 4–32
+maps, head pruned, :class:`lavit.dense.DenseBackbone`), ``retinanet:NAME`` the paper's whole
+detector on it (:class:`lavit.dense.RetinaNetModule`: FPN + RetinaNet head, 80 classes; timed
+and counted up to the head's outputs, i.e. without anchor decoding and NMS, which hold no
+multiply-adds). Their training step is forward + backward of the mean output + AdamW.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lavit.analysis.flops import count_model_macs, flop_counter
+from lavit.dense.backbone import DenseBackbone
+from lavit.dense.detection import RetinaNetModule
 from lavit.models.factory import ALL_VA, ModelSpec, create_model, parse_model_name
 from lavit.runtime import tune_cpu_runtime
 from lavit.tables import markdown_table, write_csv
@@ -83,12 +93,82 @@ SPEED_TARGETS = {("lavit_tiny", "pvt_v2_b1"): (1.5, 1.6)}
 ALL_VA_TARGET = 1.0
 
 
+# --- dense rows ------------------------------------------------------------------------------
+DENSE_TASKS = ("backbone", "retinanet")
+
+
+def split_task(name: str) -> tuple[str | None, str]:
+    """``"retinanet:lavit_tiny"`` → ``("retinanet", "lavit_tiny")``; a plain name → ``(None, name)``."""
+    task, sep, model = name.partition(":")
+    if not sep:
+        return None, name
+    if task not in DENSE_TASKS:
+        raise ValueError(
+            f"unknown task {task!r} in {name!r}: a dense row is "
+            f"{' or '.join(t + ':NAME' for t in DENSE_TASKS)}"
+        )
+    return task, model
+
+
+class _PooledMaps(nn.Module):
+    """A backbone's stage maps as one (B, ΣC) tensor (global means), for the timing harness."""
+
+    def __init__(self, backbone: DenseBackbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.flatten(2).mean(-1) for m in self.backbone(x).values()], dim=1)
+
+
+class _DetectorOutputs(nn.Module):
+    """RetinaNet up to its head: (B, anchors, classes + 4) logits and box deltas."""
+
+    def __init__(self, module: RetinaNetModule) -> None:
+        super().__init__()
+        self.detector = module.detector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = list(self.detector.backbone(x).values())  # P3–P7
+        out = self.detector.head(features)
+        return torch.cat([out["cls_logits"], out["bbox_regression"]], dim=-1)
+
+
+def build_bench_model(
+    spec: ModelSpec, task: str | None, num_classes: int, img_size: tuple[int, int]
+) -> nn.Module:
+    """The model of a row: a classifier (``task=None``), a backbone or a whole detector."""
+    if task is None:
+        return create_model(spec, num_classes, img_size)
+    kwargs = dict(spec.switches)
+    if task == "backbone":
+        return _PooledMaps(DenseBackbone(spec.arch, (4, 8, 16, 32), img_size, 0.0, kwargs))
+    detector = RetinaNetModule(
+        num_classes=80, backbone=spec.arch, backbone_kwargs=kwargs, img_size=img_size
+    )
+    return _DetectorOutputs(detector)
+
+
+def dense_training_task(model: nn.Module, x: torch.Tensor, device, dtype: str):
+    """Forward + backward of the mean output + AdamW (a dense row has no classification loss)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = model(x).float().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 # --- per-layer VA vs LA --------------------------------------------------------------------------
 
 
 def layer_comparison(
     spec: ModelSpec,
-    img_size: int,
+    img_size: tuple[int, int],
     batch_size: int,
     device: torch.device,
     dtype: str,
@@ -114,7 +194,7 @@ def layer_comparison(
                     inputs[key] = args  # (x (B, N, C), grid, handed attention (B, H, N, N'))
 
                 hooks.append(block.register_forward_pre_hook(capture))
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    x = torch.randn(batch_size, 3, *img_size, device=device)
     with torch.inference_mode(), autocast(device, dtype):
         model(x)
     for hook in hooks:
@@ -229,10 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         nargs="+",
         default=None,
-        help=f"timm model names; 'NAME/{ALL_VA}' is a LaViT with every LA layer switched to VA "
-        f"(default: {' '.join(DEFAULT_MODELS)}; with --loop-overhead: lavit_tiny)",
+        help=f"timm model names; 'NAME/{ALL_VA}' is a LaViT with every LA layer switched to VA; "
+        "'backbone:NAME' / 'retinanet:NAME' the model as a dense backbone / in the whole "
+        f"detector (default: {' '.join(DEFAULT_MODELS)}; with --loop-overhead: lavit_tiny)",
     )
-    parser.add_argument("--img-size", type=positive_int, default=224, help="input side (pixels)")
+    parser.add_argument(
+        "--img-size",
+        type=positive_int,
+        nargs="+",
+        default=[224],
+        metavar=("H", "W"),
+        help="input size in pixels: a side, or height and width (e.g. 800 1344)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--num-classes", type=positive_int, default=1000)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -309,9 +397,20 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> li
         parser.error("--dtype fp16 needs --device cuda (use bf16 on the CPU)")
     if args.tf32 and args.device != "cuda":
         parser.error("--tf32 needs --device cuda (TF32 is a GPU number format)")
+    if len(args.img_size) > 2:
+        parser.error("--img-size: one side, or height and width")
+    args.img_size = (args.img_size[0], args.img_size[-1])
+    if args.loop_overhead and args.img_size[0] != args.img_size[1]:
+        parser.error("--loop-overhead: a square --img-size only")
     names = args.models or (["lavit_tiny"] if args.loop_overhead else list(DEFAULT_MODELS))
     try:
-        specs = [parse_model_name(name) for name in names]
+        specs = []
+        for name in names:
+            task, model = split_task(name)
+            spec = parse_model_name(model)
+            specs.append(ModelSpec(name, spec.arch, spec.switches) if task else spec)
+            if task and args.loop_overhead:
+                parser.error(f"--loop-overhead: {name}: classification models only")
     except ValueError as err:
         parser.error(str(err))
     if len({s.label for s in specs}) != len(specs):
@@ -352,21 +451,25 @@ def _comparisons(
 def run_throughput(args: argparse.Namespace, specs: list[ModelSpec], device: torch.device) -> dict:
     """MACs, then interleaved inference and training rounds (with the peak GEMMs among them)."""
     say(PROG, f"counting params and MACs of {len(specs)} model(s) (meta device, batch 1)")
-    counts = {
-        spec.label: count_model_macs(
-            partial(create_model, spec, args.num_classes, args.img_size), args.img_size
+    tasks_of = {spec.label: split_task(spec.label)[0] for spec in specs}
+    build = {
+        spec.label: partial(
+            build_bench_model, spec, tasks_of[spec.label], args.num_classes, args.img_size
         )
         for spec in specs
     }
+    counts = {
+        label: count_model_macs(factory, (3, *args.img_size)) for label, factory in build.items()
+    }
     sync = synchronizer(device)
     torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    x = torch.randn(args.batch_size, 3, *args.img_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     models = {}
     for spec in specs:
-        model = create_model(spec, args.num_classes, args.img_size).to(device)
+        model = build[spec.label]().to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         models[spec.label] = torch.compile(model) if args.compile else model
@@ -405,10 +508,13 @@ def run_throughput(args: argparse.Namespace, specs: list[ModelSpec], device: tor
     if not args.no_train:
         for model in models.values():
             model.train()
-        train_times = timed(
-            "training steps",
-            {label: training_task(m, x, y, device, args.dtype) for label, m in models.items()},
-        )
+        tasks = {
+            label: training_task(m, x, y, device, args.dtype)
+            if tasks_of[label] is None
+            else dense_training_task(m, x, device, args.dtype)
+            for label, m in models.items()
+        }
+        train_times = timed("training steps", tasks)
 
     gemm_samples = infer_times.get(peak_name, []) + train_times.get(peak_name, [])
     peak_macs_s = gemm_macs / median(gemm_samples)
@@ -494,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for spec in specs
                 for row in loop_overhead(
                     spec,
-                    args.img_size,
+                    args.img_size[0],
                     args.batch_size,
                     device,
                     args.dtype,
@@ -517,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result["layers"] = [
                     row
                     for spec in specs
-                    if spec.is_lavit and not spec.switches
+                    if spec.is_lavit and not spec.switches and split_task(spec.label)[0] is None
                     for row in layer_comparison(
                         spec,
                         args.img_size,
@@ -538,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# {result['command']}")
     print(
         f"{env.get('gpu', env['cpu'])}, {env['cpu_count']} cores, {env['torch_threads']} threads, "
-        f"torch {env['torch']}; {args.img_size}² batch {args.batch_size} {args.dtype}; "
+        f"torch {env['torch']}; {args.img_size[0]}×{args.img_size[1]} batch {args.batch_size} "
+        f"{args.dtype}; "
         f"cpu tuning {'on' if any(env['cpu_tuning'].values()) else 'off'}"
         + (" TF32" if args.tf32 else "")
         + (" compiled" if args.compile else "")
