@@ -1,122 +1,162 @@
-"""The la_mixing forms of Ψ/Θ: identity is exact reuse at every size, conversion from a dense
-(224²-trained) matrix, equivalence with the dense form where it must hold, size-independence."""
+"""The la_mixing forms of Ψ/Θ: identity is exact reuse at every size, a dense (224²-trained)
+checkpoint converts into each, equivalence with the dense form where it must hold."""
 
 import pytest
 import torch
+from small_lavit import SMALL
 
+from lavit.dense.backbone import DenseBackbone
+from lavit.models import LaViT
+from lavit.models.lavit import checkpoint_filter_fn
 from lavit.models.mixing import (
-    DenseMixing,
-    PooledMixing,
-    SeparableMixing,
-    make_mixing,
+    PooledTokenMixing,
+    SeparableTokenMixing,
+    make_token_mixing,
     nearest_kronecker,
-    resize_mixing_1d,
-    resize_mixing_2d,
 )
+from lavit.models.token_mixing import DenseTokenMixing
 
-GRID = (6, 4)  # "the model's grid" (non-square, so rows and columns are not mixed up)
-OTHER_GRIDS = [(6, 4), (9, 12), (3, 2), (5, 7)]
+FORMS = ["dense", "separable", "pooled"]
+QUERY, KEY = (6, 4), (3, 2)  # native grids (non-square: rows and columns must not be mixed up)
+GRIDS = [((6, 4), (3, 2)), ((12, 10), (6, 5)), ((4, 2), (2, 1)), ((10, 14), (5, 7))]
 
 
-def _scores(grid, keys=5, seed=0):
+def _scores(query_grid, key_grid, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 3, grid[0] * grid[1], keys, generator=g, dtype=torch.float64)
+    n, k = query_grid[0] * query_grid[1], key_grid[0] * key_grid[1]
+    return torch.randn(2, 3, n, k, generator=g)
 
 
-@pytest.mark.parametrize("form", ["dense", "separable", "pooled"])
-@pytest.mark.parametrize("grid", OTHER_GRIDS)
-def test_identity_is_exact_reuse_at_every_size(form, grid):
-    mixing = make_mixing(form, GRID).double()
-    x = _scores(grid)
-    assert torch.equal(mixing(x, grid, dim=-2), x)
-    keys = _scores((2, 3), keys=grid[0] * grid[1])  # (B, H, 6 queries, N keys)
-    assert torch.equal(mixing(keys, grid, dim=-1), keys)
+@pytest.mark.parametrize("form", FORMS)
+def test_identity_is_exact_reuse_at_every_size(form):
+    mixing = make_token_mixing(form, QUERY, KEY, "identity")
+    for query_grid, key_grid in GRIDS:
+        scores = _scores(query_grid, key_grid)
+        assert torch.equal(mixing(scores, query_grid, key_grid), scores), (query_grid, key_grid)
 
 
-def test_resizing_keeps_the_identity_and_stays_near_it():
-    for old, new in [((6, 4), (12, 8)), ((6, 4), (3, 2)), ((5, 5), (7, 3))]:
-        eye = torch.eye(old[0] * old[1], dtype=torch.float64)
-        assert torch.equal(
-            resize_mixing_2d(eye, old, new), torch.eye(new[0] * new[1], dtype=torch.float64)
-        )
-        near = eye + 1e-3 * torch.randn_like(eye)
-        assert (
-            resize_mixing_2d(near, old, new) - torch.eye(new[0] * new[1], dtype=torch.float64)
-        ).abs().max() < 1e-2
-    assert torch.equal(resize_mixing_1d(torch.eye(5), 9), torch.eye(9))
-
-
-@pytest.mark.parametrize("dim", [-2, -1])
-def test_each_form_applies_the_matrix_it_stands_for(dim):
+def test_separable_and_pooled_are_the_dense_form_on_the_native_grid():
     torch.manual_seed(0)
-    separable = SeparableMixing(GRID, "random").double()
-    dense = DenseMixing(GRID).double()
-    dense.load_dense(separable.dense(), GRID)
-    pooled = PooledMixing(GRID, "random").double()
-    if dim == -2:
-        x = _scores(GRID)
-        matrix_applied = lambda w: w @ x  # noqa: E731
-    else:
-        x = _scores((2, 2), keys=GRID[0] * GRID[1])
-        matrix_applied = lambda w: x @ w.t()  # noqa: E731
-    torch.testing.assert_close(separable(x, GRID, dim), matrix_applied(separable.dense()))
-    torch.testing.assert_close(dense(x, GRID, dim), matrix_applied(separable.dense()))
-    torch.testing.assert_close(
-        pooled(x, GRID, dim), matrix_applied(pooled.weight)
-    )  # exact on its grid
+    separable = SeparableTokenMixing(QUERY, KEY, "random")
+    dense = DenseTokenMixing(QUERY, KEY)
+    with torch.no_grad():
+        dense.psi.copy_(separable.dense())
+        dense.theta.copy_(torch.kron(separable.theta_h, separable.theta_w))
+        dense.theta_bias.copy_(separable.theta_bias)
+    scores = _scores(QUERY, KEY)
+    torch.testing.assert_close(separable(scores, QUERY, KEY), dense(scores, QUERY, KEY))
+    pooled = PooledTokenMixing(QUERY, KEY)
+    pooled.load_state_dict(dense.state_dict())  # the same parameter names and shapes
+    torch.testing.assert_close(pooled(scores, QUERY, KEY), dense(scores, QUERY, KEY))
 
 
-def test_a_dense_checkpoint_converts_to_each_form():
-    """Pooled = dense exactly at the trained grid; separable recovers a Kronecker Ψ exactly and
-    is the best Kronecker approximation otherwise; both run at any other size."""
+def test_nearest_kronecker_is_exact_for_kronecker_matrices_and_best_otherwise():
     torch.manual_seed(0)
     a, b = torch.randn(6, 6, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
-    kron = torch.kron(a, b)
-    x = _scores(GRID)
-    separable = SeparableMixing(GRID).double()
-    separable.load_dense(kron, GRID)
-    torch.testing.assert_close(separable.dense(), kron)
-    torch.testing.assert_close(separable(x, GRID, -2), kron @ x)
-
+    got_a, got_b = nearest_kronecker(torch.kron(a, b), QUERY)
+    torch.testing.assert_close(torch.kron(got_a, got_b), torch.kron(a, b))
+    eye_a, eye_b = nearest_kronecker(torch.eye(24), QUERY)
+    torch.testing.assert_close(eye_a, torch.eye(6)) and torch.testing.assert_close(
+        eye_b, torch.eye(4)
+    )
     general = torch.eye(24, dtype=torch.float64) + 0.1 * torch.randn(24, 24, dtype=torch.float64)
-    pooled = PooledMixing(GRID).double()
-    pooled.load_dense(general, GRID)
-    torch.testing.assert_close(pooled(x, GRID, -2), general @ x)
-    separable.load_dense(general, GRID)
-    best = (general - separable.dense()).norm()
-    for other in (torch.kron(torch.eye(6), torch.eye(4)), torch.kron(a, b)):
-        assert best <= (general - other.double()).norm() + 1e-9
-    for grid in OTHER_GRIDS:
-        y = _scores(grid)
-        for mixing in (pooled, separable):
-            assert torch.isfinite(mixing(y, grid, -2)).all()
+    best = (general - torch.kron(*nearest_kronecker(general, QUERY))).norm()
+    for other in (torch.eye(24, dtype=torch.float64), torch.kron(a, b)):
+        assert best <= (general - other).norm()
 
 
-def test_nearest_kronecker_of_the_identity_is_the_identity():
-    a, b = nearest_kronecker(torch.eye(24), GRID)
-    torch.testing.assert_close(a, torch.eye(6))
-    torch.testing.assert_close(b, torch.eye(4))
+def _trained_dense(img_size=32, seed=0) -> LaViT:
+    """A LaViT with trained-looking (random, non-identity) dense Ψ/Θ at its native size."""
+    torch.manual_seed(seed)
+    return LaViT(**{**SMALL, "img_size": img_size, "la_init": "random"}).eval()
 
 
-def test_parameters_do_not_grow_with_the_input_size():
-    sizes = {}
-    for form in ("dense", "separable", "pooled"):
-        mixing = make_mixing(form, (14, 14))
-        sizes[form] = sum(p.numel() for p in mixing.parameters())
-        x = _scores((50, 84), keys=3).float()
-        assert mixing(x, (50, 84), -2).shape == x.shape
-        assert sum(p.numel() for p in mixing.parameters()) == sizes[form]  # nothing added
-    assert sizes == {"dense": 196**2, "separable": 2 * 14**2, "pooled": 196**2}
+@pytest.mark.parametrize("form", ["separable", "pooled"])
+def test_a_dense_checkpoint_loads_into_each_form_and_runs_at_any_size(form):
+    trained = _trained_dense()
+    model = LaViT(**{**SMALL, "la_mixing": form, "dynamic_img_size": True}).eval()
+    state = checkpoint_filter_fn(trained.state_dict(), model)
+    model.load_state_dict(state)  # strict: every key of the form present, nothing left over
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        if form == "pooled":  # the same function as the dense checkpoint at its native size
+            torch.testing.assert_close(model(x), trained(x))
+        else:
+            assert torch.isfinite(model(x)).all()
+        for size in [(64, 48), (16, 32)]:
+            assert model(torch.randn(1, 3, *size)).shape == (1, 7)
 
 
-def test_every_form_is_trainable_at_another_size():
-    for form in ("dense", "separable", "pooled"):
-        mixing = make_mixing(form, GRID, "random")
-        mixing(_scores((9, 12)).float(), (9, 12), -2).square().sum().backward()
-        grads = [p.grad for p in mixing.parameters()]
-        assert all(g is not None and g.abs().sum() > 0 for g in grads), form
+def test_separable_loads_a_kronecker_dense_checkpoint_exactly():
+    trained = _trained_dense()
+    with torch.no_grad():  # make every dense Ψ/Θ a Kronecker product (e.g. a separable model's)
+        for stage in trained.stages:
+            for block in stage.blocks:
+                if block.kind == "la":
+                    mixing = block.attn.token_mixing
+                    (qh, qw), (kh, kw) = stage.grid, stage.key_grid
+                    mixing.psi.copy_(torch.kron(torch.randn(qh, qh), torch.randn(qw, qw)) * 0.3)
+                    mixing.theta.copy_(torch.kron(torch.randn(kh, kh), torch.randn(kw, kw)) * 0.3)
+    model = LaViT(**{**SMALL, "la_mixing": "separable"}).eval()
+    model.load_state_dict(checkpoint_filter_fn(trained.state_dict(), model))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_identity_forms_are_one_function_and_la_repeats_va_at_another_size(form):
+    torch.manual_seed(0)
+    reference = LaViT(**{**SMALL, "dynamic_img_size": True}).eval()
+    model = LaViT(**{**SMALL, "la_mixing": form, "dynamic_img_size": True}).eval()
+    model.load_state_dict(checkpoint_filter_fn(reference.state_dict(), model))
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+        records = model.forward_with_aux(x, collect_attn=True).attentions
+    first_la = next(r for r in records if r.kind == "la")
+    before = next(r for r in records if r.stage == first_la.stage and r.layer == first_la.layer - 1)
+    assert torch.equal(first_la.probs, before.probs)
+
+
+def test_parameters_do_not_grow_with_the_input_size_and_the_backbone_loads_224(tmp_path):
+    torch.manual_seed(0)
+    kwargs = {
+        "depths": (1, 1, 2, 2),
+        "embed_dims": (16, 32, 32, 64),
+        "num_heads": (1, 2, 2, 4),
+        "mlp_ratios": (2, 2, 2, 2),
+        "num_va_layers": (1, 1, 1, 1),
+    }
+    trained = LaViT(img_size=224, num_classes=5, la_init="random", **kwargs)
+    path = tmp_path / "cls.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}}, path)
+    for form in ("separable", "pooled"):
+        backbone = DenseBackbone(
+            "lavit_tiny",
+            (8, 16, 32),
+            None,
+            0.0,
+            {**kwargs, "la_mixing": form, "dynamic_img_size": True},
+        )
+        count = sum(p.numel() for p in backbone.parameters())
+        report = backbone.load_checkpoint(str(path))
+        assert report.loaded > 0
+        with torch.no_grad():
+            for size in [(224, 224), (320, 480)]:
+                maps = list(backbone.eval()(torch.randn(1, 3, *size)).values())
+                assert maps[-1].shape[-2:] == (size[0] // 32, size[1] // 32)
+        assert sum(p.numel() for p in backbone.parameters()) == count  # nothing added per size
+    dense_psi = 14 * 14 * 14 * 14  # stage 3 at 224²
+    separable = LaViT(la_mixing="separable", num_classes=0, **kwargs)
+    psi = next(
+        m
+        for m in separable.modules()
+        if isinstance(m, SeparableTokenMixing) and m.query_grid == (14, 14)
+    )
+    assert psi.psi_h.numel() + psi.psi_w.numel() == 2 * 14 * 14 < dense_psi
 
 
 def test_unknown_form_is_named():
     with pytest.raises(ValueError, match="la_mixing must be one of"):
-        make_mixing("kron", GRID)
+        LaViT(**{**SMALL, "la_mixing": "kron"})

@@ -133,10 +133,9 @@ class DenseBackbone(nn.Module):
             target = self.body.state_dict()
             before = {k: tuple(v.shape) for k, v in state.items()}
             state = checkpoint_filter_fn(state, self.body)
+            # resampled to this size, or turned into another la_mixing form's parameters
             converted = [
-                k
-                for k, v in state.items()
-                if k in target and before.get(k) != tuple(v.shape) and k in before
+                k for k, v in state.items() if k in target and before.get(k) != tuple(v.shape)
             ]
         target_shapes = {k: tuple(v.shape) for k, v in self.body.state_dict().items()}
         missing = sorted(set(target_shapes) - set(state))

@@ -25,8 +25,9 @@ from torch import nn
 
 from .attention import AttentionDownsample, LessAttention, VanillaAttention, upgrade_legacy_keys
 from .losses import DP_LOSS_VARIANTS, DPLossVariant, attention_dp_loss
+from .mixing import LA_MIXINGS, LAMixing, make_token_mixing
 from .resize import Grid, infer_grid, resize_pos_embed
-from .token_mixing import DenseTokenMixing, LessAttentionInit, TokenMixing
+from .token_mixing import LessAttentionInit, TokenMixing
 
 try:  # private in timm; the fallback below does the same
     from timm.models._features import feature_take_indices
@@ -169,6 +170,7 @@ class LaViTStage(nn.Module):
         drop_path: list[float],
         qkv_bias: bool,
         la_init: LessAttentionInit,
+        la_mixing: str,
         attn_state: AttnState,
         prev_heads: int | None,
         prev_sr_ratio: int | None,
@@ -202,7 +204,7 @@ class LaViTStage(nn.Module):
                     qkv_bias,
                     kind="la" if la else "va",
                     hand_on=_hand_on(i, depth, num_va_layers, attn_state, hand_on_scores),
-                    token_mixing=DenseTokenMixing(self.grid, self.key_grid, la_init)
+                    token_mixing=make_token_mixing(la_mixing, self.grid, self.key_grid, la_init)
                     if la
                     else None,
                 )  # fmt: skip
@@ -402,6 +404,11 @@ class LaViT(nn.Module):
         dynamic_img_size: accept any input whose sides are multiples of the total stride (and
             that the SR ratios divide), resampling position embeddings and Ψ/Θ per size;
             at ``img_size`` it runs exactly as the fixed model.
+        la_mixing: the form of Ψ/Θ (``mixing.py``): ``"dense"``, the paper's N×N matrices;
+            ``"separable"`` (Kronecker factors per grid axis) or ``"pooled"`` (the native-grid
+            matrix acting on scores pooled to that grid), whose parameters and cost do not grow
+            with the input size. All three are the same function at identity initialisation,
+            and a dense checkpoint loads into each (``checkpoint_filter_fn``).
     """
 
     def __init__(
@@ -428,9 +435,12 @@ class LaViT(nn.Module):
         global_pool: str = "avg",
         residual_attn_init: float = 1.0,
         dynamic_img_size: bool = False,
+        la_mixing: LAMixing = "dense",
     ) -> None:
         super().__init__()
         img_size = to_2tuple(img_size)
+        if la_mixing not in LA_MIXINGS:
+            raise ValueError(f"la_mixing must be one of {LA_MIXINGS}, got {la_mixing!r}")
         _validate_config(
             img_size, stem_stride, embed_dims, depths, num_heads, mlp_ratios, sr_ratios, num_va_layers,
             drop_rate, drop_path_rate, la_init, attn_state, dp_loss_variant, dp_loss_layers, dp_loss_weight,
@@ -447,6 +457,7 @@ class LaViT(nn.Module):
         self.num_va_layers = list(num_va_layers)
         self.residual_attn_downsample = residual_attn_downsample
         self.la_init = la_init
+        self.la_mixing = la_mixing
         self.attn_state = attn_state
         self.dp_loss_variant = dp_loss_variant
         self.dp_loss_layers = dp_loss_layers
@@ -477,6 +488,7 @@ class LaViT(nn.Module):
                     drop_path=drop_path[cursor : cursor + depths[m]],
                     qkv_bias=qkv_bias,
                     la_init=la_init,
+                    la_mixing=la_mixing,
                     attn_state=attn_state,
                     prev_heads=num_heads[m - 1] if residual else None,
                     prev_sr_ratio=sr_ratios[m - 1] if residual else None,
@@ -517,6 +529,7 @@ class LaViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Position embeddings, Ψ/Θ and γ: decay would pull Ψ/Θ towards 0, away from reuse."""
         suffixes = ("pos_embed", ".psi", ".theta", ".theta_bias", ".gamma")
+        suffixes += (".psi_h", ".psi_w", ".theta_h", ".theta_w")  # la_mixing="separable"
         return {name for name, _ in self.named_parameters() if name.endswith(suffixes)}
 
     @torch.jit.ignore

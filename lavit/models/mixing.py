@@ -1,25 +1,23 @@
-"""Token mixings for Less-Attention's Ψ (query axis) and Θ (key axis), at any resolution.
+"""Resolution-independent forms of Less-Attention's Ψ/Θ (the ``la_mixing`` switch).
 
-The paper's Ψ and Θ are N×N matrices over the tokens of one grid ("dense"); at dense-prediction
-sizes they explode (N = 4,200 in LaViT-T's stage 3 at 800×1344: 17.6 M parameters and N²·N′
-multiply-adds per head). ``la_mixing`` chooses the form:
+The paper's Ψ and Θ are N×N matrices over the tokens of one grid (``"dense"``,
+:class:`~lavit.models.token_mixing.DenseTokenMixing`). At dense-prediction sizes they explode:
+N = 4,200 in LaViT-T's stage 3 at 800×1344, so one Ψ holds 17.6 M parameters and costs N²·N′
+multiply-adds per head. Two forms whose parameters stay those of the native (224²) grids, at any
+input size:
 
-* ``"dense"``: the literal N×N matrix, built for the model's grid; at another grid it is resized
-  identity-preservingly (the deviation from the identity is interpolated, not the identity).
-  Cost N²·K per head, parameters N².
-* ``"separable"``: a Kronecker product ``W = W_h ⊗ W_w`` (h×h rows, w×w columns of the grid),
-  stored at the model's grid and resized as 1-D maps at another one. Cost N·(h+w)·K, parameters
-  h² + w², neither growing with the input size (the stored factors stay at the model's grid).
-  From a dense checkpoint: the nearest Kronecker product (Van Loan–Pitsianis: the best rank-1
-  approximation of W rearranged as an (h·h)×(w·w) matrix), exact for Kronecker matrices such as
-  the identity.
-* ``"pooled"``: a P×P matrix on a fixed pooled grid (the model's grid by default), applied as a
-  residual ``x + Up((W − I)·Pool(x))``: the identity stays exact at every size, and at the model's
-  grid Pool and Up are identities so ``pooled`` is exactly ``dense`` there. Cost P²·K plus the
-  pooling, parameters P², both fixed. From a dense checkpoint: W itself.
+* ``"separable"``: Kronecker factors, ``Ψ = Ψ_h ⊗ Ψ_w`` (h×h over the grid's rows, w×w over
+  its columns) and ``Θ = Θ_h ⊗ Θ_w``. Cost N·(h+w)·K per head instead of N²·K; parameters
+  h² + w². At another grid each factor is resampled as a 1-D mixing (its deviation from the
+  identity, as the dense form does in 2-D). From a dense checkpoint: the nearest Kronecker
+  product (Van Loan–Pitsianis), exact for Kronecker matrices such as the identity.
+* ``"pooled"``: a P×P matrix on the native grid, applied as ``S + Up((W − I)·Pool(S))``: at the
+  native grid Pool and Up are identities, so it is exactly the dense form there (a dense
+  checkpoint loads as is); at another grid the deviation acts on the scores average-pooled to
+  the native grid and is upsampled back (bilinear). Cost P²·K plus the pooling.
 
-Every form's ``forward(x, grid, dim)`` mixes ``x`` (B, H, N, K) along ``dim = -2`` (queries:
-``out = W x``) or ``dim = -1`` (keys: ``out = x Wᵀ``), for the ``grid`` (h, w) of that axis.
+Every form computes ``S + (W − I)·S``: identity (a zero deviation) is exact reuse at every size
+and in any matmul precision.
 """
 
 from __future__ import annotations
@@ -28,94 +26,54 @@ import math
 from typing import Literal
 
 import torch
+import torch.fx
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from torch import nn
+
+from .resize import (
+    Grid,
+    infer_grid,
+    interpolation_matrix,
+    resize_token_mixing,
+    resize_token_vector,
+)
+from .token_mixing import DenseTokenMixing, LessAttentionInit, TokenMixing
 
 __all__ = [
     "LA_MIXINGS",
-    "DenseMixing",
     "LAMixing",
-    "PooledMixing",
-    "SeparableMixing",
-    "TokenMixing",
-    "make_mixing",
+    "PooledTokenMixing",
+    "SeparableTokenMixing",
+    "line_deviation",
+    "make_token_mixing",
     "nearest_kronecker",
-    "deviation_1d",
-    "deviation_2d",
-    "resize_mixing_1d",
-    "resize_mixing_2d",
 ]
 
-Grid = tuple[int, int]
 LAMixing = Literal["dense", "separable", "pooled"]
 LA_MIXINGS: tuple[str, ...] = ("dense", "separable", "pooled")
 
 
-# ------------------------------------------------------------------------- identity-preserving
-def _resize_image(x: torch.Tensor, size: Grid) -> torch.Tensor:
-    """Bilinear resize of (C, h, w) maps, antialiased when shrinking."""
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(
-        x[None], size=size, mode="bilinear", align_corners=False, antialias=shrink
-    )[0]
+def line_deviation(weight: torch.Tensor, size: int) -> torch.Tensor:
+    """``W − I`` of an n×n mixing over a line of n tokens, for ``size`` tokens.
 
-
-def _eye_like(weight: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    return torch.eye(n or weight.shape[0], dtype=weight.dtype, device=weight.device)
-
-
-def deviation_1d(weight: torch.Tensor, size: int) -> torch.Tensor:
-    """``W − I`` of an n×n mixing over a line of tokens, for ``size`` tokens:
-    ``(n/size)·resize(W − I)`` (the deviation is resampled as an image, its column axis scaled
-    so that mixing a constant line keeps, to first order, its value). Zero stays zero."""
+    ``(n/size)·R (W − I) Rᵀ`` with R the 1-D bicubic resampling (antialiased when shrinking):
+    zero stays zero, so identity stays identity.
+    """
     n = weight.shape[0]
-    delta = weight - _eye_like(weight)
+    deviation = weight - torch.eye(n, dtype=weight.dtype, device=weight.device)
     if n == size:
-        return delta
-    return _resize_image(delta[None].float(), (size, size))[0].to(weight.dtype) * (n / size)
-
-
-def resize_mixing_1d(weight: torch.Tensor, size: int) -> torch.Tensor:
-    """An n×n mixing over a line of tokens, for ``size`` tokens: ``I + deviation_1d``."""
-    return (
-        weight if weight.shape[0] == size else _eye_like(weight, size) + deviation_1d(weight, size)
-    )
-
-
-def deviation_2d(weight: torch.Tensor, old: Grid, new: Grid) -> torch.Tensor:
-    """``W − I`` of an N×N mixing over an h×w grid, for another grid (the deviation as a 4-D
-    (h, w, h, w) kernel resized, column axis scaled by N_old/N_new). Zero stays zero."""
-    delta = weight - _eye_like(weight)
-    if tuple(old) == tuple(new):
-        return delta
-    n_old, n_new = old[0] * old[1], new[0] * new[1]
-    delta = _resize_image(delta.float().reshape(n_old, *old), new).reshape(n_old, n_new)  # cols
-    delta = _resize_image(delta.t().reshape(n_new, *old), new).reshape(n_new, n_new).t()  # rows
-    return delta.to(weight.dtype) * (n_old / n_new)
-
-
-def resize_mixing_2d(weight: torch.Tensor, old: Grid, new: Grid) -> torch.Tensor:
-    """An N×N mixing over an h×w grid, for another grid: ``I + deviation_2d``."""
-    if tuple(old) == tuple(new):
-        return weight
-    return _eye_like(weight, new[0] * new[1]) + deviation_2d(weight, old, new)
-
-
-def resize_token_map(vector: torch.Tensor, old: Grid, new: Grid) -> torch.Tensor:
-    """A per-token vector (N,) on grid ``old`` resampled to grid ``new`` (bilinear)."""
-    if tuple(old) == tuple(new):
-        return vector
-    return _resize_image(vector.float().reshape(1, *old), new).flatten().to(vector.dtype)
+        return deviation
+    r = interpolation_matrix((n, 1), (size, 1), weight.device)  # (size, n)
+    return ((n / size) * (r @ deviation.float() @ r.t())).to(weight.dtype)
 
 
 def nearest_kronecker(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` minimising ‖W − A ⊗ B‖_F for an N×N W over an h×w grid (A: h×h, B: w×w).
 
     Van Loan–Pitsianis: rearrange W to R[(i, i'), (j, j')] = W[(i, j), (i', j')] and take its
-    best rank-1 approximation σ·u·vᵀ. The product fixes A and B up to a factor c ↔ 1/c: A is
-    scaled to a mean diagonal of 1 (so the identity gives I_h and I_w, as an identity
-    initialisation does), or the scale split evenly when A's trace is ~0. Exact when W is a
-    Kronecker product.
+    best rank-1 approximation σ·u·vᵀ. The product fixes A and B up to c ↔ 1/c: A gets a mean
+    diagonal of 1 (the identity gives I_h and I_w), or an even split when its trace is ~0.
     """
     h, w = grid
     r = weight.double().reshape(h, w, h, w).permute(0, 2, 1, 3).reshape(h * h, w * w)
@@ -126,154 +84,190 @@ def nearest_kronecker(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, t
     return (a * scale).to(weight.dtype), (b / scale).to(weight.dtype)
 
 
-# ------------------------------------------------------------------------------------ forms
-# Every form computes ``x + (W − I)·x``: the same products as ``W·x``, but an identity (zero
-# deviation) reproduces ``x`` exactly in any matmul precision (TF32 and bf16 round the inputs of
-# a GEMM, so ``I·x`` would not be exact there).
-def _add_mixed(x: torch.Tensor, delta: torch.Tensor, dim: int) -> torch.Tensor:
+def _separable_mix(
+    x: torch.Tensor, d_rows: torch.Tensor, d_cols: torch.Tensor, grid: Grid, dim: int
+) -> torch.Tensor:
+    """``(I + D_rows) ⊗ (I + D_cols)`` applied to ``x`` (B, H, N, K) along ``dim`` (-2 or -1)."""
+    B, H, N, K = x.shape
+    h, w = grid
     if dim == -2:
-        return x + torch.einsum("qn,bhnk->bhqk", delta, x)  # one (N, N) × (N, B·H·K) GEMM
-    return x + torch.einsum("bhnk,pk->bhnp", x, delta)  # one (B·H·N, K) × (K, K) GEMM
+        x = x.reshape(B, H, h, w, K)  # (B, H, h, w, K): the query axis as its grid
+        x = x + torch.einsum("cj,bhijk->bhick", d_cols, x)  # the columns' factor
+        x = x + torch.einsum("ai,bhijk->bhajk", d_rows, x)  # the rows' factor
+        return x.reshape(B, H, N, K)
+    x = x.reshape(B, H, N, h, w)  # (B, H, N, h', w'): the key axis as its grid
+    x = x + torch.einsum("bhnij,cj->bhnic", x, d_cols)
+    x = x + torch.einsum("bhnij,ai->bhnaj", x, d_rows)
+    return x.reshape(B, H, N, K)
 
 
-class TokenMixing(nn.Module):
-    """A learned linear map over the tokens of a grid (stored at ``grid``, usable at any)."""
-
-    form: str
-
-    def __init__(self, grid: Grid) -> None:
-        super().__init__()
-        self.grid = tuple(grid)
-
-    def reset_parameters(self, init: Literal["identity", "random"] = "identity") -> None:
-        raise NotImplementedError
-
-    def load_dense(self, weight: torch.Tensor, grid: Grid) -> None:
-        """Take a dense N×N matrix trained on ``grid`` (a checkpoint of the literal form)."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, grid: Grid, dim: int) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def _random_(weight: torch.Tensor) -> None:
-    bound = 1.0 / math.sqrt(weight.shape[1])  # nn.Linear's own initialisation
-    nn.init.uniform_(weight, -bound, bound)
+def _pooled_mix(x: torch.Tensor, deviation: torch.Tensor, native: Grid, grid: Grid, dim: int):
+    """``x + Up((W − I)·Pool(x))`` along ``dim``; exactly ``x + (W − I)·x`` on the native grid."""
+    B, H, N, K = x.shape
+    if grid[0] == native[0] and grid[1] == native[1]:
+        if dim == -2:
+            return x + torch.einsum("qn,bhnk->bhqk", deviation, x)  # (B, H, N, K)
+        return x + torch.einsum("bhnk,pk->bhnp", x, deviation)  # (B, H, N, K)
+    if dim == -2:
+        maps = x.permute(0, 1, 3, 2).reshape(B * H, K, *grid)  # (B·H, K, h, w)
+    else:
+        maps = x.reshape(B * H, N, *grid)  # (B·H, N, h', w')
+    pooled = F.adaptive_avg_pool2d(maps, native).flatten(2)  # (B·H, C, P)
+    mixed = (pooled @ deviation.t()).reshape(B * H, -1, *native)  # (B·H, C, ph, pw)
+    up = F.interpolate(mixed, size=grid, mode="bilinear", align_corners=False).flatten(2)
+    if dim == -2:
+        return x + up.reshape(B, H, K, N).transpose(-1, -2)  # (B, H, N, K)
+    return x + up.reshape(B, H, N, K)
 
 
-class DenseMixing(TokenMixing):
-    """The literal N×N matrix (resized identity-preservingly at another grid)."""
-
-    form = "dense"
-
-    def __init__(self, grid: Grid, init: str = "identity") -> None:
-        super().__init__(grid)
-        n = grid[0] * grid[1]
-        self.weight = nn.Parameter(torch.empty(n, n))
-        self.reset_parameters(init)
-
-    @torch.no_grad()
-    def reset_parameters(self, init: str = "identity") -> None:
-        nn.init.eye_(self.weight) if init == "identity" else _random_(self.weight)
-
-    @torch.no_grad()
-    def load_dense(self, weight: torch.Tensor, grid: Grid) -> None:
-        self.weight.copy_(resize_mixing_2d(weight.to(self.weight), grid, self.grid))
-
-    def forward(self, x: torch.Tensor, grid: Grid, dim: int) -> torch.Tensor:
-        return _add_mixed(x, deviation_2d(self.weight, self.grid, grid), dim)
+# Shape logic as opaque calls under torch.fx, as the dense form's.
+for _fn in (line_deviation, _separable_mix, _pooled_mix):
+    register_notrace_function(_fn)
+torch.fx.wrap("line_deviation")
+torch.fx.wrap("_separable_mix")
+torch.fx.wrap("_pooled_mix")
 
 
-class SeparableMixing(TokenMixing):
-    """``W = W_h ⊗ W_w``: rows of the grid mixed by W_h (h×h), columns by W_w (w×w)."""
+def _init_square_(weight: torch.Tensor, init: str) -> None:
+    if init == "identity":
+        nn.init.eye_(weight)
+    elif init == "random":  # nn.Linear's own initialisation
+        bound = 1.0 / math.sqrt(weight.shape[1])
+        nn.init.uniform_(weight, -bound, bound)
+    else:
+        raise ValueError(f"la_init must be 'identity' or 'random', got {init!r}")
+
+
+class _NativeGridMixing(TokenMixing):
+    """Shared by the forms whose parameters stay on the native grids: Θ's bias, init, resizing.
+
+    ``resize_`` (``set_input_size``) keeps the parameters where they are: they do not depend on
+    the input size, and any grid is handled in ``forward``.
+    """
+
+    def __init__(self, query_grid: Grid, key_grid: Grid) -> None:
+        super().__init__(query_grid, key_grid)
+        self.theta_bias = nn.Parameter(torch.empty(self.key_grid[0] * self.key_grid[1]))  # b_Θ
+
+    def _reset_bias(self, init: str) -> None:
+        if init == "identity":
+            nn.init.zeros_(self.theta_bias)
+        else:
+            bound = 1.0 / math.sqrt(self.theta_bias.shape[0])
+            nn.init.uniform_(self.theta_bias, -bound, bound)
+
+    def resize_(self, query_grid: Grid, key_grid: Grid) -> None:
+        pass  # size-independent: the native grids stay
+
+    def _dense_state(self, state: dict[str, torch.Tensor], prefix: str):
+        """A dense-form checkpoint's Ψ, Θ, b_Θ (removed from ``state``) on our native grids."""
+        psi, theta = state.pop(prefix + "psi", None), state.pop(prefix + "theta", None)
+        bias = state.get(prefix + "theta_bias")
+        out = []
+        for value, grid in ((psi, self.query_grid), (theta, self.key_grid)):
+            if value is not None and value.shape[0] != grid[0] * grid[1]:
+                value = resize_token_mixing(value, infer_grid(value.shape[0], grid), grid)
+            out.append(value)
+        if bias is not None and bias.shape[0] != self.key_grid[0] * self.key_grid[1]:
+            old = infer_grid(bias.shape[0], self.key_grid)
+            state[prefix + "theta_bias"] = resize_token_vector(bias, old, self.key_grid)
+        return out
+
+
+class SeparableTokenMixing(_NativeGridMixing):
+    """``S' = (Ψ_h ⊗ Ψ_w) · (S (Θ_h ⊗ Θ_w)ᵀ + 1 b_Θᵀ)``, each factor resampled per grid."""
 
     form = "separable"
 
-    def __init__(self, grid: Grid, init: str = "identity") -> None:
-        super().__init__(grid)
-        self.weight_h = nn.Parameter(torch.empty(grid[0], grid[0]))
-        self.weight_w = nn.Parameter(torch.empty(grid[1], grid[1]))
+    def __init__(self, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"):
+        super().__init__(query_grid, key_grid)
+        (qh, qw), (kh, kw) = self.query_grid, self.key_grid
+        self.psi_h = nn.Parameter(torch.empty(qh, qh))
+        self.psi_w = nn.Parameter(torch.empty(qw, qw))
+        self.theta_h = nn.Parameter(torch.empty(kh, kh))
+        self.theta_w = nn.Parameter(torch.empty(kw, kw))
         self.reset_parameters(init)
 
     @torch.no_grad()
-    def reset_parameters(self, init: str = "identity") -> None:
-        for weight in (self.weight_h, self.weight_w):
-            nn.init.eye_(weight) if init == "identity" else _random_(weight)
+    def reset_parameters(self, init: LessAttentionInit = "identity") -> None:
+        for weight in (self.psi_h, self.psi_w, self.theta_h, self.theta_w):
+            _init_square_(weight, init)
+        self._reset_bias(init)
 
-    @torch.no_grad()
-    def load_dense(self, weight: torch.Tensor, grid: Grid) -> None:
-        a, b = nearest_kronecker(weight, grid)
-        self.weight_h.copy_(resize_mixing_1d(a, self.grid[0]))
-        self.weight_w.copy_(resize_mixing_1d(b, self.grid[1]))
+    def dense(self, query_grid: Grid | None = None) -> torch.Tensor:
+        """The N×N Ψ this form stands for at ``query_grid`` (tests, analysis)."""
+        h, w = query_grid or self.query_grid
+        eye = torch.eye(h * w, dtype=self.psi_h.dtype).reshape(1, 1, h * w, h * w)
+        d_rows, d_cols = line_deviation(self.psi_h, h), line_deviation(self.psi_w, w)
+        return _separable_mix(eye, d_rows, d_cols, (h, w), -2)[0, 0]
 
-    def dense(self, grid: Grid | None = None) -> torch.Tensor:
-        """The N×N matrix this form stands for at ``grid`` (for tests and analysis)."""
-        grid = grid or self.grid
-        a, b = resize_mixing_1d(self.weight_h, grid[0]), resize_mixing_1d(self.weight_w, grid[1])
-        return torch.kron(a, b)
+    def forward(self, scores: torch.Tensor, query_grid: Grid, key_grid: Grid) -> torch.Tensor:
+        bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)  # (N',)
+        d_th, d_tw = (
+            line_deviation(self.theta_h, key_grid[0]),
+            line_deviation(self.theta_w, key_grid[1]),
+        )
+        t = _separable_mix(scores, d_th, d_tw, key_grid, -1) + bias  # S Θᵀ + 1 b_Θᵀ
+        d_ph, d_pw = (
+            line_deviation(self.psi_h, query_grid[0]),
+            line_deviation(self.psi_w, query_grid[1]),
+        )
+        return _separable_mix(t, d_ph, d_pw, query_grid, -2)  # (B, H, N, N'): Ψ T
 
-    def forward(self, x: torch.Tensor, grid: Grid, dim: int) -> torch.Tensor:
-        h, w = grid
-        da, db = deviation_1d(self.weight_h, h), deviation_1d(self.weight_w, w)
-        B, H, N, K = x.shape
-        if dim == -2:
-            x = x.reshape(B, H, h, w, K)  # (B, H, h, w, K): the query axis as its grid
-            x = x + torch.einsum("ai,bhiwk->bhawk", da, x)  # W_h on the rows
-            x = x + torch.einsum("cj,bhajk->bhack", db, x)  # W_w on the columns
-            return x.reshape(B, H, N, K)
-        x = x.reshape(B, H, N, h, w)  # (B, H, N, h', w'): the key axis as its grid
-        x = x + torch.einsum("bhnij,ai->bhnaj", x, da)
-        x = x + torch.einsum("bhnaj,cj->bhnac", x, db)
-        return x.reshape(B, H, N, K)
+    def resize_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Converts a dense-form checkpoint (``psi``/``theta``) to the nearest Kronecker factors."""
+        psi, theta = self._dense_state(state, prefix)
+        for value, grid, name in ((psi, self.query_grid, "psi"), (theta, self.key_grid, "theta")):
+            if value is not None:
+                a, b = nearest_kronecker(value, grid)
+                state[f"{prefix}{name}_h"], state[f"{prefix}{name}_w"] = a, b
 
 
-class PooledMixing(TokenMixing):
-    """``x + Up((W − I)·Pool(x))`` with W (P×P) on a fixed pooled grid (exact ``W x`` on it)."""
+class PooledTokenMixing(_NativeGridMixing):
+    """``S' = Ψ̃(Θ̃(S) + 1 b_Θᵀ)`` with ``Ψ̃(x) = x + Up((Ψ − I)·Pool(x))`` (Θ̃ likewise)."""
 
     form = "pooled"
 
-    def __init__(self, grid: Grid, init: str = "identity", pool_grid: Grid | None = None) -> None:
-        super().__init__(grid)
-        self.pool_grid = tuple(pool_grid or grid)
-        p = self.pool_grid[0] * self.pool_grid[1]
-        self.weight = nn.Parameter(torch.empty(p, p))
+    def __init__(self, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"):
+        super().__init__(query_grid, key_grid)
+        n, k = self.query_grid[0] * self.query_grid[1], self.key_grid[0] * self.key_grid[1]
+        self.psi = nn.Parameter(torch.empty(n, n))  # on the native (pooled) query grid
+        self.theta = nn.Parameter(torch.empty(k, k))  # on the native (pooled) key grid
         self.reset_parameters(init)
 
     @torch.no_grad()
-    def reset_parameters(self, init: str = "identity") -> None:
-        nn.init.eye_(self.weight) if init == "identity" else _random_(self.weight)
+    def reset_parameters(self, init: LessAttentionInit = "identity") -> None:
+        _init_square_(self.psi, init)
+        _init_square_(self.theta, init)
+        self._reset_bias(init)
 
-    @torch.no_grad()
-    def load_dense(self, weight: torch.Tensor, grid: Grid) -> None:
-        self.weight.copy_(resize_mixing_2d(weight.to(self.weight), grid, self.pool_grid))
+    def forward(self, scores: torch.Tensor, query_grid: Grid, key_grid: Grid) -> torch.Tensor:
+        bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)  # (N',)
+        d_theta = self.theta - torch.eye(
+            self.theta.shape[0], dtype=scores.dtype, device=scores.device
+        )
+        t = _pooled_mix(scores, d_theta, self.key_grid, key_grid, -1) + bias
+        d_psi = self.psi - torch.eye(self.psi.shape[0], dtype=scores.dtype, device=scores.device)
+        return _pooled_mix(t, d_psi, self.query_grid, query_grid, -2)  # (B, H, N, N')
 
-    def forward(self, x: torch.Tensor, grid: Grid, dim: int) -> torch.Tensor:
-        delta = self.weight - _eye_like(self.weight)
-        if tuple(grid) == self.pool_grid:  # Pool and Up are identities: exactly W·x
-            return _add_mixed(x, delta, dim)
-        B, H, N, K = x.shape
-        h, w = grid
-        ph, pw = self.pool_grid
-        if dim == -2:
-            maps = x.permute(0, 1, 3, 2).reshape(B * H, K, h, w)  # (B·H, K, h, w)
-        else:
-            maps = x.reshape(B * H, N, h, w)  # (B·H, N, h', w')
-        pooled = F.adaptive_avg_pool2d(maps, (ph, pw)).flatten(2)  # (B·H, C, P)
-        mixed = pooled @ delta.t()  # (B·H, C, P): (W − I) on the pooled grid
-        up = F.interpolate(
-            mixed.reshape(B * H, -1, ph, pw), size=(h, w), mode="bilinear", align_corners=False
-        ).flatten(2)  # (B·H, C, N)
-        if dim == -2:
-            return x + up.reshape(B, H, K, N).transpose(-1, -2)
-        return x + up.reshape(B, H, N, K)
+    def resize_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """A dense-form checkpoint's Ψ/Θ are this form's, resampled to the native grids if needed."""
+        psi, theta = self._dense_state(state, prefix)
+        if psi is not None:
+            state[prefix + "psi"] = psi
+        if theta is not None:
+            state[prefix + "theta"] = theta
 
 
-def make_mixing(form: str, grid: Grid, init: str = "identity") -> TokenMixing:
-    """The ``la_mixing`` form for a grid (the model's grid at construction)."""
-    if form == "dense":
-        return DenseMixing(grid, init)
-    if form == "separable":
-        return SeparableMixing(grid, init)
-    if form == "pooled":
-        return PooledMixing(grid, init)
-    raise ValueError(f"la_mixing must be one of {LA_MIXINGS}, got {form!r}")
+def make_token_mixing(
+    form: str, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"
+) -> TokenMixing:
+    """The ``la_mixing`` form of an LA layer, made for its native grids."""
+    forms = {
+        "dense": DenseTokenMixing,
+        "separable": SeparableTokenMixing,
+        "pooled": PooledTokenMixing,
+    }
+    if form not in forms:
+        raise ValueError(f"la_mixing must be one of {LA_MIXINGS}, got {form!r}")
+    return forms[form](query_grid, key_grid, init)

@@ -1,9 +1,10 @@
 """``lavit analyze``: the attention saturation of a model, as a table and a plot.
 
 The measurement is :mod:`lavit.analysis.saturation` (the same as at the end of every
-``lavit fit``). Models: a Lightning checkpoint (``*.ckpt`` of ``LaViTModule``; its EMA weights if
-it has them), or a model name of :mod:`lavit.models.factory` (random weights; ``NAME/all-va`` for
-a LaViT without LA layers). Images: the embedded CIFAR-10 subset (the default), ``--images DIR``,
+``lavit fit``). Models: a Lightning checkpoint (``*.ckpt`` of ``LaViTModule``, its EMA weights if
+it has them; or of a dense run, ``RetinaNetModule`` / ``SemanticFPNModule``, whose LaViT
+backbone is analysed), or a model name of :mod:`lavit.models.factory` (random weights;
+``NAME/all-va`` for a LaViT without LA layers). Images: the embedded CIFAR-10 subset (the default), ``--images DIR``,
 or ``--random`` noise.
 
     lavit analyze --model runs/base/checkpoints/last.ckpt --num-images 64 --out runs/base/saturation
@@ -23,10 +24,13 @@ from timm.data import create_transform
 from torch import nn
 
 from lavit.analysis.saturation import head_means, saturation_table, write_report
+from lavit.dense.detection import RetinaNetModule
+from lavit.dense.segmentation import SemanticFPNModule
 from lavit.models import LaViT
 from lavit.models.factory import create_model, parse_model_name
 from lavit.tables import markdown_table
 from lavit.tools._cli import add_out_option, fail, positive_int, tool_parser
+from lavit.training.checkpoint_io import load_checkpoint_file
 from lavit.training.data import ImageDataModule
 from lavit.training.images import IMAGE_EXTENSIONS
 from lavit.training.module import LaViTModule
@@ -45,20 +49,39 @@ def load_model(source: str, img_size: int | None) -> tuple[nn.Module, int, str]:
         path = Path(source)
         if not path.is_file():
             raise ValueError(f"checkpoint {source!r} does not exist")
-        module = LaViTModule.load_from_checkpoint(path, map_location="cpu")
-        model = module.eval_model
-        label = f"{module.hparams.arch} ({path.name})"
+        dense = _dense_class(path)
+        if dense is not None:  # a detection / segmentation run: its backbone
+            # backbone_checkpoint=None: the run's own weights replace the classification ones
+            module = dense.load_from_checkpoint(path, map_location="cpu", backbone_checkpoint=None)
+            model = module.backbone.body
+            label = f"{module.hparams.backbone} backbone of {dense.__name__} ({path.name})"
+        else:
+            module = LaViTModule.load_from_checkpoint(path, map_location="cpu")
+            model = module.eval_model
+            label = f"{module.hparams.arch} ({path.name})"
     else:
         spec = parse_model_name(source)
         model = create_model(spec, img_size=img_size)
         label = spec.label
     native = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     if isinstance(model, LaViT):
-        native = model.img_size[0]
-        if img_size is not None and img_size != native:
-            model.set_input_size(img_size)  # resamples position embeddings and Ψ/Θ
-            native = img_size
+        native = model.img_size[0]  # a dense backbone built for H×W is analysed at H×H
+        if tuple(model.img_size) != ((img_size or native),) * 2:
+            model.set_input_size(img_size or native)  # resamples position embeddings and Ψ/Θ
+        native = img_size or native
     return model.eval(), img_size or native, label
+
+
+def _dense_class(path: Path) -> type | None:
+    """The dense task module a checkpoint was written by, or ``None`` (a classification run)."""
+    state = load_checkpoint_file(path, mmap=True)["state_dict"]
+    if any(k.startswith("detector.backbone.body.") for k in state):
+        return RetinaNetModule
+    if any(k.startswith("decoder.") for k in state) and any(
+        k.startswith("backbone.") for k in state
+    ):
+        return SemanticFPNModule
+    return None
 
 
 def _normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
