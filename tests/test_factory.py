@@ -33,3 +33,6 @@ def test_names_build_the_models_training_and_the_tools_share():
         parse_model_name("lavit_tiny/all-la")
     with pytest.raises(ValueError, match="only LaViT variants"):
         parse_model_name("pvt_v2_b0/all-va")
+    # the la_mixing forms by name (lavit bench --models backbone:lavit_tiny/pooled)
+    assert parse_model_name("lavit_tiny/pooled").switches == {"la_mixing": "pooled"}
+    assert create_model("lavit_cifar/separable", num_classes=3).la_mixing == "separable"

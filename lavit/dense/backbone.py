@@ -55,8 +55,8 @@ class DenseBackbone(nn.Module):
     Args:
         arch: a timm model with ``forward_intermediates`` (``lavit_tiny``, ``pvt_v2_b1``, ...).
         out_strides: strides of the maps to return, each one of the model's stage strides.
-        img_size: input size the model is built for (LaViT: fixes its token grids unless the
-            model handles other sizes itself); ignored by size-agnostic models such as PVTv2.
+        img_size: input size the model is built for (LaViT: fixes its token grids); ignored by
+            size-agnostic models such as PVTv2 and by a LaViT with ``dynamic_img_size``.
         drop_path_rate: stochastic depth of the backbone.
         model_kwargs: other model arguments (``la_mixing``, ``num_va_layers``, widths, ...).
     """
@@ -78,7 +78,10 @@ class DenseBackbone(nn.Module):
         kwargs = dict(model_kwargs or {})
         kwargs.update(num_classes=0, drop_path_rate=drop_path_rate)
         self.is_lavit = arch.startswith("lavit_")
-        if img_size is not None and self.is_lavit:
+        # A LaViT that takes any size (dynamic_img_size) keeps its native size, so that its
+        # parameters stay those of the classification checkpoint; otherwise it is built for
+        # the dense input size.
+        if img_size is not None and self.is_lavit and not kwargs.get("dynamic_img_size"):
             kwargs["img_size"] = (
                 tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
             )

@@ -16,6 +16,7 @@ import timm
 from torch import nn
 
 from .lavit import LAVIT_CONFIGS
+from .mixing import LA_MIXINGS
 
 __all__ = [
     "ALL_VA",
@@ -35,6 +36,7 @@ LAVIT_SWITCHES = (
     "attn_state",
     "dp_loss_variant",
     "dp_loss_layers",
+    "la_mixing",
 )
 
 
@@ -57,8 +59,11 @@ class ModelSpec:
 
 
 def parse_model_name(name: str) -> ModelSpec:
-    """``lavit_tiny``, ``pvt_v2_b1`` (any timm model) or ``lavit_tiny/all-va`` → a spec."""
+    """``lavit_tiny``, ``pvt_v2_b1`` (any timm model), ``lavit_tiny/all-va`` or a LaViT with
+    another ``la_mixing`` form, ``lavit_tiny/separable`` / ``lavit_tiny/pooled`` → a spec."""
     arch, _, variant = name.partition("/")
+    if variant in LA_MIXINGS and is_lavit_arch(arch):
+        return ModelSpec(name, arch, {"la_mixing": variant})
     if arch.split(".")[0] not in timm.list_models():
         raise ValueError(
             f"unknown model {name!r}: arch={arch!r} is not a timm model (e.g. lavit_cifar, "
@@ -67,7 +72,10 @@ def parse_model_name(name: str) -> ModelSpec:
     if not variant:
         return ModelSpec(name, arch)
     if variant != ALL_VA:
-        raise ValueError(f"unknown model variant {variant!r} in {name!r}: only '/{ALL_VA}' exists")
+        raise ValueError(
+            f"unknown model variant {variant!r} in {name!r}: only '/{ALL_VA}' exists besides "
+            f"the la_mixing forms ({', '.join('/' + f for f in LA_MIXINGS)})"
+        )
     if not is_lavit_arch(arch):
         raise ValueError(
             f"{name!r}: only LaViT variants ({', '.join(LAVIT_CONFIGS)}) have LA layers"

@@ -76,20 +76,34 @@ def _same(a: Grid, b: Grid) -> bool:
     return a[0] == b[0] and a[1] == b[1]
 
 
+def _resample_tokens(values: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
+    """``R v`` for per-token rows ``v`` (N_old, C), as ``R_h`` and ``R_w`` one axis at a time.
+
+    The same operator as ``interpolation_matrix(old_grid, new_grid) @ v`` (R = R_h ⊗ R_w), in
+    h_old·w_new·w_old + h_new·w_new·h_old multiply-adds per channel instead of N_new·N_old:
+    at 800×1344, LaViT's stage-1 position embeddings cost 0.3 G instead of 13.5 G.
+    """
+    (oh, ow), (nh, nw) = old_grid, new_grid
+    r_h = interpolation_matrix((oh, 1), (nh, 1), values.device)  # (h_new, h_old)
+    r_w = interpolation_matrix((1, ow), (1, nw), values.device)  # (w_new, w_old)
+    v = values.float().reshape(oh, ow, -1)  # (h_old, w_old, C)
+    v = torch.einsum("aw,hwc->hac", r_w, v)  # (h_old, w_new, C)
+    v = torch.einsum("bh,hac->bac", r_h, v)  # (h_new, w_new, C)
+    return v.reshape(nh * nw, -1).to(values.dtype)
+
+
 def resize_token_vector(vector: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
     """A per-token vector (e.g. Θ's bias, (N_old,)) resampled to new_grid: ``R v``."""
     if _same(old_grid, new_grid):
         return vector
-    r = interpolation_matrix(old_grid, new_grid, vector.device)  # (N_new, N_old)
-    return (r @ vector.float()).to(vector.dtype)  # (N_new,)
+    return _resample_tokens(vector[:, None], old_grid, new_grid)[:, 0]  # (N_new,)
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
     """Position embeddings (1, N_old, C) of an old_grid, resampled to (1, N_new, C)."""
     if _same(old_grid, new_grid):
         return pos_embed
-    r = interpolation_matrix(old_grid, new_grid, pos_embed.device)  # (N_new, N_old)
-    return (r @ pos_embed[0].float()).unsqueeze(0).to(pos_embed.dtype)  # (1, N_new, C)
+    return _resample_tokens(pos_embed[0], old_grid, new_grid).unsqueeze(0)  # (1, N_new, C)
 
 
 def _resize_deviation(deviation: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:

@@ -137,14 +137,26 @@ class _DetectorOutputs(nn.Module):
 def build_bench_model(
     spec: ModelSpec, task: str | None, num_classes: int, img_size: tuple[int, int]
 ) -> nn.Module:
-    """The model of a row: a classifier (``task=None``), a backbone or a whole detector."""
-    if task is None:
-        return create_model(spec, num_classes, img_size)
+    """The model of a row: a classifier (``task=None``), a backbone or a whole detector.
+
+    A LaViT with a size-independent ``la_mixing`` form is built at its native size with
+    ``dynamic_img_size`` (its parameters are those of 224², whatever ``img_size``); the others
+    are built for ``img_size`` (the dense form's Ψ/Θ and the position embeddings at that size).
+    """
     kwargs = dict(spec.switches)
+    if kwargs.get("la_mixing") in ("separable", "pooled"):
+        kwargs["dynamic_img_size"] = True
+        native = None
+    else:
+        native = img_size
+    if task is None:
+        return create_model(
+            ModelSpec(spec.label, spec.arch), num_classes, native, model_kwargs=kwargs
+        )
     if task == "backbone":
-        return _PooledMaps(DenseBackbone(spec.arch, (4, 8, 16, 32), img_size, 0.0, kwargs))
+        return _PooledMaps(DenseBackbone(spec.arch, (4, 8, 16, 32), native, 0.0, kwargs))
     detector = RetinaNetModule(
-        num_classes=80, backbone=spec.arch, backbone_kwargs=kwargs, img_size=img_size
+        num_classes=80, backbone=spec.arch, backbone_kwargs=kwargs, img_size=native
     )
     return _DetectorOutputs(detector)
 
