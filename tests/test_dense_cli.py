@@ -151,3 +151,31 @@ def test_a_detector_checkpoint_is_refused_where_a_classifier_is_expected(tmp_pat
         SemanticFPNModule(
             num_classes=3, backbone="lavit_tiny", img_size=(64, 64), backbone_checkpoint=str(path)
         )
+
+
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_lavit_analyze_reads_a_dense_checkpoint(tmp_path, task, capsys):
+    """`lavit analyze --model <dense run>.ckpt` measures the saturation of its LaViT backbone."""
+    from lavit.tools.analyze import main as analyze
+
+    kwargs = dict(backbone="lavit_tiny", backbone_kwargs=json.loads(TINY), img_size=(64, 96))
+    if task == "detection":
+        module = RetinaNetModule(num_classes=2, fpn_channels=32, **kwargs)
+    else:
+        module = SemanticFPNModule(
+            num_classes=3, pyramid_channels=32, segmentation_channels=32, **kwargs
+        )
+    path = tmp_path / "dense.ckpt"
+    import lightning
+
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": lightning.__version__,  # as Lightning writes it
+    }
+    torch.save(checkpoint, path)
+    argv = ["--model", str(path), "--random", "--num-images", "2", "--out", str(tmp_path / "out")]
+    assert analyze(argv) == 0
+    out = capsys.readouterr().out
+    assert f"lavit_tiny backbone of {type(module).__name__}" in out and "64²" in out
+    assert (tmp_path / "out" / "saturation.csv").is_file()
