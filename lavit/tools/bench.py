@@ -624,7 +624,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             result.update(run_throughput(args, specs, device))
             labels = [spec.label for spec in specs]
             result["comparisons"] = _comparisons(labels, result["samples_s"])
-            lavit_specs = [spec for spec in specs if spec.is_lavit and not spec.switches]
+            lavit_specs = [
+                spec
+                for spec in specs
+                if spec.is_lavit and not spec.switches and split_task(spec.label)[0] is None
+            ]
             if not args.no_layers and lavit_specs:
                 say(
                     PROG,
