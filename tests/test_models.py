@@ -5,16 +5,20 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from small_lavit import SMALL, small_model
+from timm.layers import to_2tuple
+from timm.optim import param_groups_layer_decay
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.feature_extraction import create_feature_extractor
 
 import lavit  # noqa: F401  (registers the models)
 from lavit.models import LaViT, LessAttention, VanillaAttention, diagonality_preserving_loss
 from lavit.models.attention import AttentionDownsample
-from lavit.models.lavit import checkpoint_filter_fn
+from lavit.models.lavit import checkpoint_filter_fn, take_indices
 from lavit.models.losses import attention_dp_loss, region_attention
-from lavit.models.resize import resize_token_mixing
+from lavit.models.resize import interpolation_matrix, resize_token_mixing, resize_token_vector
 from lavit.models.token_mixing import DenseTokenMixing
 
 
@@ -185,11 +189,39 @@ def test_corrected_dp_loss_bounded_on_row_stochastic_input():
     for n in (2, 7, 49, 196):
         probs = (torch.randn(8, n, n) * 10).softmax(-1)
         loss = diagonality_preserving_loss(probs, "corrected").item()
-        assert 0.0 <= loss < 3.0
+        assert 0.0 <= loss < 3.0  # [0, 3]; 3 only on permutations like a cyclic shift
     # the printed form is not: it rewards a larger diagonal with a larger loss
     assert diagonality_preserving_loss(torch.eye(4), "paper") > diagonality_preserving_loss(
         torch.full((4, 4), 0.25), "paper"
     )
+
+
+def test_corrected_dp_loss_reaches_its_bound_of_3_on_a_cyclic_shift():
+    for n in (3, 5, 49):
+        shift = torch.roll(torch.eye(n), 1, dims=1)  # token i attends only to token i + 1
+        assert diagonality_preserving_loss(shift, "corrected").item() == pytest.approx(3.0)
+
+
+def test_on_row_stochastic_attention_the_printed_diagonal_term_is_n_trace_minus_n():
+    torch.manual_seed(0)
+    for n in (2, 7, 49):
+        probs = (torch.randn(n, n) * 3).softmax(-1)
+        asymmetry = (probs - probs.T).abs().sum()
+        trace = probs.diagonal().sum()
+        paper = diagonality_preserving_loss(probs, "paper") * n - asymmetry
+        torch.testing.assert_close(paper, n * trace - n)
+        corrected = diagonality_preserving_loss(probs, "corrected")
+        torch.testing.assert_close(corrected, asymmetry / n + 1 - trace / n)
+
+
+def test_corrected_dp_loss_pulls_attention_towards_the_identity_and_paper_pushes_away():
+    logits = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    for variant, sign in (("corrected", -1), ("paper", 1)):
+        sharpness = torch.zeros((), requires_grad=True)  # scores + t·I: larger t, larger trace
+        probs = (logits + sharpness * torch.eye(6)).softmax(-1)
+        diagonality_preserving_loss(probs, variant).backward()
+        # gradient descent moves t by −grad: up (towards I) for corrected, down for paper
+        assert torch.sign(sharpness.grad).item() == sign, variant
 
 
 def test_region_attention_pools_queries_and_stays_row_stochastic():
@@ -453,3 +485,264 @@ def test_flop_counter_counts_the_psi_theta_transforms():
 def test_invalid_arguments_raise_value_error_naming_them(overrides, argument):
     with pytest.raises(ValueError, match=argument):
         LaViT(**{**SMALL, **overrides})
+
+
+# --- identity-preserving resizing (resize.py) -----------------------------------------------------
+
+GRID_PAIRS = [
+    ((14, 14), (28, 28)),  # 224 → 448
+    ((14, 14), (16, 16)),  # 224 → 256
+    ((14, 14), (7, 7)),  # 224 → 112: shrinking, antialiased
+    ((4, 6), (8, 3)),  # non-square, one side up and one down
+    ((7, 7), (3, 5)),
+]
+
+
+@pytest.mark.parametrize("old, new", GRID_PAIRS)
+def test_resizing_keeps_the_identity_exactly(old, new):
+    n_old, n_new = old[0] * old[1], new[0] * new[1]
+    assert torch.equal(resize_token_mixing(torch.eye(n_old), old, new), torch.eye(n_new))
+    assert torch.equal(resize_token_vector(torch.zeros(n_old), old, new), torch.zeros(n_new))
+
+
+@pytest.mark.parametrize("old, new", GRID_PAIRS)
+def test_resizing_a_near_identity_stays_within_order_epsilon(old, new):
+    n_old, n_new = old[0] * old[1], new[0] * new[1]
+    delta = torch.randn(n_old, n_old, generator=torch.Generator().manual_seed(0)) / n_old**0.5
+    relative_delta = (delta.norm() / torch.eye(n_old).norm()).item()  # ‖Δ‖ / ‖I‖ = 1
+    deviations = []
+    for eps in (1e-2, 1e-3):
+        resized = resize_token_mixing(torch.eye(n_old) + eps * delta, old, new)
+        deviations.append(((resized - torch.eye(n_new)).norm() / n_new**0.5).item())
+        assert deviations[-1] <= eps * relative_delta  # no larger, relative to I, than before
+    assert deviations[0] / deviations[1] == pytest.approx(10.0, rel=1e-3)  # linear in ε
+
+
+@pytest.mark.parametrize("old, new", GRID_PAIRS)
+def test_resized_trained_looking_mixing_keeps_its_row_sums(old, new):
+    n_old = old[0] * old[1]
+    weight = torch.rand(n_old, n_old, generator=torch.Generator().manual_seed(1))
+    weight = 3.0 * weight / weight.sum(1, keepdim=True)  # random, far from I, every row sums to 3
+    row_sums = resize_token_mixing(weight, old, new).sum(1)
+    assert row_sums.mean().item() == pytest.approx(3.0, rel=0.02)
+    torch.testing.assert_close(row_sums, torch.full_like(row_sums, 3.0), rtol=0.1, atol=0)
+
+
+@pytest.mark.parametrize("old, new", GRID_PAIRS)
+def test_interpolation_matrix_is_bicubic_resampling_antialiased_when_shrinking(old, new):
+    images = torch.randn(3, 1, *old)
+    expected = images
+    for axis, (o, n) in enumerate(zip(old, new, strict=True)):
+        size = list(expected.shape[-2:])
+        size[axis] = n
+        expected = F.interpolate(expected, size=size, mode="bicubic", antialias=n < o)
+    r = interpolation_matrix(old, new)  # (N_new, N_old)
+    got = (images.reshape(3, -1) @ r.t()).reshape(3, 1, *new)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+NUM_LA = sum(SMALL["depths"]) - sum(SMALL["num_va_layers"])  # LA layers of the small model
+
+
+def la_equals_va(model: LaViT, x: torch.Tensor) -> int:
+    """Asserts each LA layer's attention equals its stage's VA attention; returns how many."""
+    with torch.no_grad():
+        records = model.forward_with_aux(x, collect_attn=True).attentions
+    checked = 0
+    for stage in {r.stage for r in records}:
+        va, *las = [r for r in records if r.stage == stage]
+        for la in las:
+            torch.testing.assert_close(la.probs, va.probs, rtol=0, atol=1e-6)
+            checked += 1
+    return checked
+
+
+def test_identity_model_keeps_la_equal_to_va_after_set_input_size():
+    model = small_model().eval()
+    for size in (64, 48, (32, 64)):
+        model.set_input_size(size)
+        assert la_equals_va(model, torch.randn(2, 3, *to_2tuple(size))) == NUM_LA
+
+
+def test_identity_model_keeps_la_equal_to_va_under_dynamic_img_size():
+    model = small_model(dynamic_img_size=True).eval()
+    for size in ((32, 32), (64, 64), (48, 32), (16, 80)):
+        assert la_equals_va(model, torch.randn(2, 3, *size)) == NUM_LA
+
+
+def test_dynamic_img_size_matches_the_fixed_model_at_native_size_and_after_set_input_size():
+    fixed = small_model(la_init="random", residual_attn_init=0.5).eval()
+    dynamic = small_model(la_init="random", residual_attn_init=0.5, dynamic_img_size=True).eval()
+    dynamic.load_state_dict(fixed.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(dynamic(x), fixed(x))  # the native size runs the same maths
+        y = torch.randn(2, 3, 48, 64)
+        at_other_size = dynamic(y)
+        fixed.set_input_size((48, 64))
+        torch.testing.assert_close(at_other_size, fixed(y), rtol=1e-5, atol=1e-6)
+    assert dynamic.stages[0].grid == (16, 16)  # nothing stored: the native grids are unchanged
+
+
+def test_sizes_a_model_cannot_take_raise_clear_errors():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        small_model(dynamic_img_size=True)(torch.randn(1, 3, 40, 32))
+    with pytest.raises(ValueError, match=r"takes 32×32 inputs \(its img_size\).*dynamic_img_size"):
+        small_model()(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="img_size"):
+        small_model().set_input_size(40)
+
+
+def test_dynamic_img_size_features_only_takes_any_multiple_of_the_stride():
+    model = timm.create_model("lavit_cifar", features_only=True, dynamic_img_size=True).eval()
+    with torch.no_grad():
+        for h, w in ((32, 32), (64, 48), (16, 96)):
+            feats = model(torch.randn(1, 3, h, w))
+            assert [f.shape[-2:] for f in feats] == [(h // s, w // s) for s in (2, 4, 8, 16)]
+
+
+def test_pretrained_cfg_says_what_the_model_accepts():
+    fixed = timm.create_model("lavit_tiny", img_size=256)
+    assert fixed.pretrained_cfg["fixed_input_size"] is True
+    assert timm.data.resolve_model_data_config(fixed)["input_size"] == (3, 256, 256)
+    assert fixed.pretrained_cfg["pool_size"] == (8, 8)
+    dynamic = timm.create_model("lavit_cifar", dynamic_img_size=True)
+    assert dynamic.pretrained_cfg["fixed_input_size"] is False
+    assert dynamic.pretrained_cfg["input_size"] == (3, 32, 32)
+    default = timm.create_model("lavit_cifar")
+    default.set_input_size(64)
+    assert timm.data.resolve_model_data_config(default)["input_size"] == (3, 64, 64)
+    assert timm.models.get_pretrained_cfg("lavit_tiny").fixed_input_size
+
+
+# --- tracing and export --------------------------------------------------------------------------
+
+
+def test_fx_traced_model_matches_eager_and_keeps_the_size_error():
+    model = small_model(la_init="random", residual_attn_init=0.5).eval()
+    traced = torch.fx.symbolic_trace(model)  # plain tracer: the shape logic is fx-wrapped
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(traced(x), model(x))
+    with pytest.raises(ValueError, match="img_size"):
+        traced(torch.randn(1, 3, 64, 64))
+
+
+def test_fx_feature_extractor_of_a_dynamic_model_follows_the_input_size():
+    model = small_model(la_init="random", dynamic_img_size=True).eval()
+    extractor = create_feature_extractor(model, return_nodes={"stages.2": "s3", "head": "logits"})
+    with torch.no_grad():
+        for size in ((32, 32), (48, 64)):
+            x = torch.randn(1, 3, *size)
+            out = extractor(x)
+            assert torch.equal(out["logits"], model(x))
+            assert out["s3"].shape[-2:] == (size[0] // 8, size[1] // 8)
+
+
+def test_torch_export_of_lavit_tiny_gives_the_same_logits():
+    model = timm.create_model("lavit_tiny").eval()
+    x = torch.randn(2, 3, 224, 224)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_of_a_dynamic_model_at_another_size():
+    model = small_model(la_init="random", dynamic_img_size=True).eval()
+    y = torch.randn(1, 3, 48, 64)
+    exported = torch.export.export(model, (y,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(y), model(y), rtol=1e-5, atol=1e-5)
+        # the interpolation-matrix cache holds real tensors only (export traced around it)
+        assert torch.equal(model(y), model(y))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_is_refused_with_the_alternatives():
+    with pytest.raises(RuntimeError, match="torch.export"):
+        torch.jit.script(small_model())
+
+
+def test_identity_reuse_stays_exact_under_reduced_precision_float32_matmuls():
+    """TF32 on Ampere+ GPUs (the CLI's "high"), bf16 on CPUs with AMX ("medium", used here).
+
+    On such a CPU the plain product ``W_Ψ S W_Θᵀ`` with identity weights is off by ~0.06 on
+    scores of scale 5; LA layers compute ``S + (W − I)…``, whose zero deviation is exact.
+    """
+    model = small_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert la_equals_va(model, x) == NUM_LA
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+# --- timm API details ------------------------------------------------------------------------------
+
+
+def test_prune_intermediate_layers_keeps_a_head_of_the_right_width():
+    model = small_model().eval()
+    model.prune_intermediate_layers(indices=[1, 2], prune_head=False)
+    assert len(model.stages) == 3 and model.num_features == SMALL["embed_dims"][2]
+    assert model.head.in_features == model.num_features and model.num_classes == 7
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert model.stages[-1].blocks[-1].hand_on is None  # no next stage to hand attention to
+    pruned = small_model()
+    taken = pruned.prune_intermediate_layers(indices=2)  # prune_head=True: a feature backbone
+    assert taken == [2, 3] and isinstance(pruned.head, torch.nn.Identity)
+    assert pruned.num_classes == 0 and pruned(torch.randn(1, 3, 32, 32)).ndim == 4
+
+
+def test_reset_classifier_follows_the_model_device_and_dtype_and_checks_the_pool():
+    model = small_model().to(torch.float64)
+    model.reset_classifier(5)
+    assert model.head.weight.dtype == torch.float64 and model.head.out_features == 5
+    assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).shape == (1, 5)
+    with torch.device("meta"):
+        on_meta = small_model()
+    on_meta.reset_classifier(3)
+    assert on_meta.head.weight.device.type == "meta"
+    with pytest.raises(ValueError, match="global_pool must be 'avg' or ''"):
+        model.reset_classifier(5, "max")
+    with pytest.raises(ValueError, match="num_classes=0"):
+        model.reset_classifier(5, "")
+    model.reset_classifier(0, "")
+    assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).shape == (1, 64, 2, 2)
+
+
+def test_group_matcher_gives_only_the_head_the_last_layer_decay_group():
+    model = small_model()
+    for coarse in (False, True):
+        groups = timm.models.group_parameters(model, model.group_matcher(coarse=coarse))
+        ids = sorted(groups)
+        assert all(name.startswith("head.") for name in groups[ids[-1]]), groups[ids[-1]]
+        layer_of = {name: i for i, names in groups.items() for name in names}
+        assert layer_of["stages.0.pos_embed"] == layer_of["stages.0.downsample.proj.weight"] == 0
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    layer_of = {name: i for i, names in groups.items() for name in names}
+    # a stage's entry goes with its first block, its closing norm with its last block
+    for m, stage in enumerate(model.stages):
+        first = layer_of[f"stages.{m}.blocks.0.norm1.weight"]
+        last = layer_of[f"stages.{m}.blocks.{len(stage.blocks) - 1}.norm1.weight"]
+        assert layer_of[f"stages.{m}.norm.weight"] == last
+        if m > 0:
+            assert layer_of[f"stages.{m}.pos_embed"] == first
+            assert layer_of[f"stages.{m}.downsample.proj.weight"] == first
+            assert layer_of[f"stages.{m}.attn_downsample.gamma"] == first
+    # layer-wise LR decay then gives every non-head parameter a smaller rate than the head
+    decay = param_groups_layer_decay(model, layer_decay=0.5)
+    head_scale = max(g["lr_scale"] for g in decay)
+    for group in decay:
+        if group["lr_scale"] == head_scale:
+            assert all(p is model.head.weight or p is model.head.bias for p in group["params"])
+
+
+def test_feature_take_indices_fallback_agrees_with_timm():
+    from timm.models._features import feature_take_indices as timm_version
+
+    for indices in (None, 1, 3, [0, 2], [-1], (1, -2)):
+        assert take_indices(4, indices) == timm_version(4, indices)
+    with pytest.raises(ValueError, match="out of range"):
+        take_indices(4, [4])

@@ -156,8 +156,11 @@ class AttentionDownsample(nn.Module):
 
     The convolutions are written out (strided sums, a head GEMM) with plain weights: a
     one-channel conv over a (B·H·N') batch of tiny images, or a 1×1 conv over a handful of
-    channels, is an order of magnitude slower on CPU. They have no biases: a bias adds the
-    same value to every score of a head, which cancels in the softmax.
+    channels, is an order of magnitude slower on CPU. They have no biases: a bias adds one
+    value c to every score of a head, which cancels in the first VA layer's softmax; it would
+    reach further only if that layer's scores are handed to an LA layer, as the rank-one
+    ``c (W_Ψ 1)(W_Θ 1)ᵀ``, constant along keys while Θ keeps equal row sums (exactly so at
+    identity init, where such biases got gradients of ~1e-9).
 
     ``gamma_init`` is γ's starting value; 0 makes the residual start switched off, so a model
     with and one without it start as the same function.

@@ -29,23 +29,30 @@ from .mixing import LA_MIXINGS, LAMixing, make_token_mixing
 from .resize import Grid, infer_grid, resize_pos_embed
 from .token_mixing import LessAttentionInit, TokenMixing
 
-try:  # private in timm; the fallback below does the same
+
+def take_indices(
+    num_features: int, indices: int | list[int] | None = None
+) -> tuple[list[int], int]:
+    """Absolute stage indices (None: all, n: the last n, a list: negatives from the end), max."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {num_features})")
+        taken = list(range(num_features - indices, num_features))
+    else:
+        taken = [num_features + i if i < 0 else i for i in indices]
+        if any(not 0 <= i < num_features for i in taken):
+            raise ValueError(
+                f"feature indices {list(indices)} out of range for {num_features} stages"
+            )
+    return taken, max(taken)
+
+
+try:  # timm's helper is private (timm.models._features); ours does the same if it moves
     from timm.models._features import feature_take_indices
 except ImportError:  # pragma: no cover - depends on the timm version
-
-    def feature_take_indices(num_features: int, indices=None) -> tuple[list[int], int]:
-        """Absolute indices for ``indices`` (None: all, n: the last n, a list: negatives from the end)."""
-        if indices is None:
-            indices = num_features
-        if isinstance(indices, int):
-            if not 0 < indices <= num_features:
-                raise ValueError(f"last-n ({indices}) is out of range (1 to {num_features})")
-            taken = list(range(num_features - indices, num_features))
-        else:
-            taken = [num_features + i if i < 0 else i for i in indices]
-            if any(not 0 <= i < num_features for i in taken):
-                raise ValueError(f"feature indices {list(indices)} out of range for {num_features}")
-        return taken, max(taken)
+    feature_take_indices = take_indices
 
 
 __all__ = ["AttentionRecord", "LaViT", "LaViTOutput", "checkpoint_filter_fn"]
