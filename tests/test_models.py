@@ -639,6 +639,21 @@ def test_fx_feature_extractor_of_a_dynamic_model_follows_the_input_size():
             assert out["s3"].shape[-2:] == (size[0] // 8, size[1] // 8)
 
 
+def test_timm_fx_feature_wrapper_matches_the_forward_intermediates_one():
+    for dynamic, sizes in ((False, [32]), (True, [32, 48])):
+        torch.manual_seed(0)
+        getter = timm.create_model("lavit_cifar", features_only=True, dynamic_img_size=dynamic)
+        torch.manual_seed(0)
+        fx = timm.create_model(
+            "lavit_cifar", features_only=True, feature_cls="fx", dynamic_img_size=dynamic
+        )
+        with torch.no_grad():
+            for size in sizes:
+                x = torch.randn(1, 3, size, size)
+                for a, b in zip(fx.eval()(x), getter.eval()(x), strict=True):
+                    assert torch.equal(a, b)
+
+
 def test_torch_export_of_lavit_tiny_gives_the_same_logits():
     model = timm.create_model("lavit_tiny").eval()
     x = torch.randn(2, 3, 224, 224)

@@ -89,7 +89,9 @@ class VanillaAttention(nn.Module):
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N', d)
 
         scores = probs = None
-        if explicit:
+        # ONNX has no fused attention kernel anyway, and torch 2.14's ONNX exporter mis-strides
+        # the decomposed fused kernel's output (a view error): export the explicit product.
+        if explicit or torch.onnx.is_in_onnx_export():
             # Scale the N' keys, not the N queries (N' ≤ N): the same product, less work.
             scores = q @ (k.transpose(-2, -1) * self.scale)  # (B, H, N, N')
             if residual is not None:
