@@ -143,6 +143,7 @@ class LessAttention(nn.Module):
         probs = scores.softmax(dim=-1)
         v_tokens = self.reduce(x, grid)  # (B, N', C)
         v = self.v(v_tokens).reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        # v: (B, H, N', d)
         out = (probs @ v).transpose(1, 2).reshape(B, N, C)  # (B, H, N, d) → (B, N, C)
         return self.proj(out), scores, probs
 

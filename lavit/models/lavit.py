@@ -625,7 +625,7 @@ class LaViT(nn.Module):
         features, _ = self._forward_stages(x, stages=stages)
         intermediates = [features[m] for m in take_indices]
         if output_fmt == "NHWC":
-            intermediates = [f.permute(0, 2, 3, 1) for f in intermediates]
+            intermediates = [f.permute(0, 2, 3, 1) for f in intermediates]  # (B, h, w, C)
         return intermediates if intermediates_only else (features[-1], intermediates)
 
     def prune_intermediate_layers(
