@@ -400,6 +400,23 @@ def test_checkpoints_written_by_older_code_still_load():
     assert filtered.keys() == trained.state_dict().keys()
 
 
+def test_the_cli_preflight_accepts_older_checkpoints_for_evaluation_only(tmp_path):
+    from conftest import TINY_LAVIT
+
+    from lavit.errors import ConfigError
+    from lavit.training.checkpointing import check_checkpoint
+    from lavit.training.module import LaViTModule
+
+    module = LaViTModule(model_kwargs=TINY_LAVIT)
+    path = tmp_path / "old.ckpt"
+    old = _as_older_code_wrote_it(module.state_dict())
+    torch.save({"state_dict": old, "optimizer_states": [{}]}, path)
+    check_checkpoint(str(path), module, fitting=False)  # validate / test / predict: it fits
+    with pytest.raises(ConfigError, match="older lavit.*cannot resume a fit.*pretrained_file"):
+        check_checkpoint(str(path), module, fitting=True)
+    module.load_state_dict(old)  # what Lightning then does, strict
+
+
 def test_checkpoint_at_another_size_loads_with_resizing():
     small = small_model()
     big = LaViT(**{**SMALL, "img_size": 64})

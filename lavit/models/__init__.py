@@ -12,6 +12,7 @@ from .lavit import (
     lavit_small,
     lavit_tiny,
     load_checkpoint_resized,
+    upgrade_legacy_state_dict,
 )
 from .losses import attention_dp_loss, diagonality_preserving_loss
 
@@ -31,4 +32,5 @@ __all__ = [
     "lavit_small",
     "lavit_tiny",
     "load_checkpoint_resized",
+    "upgrade_legacy_state_dict",
 ]

@@ -718,6 +718,19 @@ def _check_pool(global_pool: str, num_classes: int) -> None:
 LIGHTNING_PREFIXES = ("ema.module.", "model.")
 
 
+def upgrade_legacy_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict:
+    """A copy of ``state_dict`` with the keys older LaViT code wrote renamed to ``model``'s.
+
+    ``model``: a LaViT or anything holding LaViTs (a LightningModule, its EMA copy); the same
+    renaming ``load_state_dict`` does through the modules' pre-hooks, without loading.
+    """
+    state = dict(state_dict)
+    for name, module in model.named_modules():
+        if isinstance(module, (LessAttention, AttentionDownsample)):
+            upgrade_legacy_keys(module, state, f"{name}." if name else "")
+    return state
+
+
 def checkpoint_filter_fn(
     state_dict: dict[str, torch.Tensor], model: LaViT
 ) -> dict[str, torch.Tensor]:
