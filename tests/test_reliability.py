@@ -6,13 +6,16 @@ last test checks that file is current. Runs are tiny (a ~50 K-parameter LaViT, 4
 per epoch, W&B off unless a test needs it); subprocesses only where a real process must die.
 """
 
+import contextlib
 import csv
+import http.server
 import inspect
 import json
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -691,6 +694,112 @@ def test_a_bad_argument_through_the_real_entry_point(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: --model.attn_state: invalid value x (expected one of 'scores', 'probs')"
     ]
+
+
+# -------------------------------------------------------------------------------- W&B network
+FAKE_WANDB_KEY = "0123456789abcdef" * 2 + "deadbeef"  # 40 characters, like a real key
+
+
+@contextlib.contextmanager
+def fake_wandb_server(kind: str):
+    """``http://127.0.0.1:<port>`` that refuses connections, accepts and never answers, or
+    answers every request with HTTP 401 (a server that rejects the key)."""
+    if kind == "refused":
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()  # nothing listens there any more
+        yield f"http://127.0.0.1:{port}"
+    elif kind == "silent":
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)  # connections complete in the backlog; nothing ever answers
+        try:
+            yield f"http://127.0.0.1:{server.getsockname()[1]}"
+        finally:
+            server.close()
+    else:
+
+        class Reject(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"errors": [{"message": "invalid api key"}]}')
+
+            do_GET = do_POST
+
+            def log_message(self, *args):
+                pass
+
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Reject)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        finally:
+            httpd.shutdown()
+
+
+WANDB_DOWN = {
+    "refused": "cannot reach",
+    "silent": "cannot reach",
+    "bad_key": "rejected the API key (HTTP 401)",
+}
+
+
+@pytest.mark.parametrize("kind", list(WANDB_DOWN))
+def test_wandb_with_a_key_and_no_usable_server_starts_offline_in_bounded_time(
+    kind, tmp_path, monkeypatch, recwarn
+):
+    """A W&B API key in the environment and WANDB_BASE_URL at a local port that refuses
+    connections, accepts and never answers, or answers HTTP 401 (a rejected key);
+    --wandb.init_timeout=3
+    => the logger starts an offline W&B run within init_timeout + 5 s (no online run is started,
+    so no "run ID in use"), logs to it, and warns once, naming the reason and the `wandb sync`
+    command for the offline run
+    """
+    from lavit.training.logging import WandbOptions, default_loggers
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
+    with fake_wandb_server(kind) as url:
+        monkeypatch.setenv("WANDB_BASE_URL", url)
+        logger = default_loggers(tmp_path, WandbOptions(init_timeout=3))[1]
+        started = time.monotonic()
+        run = logger.experiment
+        elapsed = time.monotonic() - started
+    try:
+        run.log({"x": 1.0})
+        assert run.settings.mode == "offline" and run.id == logger._wandb_init["id"]
+    finally:
+        run.finish()
+    assert elapsed < 3 + 5, elapsed
+    warned = [str(w.message) for w in recwarn if "W&B could not start online" in str(w.message)]
+    assert len(warned) == 1 and WANDB_DOWN[kind] in warned[0], warned
+    assert f"wandb sync {run.settings.sync_dir}" in warned[0]
+
+
+@pytest.mark.slow
+def test_a_fit_with_a_key_and_an_unreachable_wandb_trains_offline_and_exits_0(tmp_path):
+    """`python -m lavit fit` (W&B on, mode auto) with a W&B key and WANDB_BASE_URL at a port that
+    accepts and never answers, --wandb.init_timeout=3
+    => exit code 0, no traceback; the run trains (last.ckpt at step 2) and logs to an offline W&B
+    run, and the output says once how to upload it (`wandb sync <offline run>`)
+    """
+    env = run_env(tmp_path, WANDB_API_KEY=FAKE_WANDB_KEY)
+    env.pop("WANDB_MODE")
+    with fake_wandb_server("silent") as url:
+        env["WANDB_BASE_URL"] = url
+        args = fit_args(
+            tmp_path / "run", "--trainer.max_steps=2", "--wandb.init_timeout=3", wandb=True
+        )
+        result = run_cli(args, env, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "is in use" not in output
+    assert load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert output.count("Upload the run later with: wandb sync ") == 1, output[-3000:]
+    assert list((tmp_path / "wandb").rglob("offline-run-*"))
 
 
 # ----------------------------------------------------------------------------------- sweeps

@@ -71,7 +71,7 @@ from lavit.tools.timing import (
     time_interleaved,
     training_task,
 )
-from lavit.training.logging import resolve_wandb_mode
+from lavit.training.wandb_runs import start_wandb_run
 
 __all__ = ["DEFAULT_MODELS", "SPEED_TARGETS", "layer_comparison", "main", "run_throughput"]
 
@@ -281,20 +281,19 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def log_to_wandb(result: dict[str, Any], project: str, out_dir: Path) -> None:
-    """Log the tables to W&B, in the mode ``lavit fit`` would use (``resolve_wandb_mode``)."""
+def log_to_wandb(result: dict[str, Any], project: str, out_dir: Path, init_timeout: float) -> None:
+    """Log the tables to W&B by ``lavit fit``'s rule (``start_wandb_run``: offline when it must)."""
     import wandb
 
-    mode = resolve_wandb_mode()
-    if mode == "disabled":
-        return
-    run = wandb.init(
+    run = start_wandb_run(
+        init_timeout,
         project=project,
         job_type="bench",
-        mode=mode,
         dir=str(out_dir),
         config={"args": result["args"], "environment": result["environment"]},
     )
+    if run is None:  # WANDB_MODE=disabled
+        return
     for key in ("models", "comparisons", "layers", "loop_overhead"):
         rows = result.get(key) or []
         if rows:
@@ -393,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", default=None, help="file name stem (default: from device/dtype)")
     parser.add_argument("--wandb", action="store_true", help="also log the tables to W&B")
     parser.add_argument("--wandb-project", default="lavit-bench")
+    parser.add_argument(
+        "--wandb-init-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the W&B server before logging offline",
+    )
     return parser
 
 
@@ -689,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
     print(f"\nwrote {json_path}")
     if args.wandb:
-        log_to_wandb(result, args.wandb_project, args.out)
+        log_to_wandb(result, args.wandb_project, args.out, args.wandb_init_timeout)
     return 0
 
 

@@ -35,7 +35,7 @@ from lavit.tables import markdown_table, write_csv
 from lavit.tools._cli import fail, positive_int, say, tool_parser
 from lavit.tools.sweep import STATE_FILE, load_state, read_metric_history, run_values
 from lavit.tools.timing import inference_task, synchronizer, time_interleaved
-from lavit.training.logging import explicit_wandb_mode
+from lavit.training.wandb_runs import explicit_wandb_mode
 
 __all__ = ["RunResult", "SettingRow", "collect_local", "collect_wandb", "main", "summarise_runs"]
 

@@ -1,43 +1,32 @@
 """Loggers: CSV always, plus Weights & Biases online with credentials and offline without.
 
-W&B must never block a run: with no API key (``WANDB_API_KEY`` or an ``api.wandb.ai`` entry in
-``~/.netrc``) it logs offline straight away (sync later with ``wandb sync <run_dir>/wandb/...``),
-an online start that fails or times out falls back to offline, and ``WANDB_MODE`` wins when set.
+W&B must never block or crash a run: :mod:`lavit.training.wandb_runs` decides the mode (offline
+at once without an API key, offline after a bounded probe when the server cannot be used) and
+says how to upload an offline run later.
 
 A run directory keeps its W&B run id in ``<run_dir>/wandb_run_id``; a resumed run (``--ckpt_path``)
 continues that W&B run instead of starting a new one. Under ``wandb agent`` each run gets its own
 run directory (:func:`sweep_run_dir`).
 
-:func:`resolve_wandb_mode` is the one rule for every command that logs to W&B (``lavit fit``,
-``lavit bench --wandb``); :func:`explicit_wandb_mode` is its part that the environment decides.
 """
 
 from __future__ import annotations
 
-import netrc
 import os
 import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlparse
+from typing import Any
 
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = [
-    "FallbackWandbLogger",
-    "WandbOptions",
-    "default_loggers",
-    "explicit_wandb_mode",
-    "has_wandb_credentials",
-    "resolve_wandb_mode",
-    "sweep_run_dir",
-]
+from lavit.training.options import PositiveSeconds
+from lavit.training.wandb_runs import FallbackWandbLogger, WandbMode, resolve_wandb_mode
 
-WandbMode = Literal["auto", "online", "offline", "disabled"]
+__all__ = ["WandbOptions", "default_loggers", "sweep_run_dir"]
+
 RUN_ID_FILE = "wandb_run_id"
 
 
@@ -53,7 +42,8 @@ class WandbOptions:
         name: run name shown in W&B; default: the run directory's name.
         group: W&B run group (e.g. one per sweep or ablation).
         tags: W&B run tags.
-        init_timeout: seconds to wait for W&B to start before falling back to offline.
+        init_timeout: seconds to wait for the W&B server (and for W&B to start) before falling
+            back to offline.
     """
 
     enabled: bool = True
@@ -63,38 +53,7 @@ class WandbOptions:
     name: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
-    init_timeout: float = 30.0
-
-
-def has_wandb_credentials() -> bool:
-    """Whether an API key is available without asking: the environment or ``~/.netrc``."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return bool(host and netrc.netrc().authenticators(host))
-    except (OSError, netrc.NetrcParseError):  # no ~/.netrc, or one we cannot read
-        return False
-
-
-def explicit_wandb_mode() -> Literal["online", "offline", "disabled"] | None:
-    """The mode the environment asks for (``WANDB_DISABLED``, ``WANDB_MODE``), or ``None``."""
-    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
-        return "disabled"
-    env_mode = os.environ.get("WANDB_MODE", "").lower()
-    if env_mode:
-        return {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode)  # type: ignore[return-value]
-    return None
-
-
-def resolve_wandb_mode(mode: WandbMode = "auto") -> Literal["online", "offline", "disabled"]:
-    """The mode W&B will actually run in (see :class:`WandbOptions`)."""
-    if mode != "auto":
-        return mode
-    explicit = explicit_wandb_mode()
-    if explicit is not None:
-        return explicit
-    return "online" if has_wandb_credentials() else "offline"
+    init_timeout: PositiveSeconds = 30.0
 
 
 def sweep_run_dir(run_dir: str) -> str:
@@ -110,32 +69,6 @@ def sweep_run_dir(run_dir: str) -> str:
     if list(Path(run_dir).parts[-2:]) == parts:  # already this run's directory
         return run_dir
     return os.path.join(run_dir, *parts)
-
-
-class FallbackWandbLogger(WandbLogger):
-    """Lightning's ``WandbLogger`` that falls back to offline mode when an online start fails.
-
-    Takes the same arguments as ``WandbLogger``; ``mode`` and ``settings`` go to ``wandb.init``.
-    (Lightning's own ``offline=True`` sets ``WANDB_MODE`` for the whole process, hence ``mode``.)
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self._wandb_init.get("anonymous") is None:  # wandb warns about the unused setting
-            self._wandb_init.pop("anonymous", None)
-
-    @property
-    @rank_zero_experiment
-    def experiment(self):  # noqa: D102 (documented by WandbLogger)
-        if self._experiment is not None or self._wandb_init.get("mode") != "online":
-            return super().experiment
-        try:
-            return super().experiment
-        except Exception as err:  # wandb raises several types (CommError, UsageError, timeouts)
-            rank_zero_warn(f"W&B could not start online ({err}); logging offline instead.")
-            self._experiment = None
-            self._wandb_init["mode"] = "offline"
-            return super().experiment
 
 
 def _run_id(run_dir: Path, resume: bool) -> str:
