@@ -512,6 +512,40 @@ def test_the_checkpoint_io_itself_never_unpickles_code(trained_run, tmp_path):
     assert not (tmp_path / "marker").exists()
 
 
+def test_analyze_reads_checkpoints_weights_only_with_the_runs_data_settings(
+    trained_run, tmp_path, capsys
+):
+    """`lavit analyze --model <checkpoint>` on the malicious checkpoint, then on a real one whose
+    data settings are not the model's defaults (base.yaml-like CIFAR mean/std, 32², crop 1.0)
+    => the malicious one: exit code 2 with one `lavit analyze: error:` line saying it was
+    refused, the marker is never created; the real one: its images are preprocessed with the
+    run's mean, std, size and crop (recorded in saturation.json) and analysed
+    """
+    from lavit.tools.analyze import main as analyze
+
+    path = write_bad_checkpoint("malicious", trained_run / "checkpoints" / "last.ckpt", tmp_path)
+    assert analyze(["--model", str(path), "--random", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lavit analyze: error: ") and "refused" in err
+    assert not (tmp_path / "marker").exists()
+
+    checkpoint = load_checkpoint_file(trained_run / "checkpoints" / "last.ckpt")
+    run_data = {"mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26)}
+    checkpoint["datamodule_hyper_parameters"].update(run_data)
+    torch.save(checkpoint, tmp_path / "cifar.ckpt")
+    out = tmp_path / "good"
+    assert (
+        analyze(["--model", str(tmp_path / "cifar.ckpt"), "--num-images", "4", "--out", str(out)])
+        == 0
+    )
+    report = json.loads((out / "saturation.json").read_text())
+    assert report["preprocessing"] == {
+        "mean": list(run_data["mean"]), "std": list(run_data["std"]), "crop_pct": 1.0,
+        "interpolation": "bicubic",
+    }  # fmt: skip
+    assert report["img_size"] == 32 and report["images"] == 4
+
+
 def test_our_checkpoints_load_weights_only_with_plain_hyperparameters(trained_run):
     """A checkpoint written by `lavit fit`, read with torch.load(weights_only=True)
     => it loads; its hyper-parameters hold only plain types (str, numbers, bool, None, lists,

@@ -1,11 +1,12 @@
 """``lavit analyze``: the attention saturation of a model, as a table and a plot.
 
 The measurement is :mod:`lavit.analysis.saturation` (the same as at the end of every
-``lavit fit``). Models: a Lightning checkpoint (``*.ckpt`` of ``LaViTModule``, its EMA weights if
-it has them; or of a dense run, ``RetinaNetModule`` / ``SemanticFPNModule``, whose LaViT
-backbone is analysed), or a model name of :mod:`lavit.models.factory` (random weights;
-``NAME/all-va`` for a LaViT without LA layers). Images: the embedded CIFAR-10 subset (the default), ``--images DIR``,
-or ``--random`` noise.
+``lavit fit``). Models: a checkpoint of ``lavit fit`` (read weights-only; its EMA weights if it
+has them; images preprocessed with the run's data settings: size, mean, std, crop), or of a dense
+run (``RetinaNetModule`` / ``SemanticFPNModule``, whose LaViT backbone is analysed), or a model
+name of :mod:`lavit.models.factory` (random weights; ``NAME/all-va`` for a LaViT without LA
+layers). Images: the embedded CIFAR-10 subset (the default), ``--images DIR``, or ``--random``
+noise. ``--wandb`` logs the tables and the plot by ``lavit fit``'s W&B rule.
 
     lavit analyze --model runs/base/checkpoints/last.ckpt --num-images 64 --out runs/base/saturation
     lavit analyze --model pvt_v2_b1 --random --img-size 224 --out saturation/pvt_v2_b1
@@ -17,10 +18,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import PIL.Image
 import torch
-from timm.data import create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from lavit.analysis.saturation import head_means, saturation_table, write_report
@@ -33,17 +35,20 @@ from lavit.tools._cli import add_out_option, fail, positive_int, tool_parser
 from lavit.training.checkpoint_io import load_checkpoint_file
 from lavit.training.data import ImageDataModule
 from lavit.training.images import IMAGE_EXTENSIONS
-from lavit.training.module import LaViTModule
+from lavit.training.trained import data_config, eval_transform, load_trained
+from lavit.training.wandb_runs import start_wandb_run
 
 __all__ = ["embedded_images", "folder_images", "load_model", "main"]
 
 PROG = "lavit analyze"
 
 
-def load_model(source: str, img_size: int | None) -> tuple[nn.Module, int, str]:
-    """A model from a ``*.ckpt`` (``LaViTModule``; its EMA weights if it has them) or a name.
+def load_model(source: str, img_size: int | None) -> tuple[nn.Module, int, str, dict[str, Any]]:
+    """A model from a ``*.ckpt`` of ``lavit fit`` (its EMA weights if it has them) or a name.
 
-    Returns ``(model, img_size, label)``; ``img_size`` defaults to the model's own input size.
+    Returns ``(model, img_size, label, preprocessing)``: ``img_size`` defaults to the model's
+    own input size; ``preprocessing`` (mean, std, crop_pct, interpolation) is the run's for a
+    checkpoint (read weights-only), the model's default config for a name.
     """
     if source.endswith(".ckpt"):
         path = Path(source)
@@ -52,24 +57,33 @@ def load_model(source: str, img_size: int | None) -> tuple[nn.Module, int, str]:
         dense = _dense_class(path)
         if dense is not None:  # a detection / segmentation run: its backbone
             # backbone_checkpoint=None: the run's own weights replace the classification ones
-            module = dense.load_from_checkpoint(path, map_location="cpu", backbone_checkpoint=None)
+            module = dense.load_from_checkpoint(
+                path, map_location="cpu", weights_only=True, backbone_checkpoint=None
+            )
             model = module.backbone.body
             label = f"{module.hparams.backbone} backbone of {dense.__name__} ({path.name})"
+            config = data_config(load_checkpoint_file(path, mmap=True))
         else:
-            module = LaViTModule.load_from_checkpoint(path, map_location="cpu")
-            model = module.eval_model
-            label = f"{module.hparams.arch} ({path.name})"
+            model, config, checkpoint = load_trained(path)
+            label = f"{checkpoint['hyper_parameters']['arch']} ({path.name})"
     else:
         spec = parse_model_name(source)
         model = create_model(spec, img_size=img_size)
         label = spec.label
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        config = {
+            "mean": tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
+            "std": tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
+            "crop_pct": 1.0,
+        }
     native = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     if isinstance(model, LaViT):
         native = model.img_size[0]  # a dense backbone built for H×W is analysed at H×H
         if tuple(model.img_size) != ((img_size or native),) * 2:
             model.set_input_size(img_size or native)  # resamples position embeddings and Ψ/Θ
         native = img_size or native
-    return model.eval(), img_size or native, label
+    preprocessing = {k: v for k, v in config.items() if k != "input_size"}
+    return model.eval(), img_size or native, label, preprocessing
 
 
 def _dense_class(path: Path) -> type | None:
@@ -84,29 +98,20 @@ def _dense_class(path: Path) -> type | None:
     return None
 
 
-def _normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(
-        cfg.get("std", (0.229, 0.224, 0.225))
-    )
-
-
-def folder_images(folder: Path, model: nn.Module, img_size: int, limit: int) -> torch.Tensor:
-    """Up to ``limit`` images of ``folder`` (recursively), resized and centre-cropped."""
+def folder_images(
+    folder: Path, img_size: int, limit: int, preprocessing: dict[str, Any]
+) -> torch.Tensor:
+    """Up to ``limit`` images of ``folder`` (recursively), preprocessed as ``preprocessing``."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
     if not files:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {str(folder)!r}")
-    mean, std = _normalisation(model)
-    transform = create_transform(img_size, is_training=False, mean=mean, std=std, crop_pct=1.0)
+    transform = eval_transform({"input_size": (3, img_size, img_size), **preprocessing})
     return torch.stack([transform(PIL.Image.open(f).convert("RGB")) for f in files])
 
 
-def embedded_images(model: nn.Module, img_size: int, limit: int) -> torch.Tensor:
-    """The first ``limit`` test images of the embedded CIFAR-10 subset, at ``img_size``."""
-    mean, std = _normalisation(model)
-    data = ImageDataModule(
-        source="embedded", img_size=img_size, mean=mean, std=std, crop_pct=1.0, num_workers=0
-    )
+def embedded_images(img_size: int, limit: int, preprocessing: dict[str, Any]) -> torch.Tensor:
+    """The first ``limit`` test images of the embedded CIFAR-10 subset, preprocessed alike."""
+    data = ImageDataModule(source="embedded", img_size=img_size, num_workers=0, **preprocessing)
     data.setup("test")
     dataset = data.test_dataset
     return torch.stack([dataset[i][0] for i in range(min(limit, len(dataset)))])
@@ -129,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="for --random and random weights")
     add_out_option(parser, "runs/saturation", "saturation.{csv,json,png}")
+    parser.add_argument("--wandb", action="store_true", help="also log the tables and plot to W&B")
+    parser.add_argument("--wandb-project", default="lavit-analyze")
+    parser.add_argument(
+        "--wandb-init-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the W&B server before logging offline",
+    )
     return parser
 
 
@@ -138,26 +151,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     torch.manual_seed(args.seed)
     try:
-        model, img_size, label = load_model(args.model, args.img_size)
+        model, img_size, label, preprocessing = load_model(args.model, args.img_size)
         if args.random:
             images, source = torch.randn(args.num_images, 3, img_size, img_size), "random noise"
         elif args.images is not None:
-            images = folder_images(args.images, model, img_size, args.num_images)
+            images = folder_images(args.images, img_size, args.num_images, preprocessing)
             source = str(args.images)
         else:
-            images, source = embedded_images(model, img_size, args.num_images), "embedded CIFAR-10"
+            images = embedded_images(img_size, args.num_images, preprocessing)
+            source = "embedded CIFAR-10"
         rows = saturation_table(model, images.split(args.batch_size))
-    except ValueError as err:
+    except ValueError as err:  # CheckpointError included
         return fail(PROG, str(err))
     if not rows:
         return fail(PROG, f"{label} has no stage with two or more attention layers")
     title = f"{label}, {img_size}², {len(images)} images ({source})"
     meta = {"model": label, "img_size": img_size, "images": len(images), "image_source": source}
+    meta["preprocessing"] = preprocessing
     paths = write_report(rows, args.out, title, meta)
     print(f"# attention saturation: {title}\n")
     print(markdown_table(head_means(rows)))
     print("\n" + "\n".join(f"wrote {p}" for p in paths.values()))
+    if args.wandb:
+        log_to_wandb(rows, paths, title, meta, args)
     return 0
+
+
+def log_to_wandb(
+    rows: list[dict[str, Any]],
+    paths: dict[str, Path],
+    title: str,
+    meta: dict[str, Any],
+    args: argparse.Namespace,
+) -> None:
+    """The per-head table, the summary and the plot as a W&B run, by ``lavit fit``'s rule."""
+    import wandb
+
+    run = start_wandb_run(
+        args.wandb_init_timeout, project=args.wandb_project, job_type="analyze", config=meta,
+        dir=str(args.out),
+    )  # fmt: skip
+    if run is None:  # WANDB_MODE=disabled
+        return
+    summary = head_means(rows)
+    for key, table in (("per_head", rows), ("summary", summary)):
+        columns = list(table[0])
+        run.log(
+            {f"saturation/{key}": wandb.Table(columns, [[r[c] for c in columns] for r in table])}
+        )
+    run.log({"saturation/plot": wandb.Image(str(paths["png"]), caption=title)})
+    run.finish()
 
 
 if __name__ == "__main__":

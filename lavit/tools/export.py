@@ -22,7 +22,6 @@ compared with the checkpoint's. Loading it (``import lavit`` registers the LaViT
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import time
@@ -36,13 +35,13 @@ from torch import nn
 from lavit.errors import CheckpointError
 from lavit.tools._cli import fail, tool_parser
 from lavit.training.checkpoint_io import load_checkpoint_file
+from lavit.training.trained import data_config, load_eval_model
 
 __all__ = [
     "ExportError",
     "check_hub_push_possible",
     "export_checkpoint",
     "find_checkpoint",
-    "load_eval_model",
     "main",
 ]
 
@@ -70,48 +69,6 @@ def find_checkpoint(path: str | Path) -> Path:
     if (folder / "last.ckpt").is_file():
         return folder / "last.ckpt"
     raise ExportError(f"{path}: no best-*.ckpt or last.ckpt in {folder}")
-
-
-def load_eval_model(checkpoint: dict[str, Any], ema: bool = True) -> tuple[nn.Module, bool]:
-    """The checkpoint's model with its evaluation weights (the EMA when ``ema`` and present).
-
-    Returns the model and whether the weights are the EMA's.
-    """
-    from lavit.training.module import LaViTModule
-
-    accepted = inspect.signature(LaViTModule).parameters
-    # Only the module's own arguments: LightningCLI also stores `_instantiator` and the like.
-    hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
-    if "arch" not in hparams:
-        raise ExportError(
-            "the checkpoint has no LaViTModule hyper-parameters (hyper_parameters.arch): "
-            "export takes the checkpoints `lavit fit` writes"
-        )
-    hparams["compile"] = False  # nothing is trained: no compiled forward
-    hparams.update(pretrained=False, pretrained_file=None)  # the checkpoint holds the weights
-    try:
-        module = LaViTModule(**hparams)
-        module.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ExportError(
-            f"the checkpoint does not rebuild with this lavit ({type(err).__name__}: {err})"
-        ) from None
-    use_ema = ema and module.ema is not None
-    model = module.ema.module if use_ema else module.model
-    return model.eval(), use_ema
-
-
-def data_config(checkpoint: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """Input size and evaluation preprocessing of the run (its data module's settings)."""
-    data = checkpoint.get("datamodule_hyper_parameters") or {}
-    config: dict[str, Any] = {}
-    img_size = data.get("img_size") or (checkpoint.get("hyper_parameters") or {}).get("img_size")
-    if img_size:
-        config["input_size"] = (3, int(img_size), int(img_size))
-    for key in ("mean", "std", "crop_pct", "interpolation"):
-        if data.get(key) is not None:
-            config[key] = tuple(data[key]) if isinstance(data[key], (list, tuple)) else data[key]
-    return config
 
 
 def label_names(checkpoint: dict[str, Any]) -> list[str] | None:
@@ -189,8 +146,11 @@ def export_checkpoint(
         checkpoint = load_checkpoint_file(path)
     except CheckpointError as err:
         raise ExportError(str(err)) from None
-    model, used_ema = load_eval_model(checkpoint, ema)
-    config = data_config(checkpoint, model)
+    try:
+        model, used_ema = load_eval_model(checkpoint, ema)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    config = data_config(checkpoint)
     names = label_names(checkpoint)
     model_config = {"label_names": names} if names else None
     if names is not None and len(names) != model.num_classes:

@@ -1,0 +1,78 @@
+"""A trained run's checkpoint, read weights-only: its evaluation model and its data settings.
+
+What ``lavit export`` and ``lavit analyze`` need from a checkpoint that ``lavit fit`` wrote: the
+model the run validated (its EMA weights when it kept one), rebuilt from the checkpoint's
+hyper-parameters, and the run's evaluation preprocessing (input size, mean, std, crop). Nothing
+in the file is unpickled as code (:func:`~lavit.training.checkpoint_io.load_checkpoint_file`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from timm.data import create_transform
+from torch import nn
+
+from lavit.errors import CheckpointError
+from lavit.training.checkpoint_io import load_checkpoint_file
+from lavit.training.module import LaViTModule
+
+__all__ = ["data_config", "eval_transform", "load_eval_model", "load_trained"]
+
+
+def load_eval_model(checkpoint: dict[str, Any], ema: bool = True) -> tuple[nn.Module, bool]:
+    """The checkpoint's model with its evaluation weights (the EMA when ``ema`` and present).
+
+    Returns the model (in eval mode) and whether the weights are the EMA's.
+    """
+    accepted = inspect.signature(LaViTModule).parameters
+    # Only the module's own arguments: LightningCLI also stores `_instantiator` and the like.
+    hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
+    if "arch" not in hparams:
+        raise CheckpointError(
+            "the checkpoint has no LaViTModule hyper-parameters (hyper_parameters.arch): "
+            "only the checkpoints `lavit fit` writes can be read"
+        )
+    hparams["compile"] = False  # nothing is trained: no compiled forward
+    hparams.update(pretrained=False, pretrained_file=None)  # the checkpoint holds the weights
+    try:
+        module = LaViTModule(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"the checkpoint does not rebuild with this lavit ({type(err).__name__}: {err})"
+        ) from None
+    use_ema = ema and module.ema is not None
+    model = module.ema.module if use_ema else module.model
+    return model.eval(), use_ema
+
+
+def data_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Input size and evaluation preprocessing of the run (its data module's settings)."""
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    config: dict[str, Any] = {}
+    img_size = data.get("img_size") or (checkpoint.get("hyper_parameters") or {}).get("img_size")
+    if img_size:
+        config["input_size"] = (3, int(img_size), int(img_size))
+    for key in ("mean", "std", "crop_pct", "interpolation"):
+        if data.get(key) is not None:
+            config[key] = tuple(data[key]) if isinstance(data[key], (list, tuple)) else data[key]
+    return config
+
+
+def eval_transform(config: dict[str, Any]) -> Any:
+    """The evaluation transform of a :func:`data_config` (as the run's data module built it)."""
+    return create_transform(
+        input_size=config["input_size"][-1],
+        is_training=False,
+        **{k: config[k] for k in ("mean", "std", "crop_pct", "interpolation") if k in config},
+    )
+
+
+def load_trained(path: str | Path, ema: bool = True) -> tuple[nn.Module, dict[str, Any], dict]:
+    """``(evaluation model, data config, checkpoint)`` of a ``lavit fit`` checkpoint file."""
+    checkpoint = load_checkpoint_file(path, map_location="cpu")
+    model, _ = load_eval_model(checkpoint, ema)
+    return model, data_config(checkpoint), checkpoint
