@@ -58,7 +58,8 @@ from lavit.training.distributed import DDPOptions, StopOtherRanks, ddp_strategy,
 from lavit.training.guards import NonFiniteGuard
 from lavit.training.logging import WandbOptions, default_loggers, sweep_run_dir
 from lavit.training.module import LaViTModule
-from lavit.training.options import describe_parse_error, plain
+from lavit.training.options import PositiveInt, describe_parse_error, plain
+from lavit.training.predictions import PredictionWriter
 from lavit.training.pretrained import apply_pretrained_data_config
 from lavit.training.progress import TrainingProgress
 from lavit.training.saturation_callback import AttentionSaturation
@@ -114,6 +115,20 @@ class LaViTCLI(LightningCLI):
         parser.add_lightning_class_args(AttentionSaturation, "saturation")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(TrainingProgress, "progress")  # img/s, MAC/s, ETA
+        # Plain options, not a class group: `predict` is the name of the subcommand's own group.
+        parser.add_argument(
+            "--predict.output",
+            type=str | None,
+            default=None,
+            help="lavit predict: the CSV file to write (default: predictions.csv in the run's "
+            "version folder)",
+        )
+        parser.add_argument(
+            "--predict.top_k",
+            type=PositiveInt,
+            default=5,
+            help="lavit predict: how many of the most probable classes each row lists",
+        )
         parser.add_class_arguments(DDPOptions, "ddp")
         parser.set_defaults(
             {
@@ -199,7 +214,10 @@ class LaViTCLI(LightningCLI):
                 self._get(self.config_init, "wandb"),
                 resume=resume,
             )
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        options = self._get(self.config_init, "predict")
+        trainer.callbacks.append(PredictionWriter(options.output, int(options.top_k)))
+        return trainer
 
     # Data and checkpoint problems are reported before Lightning starts (one line, exit code 2).
     def before_fit(self) -> None:

@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lavit import cli
 from lavit.cli import LaViTCLI, main
 from lavit.training.logging import WandbOptions, default_loggers
-from lavit.training.wandb_runs import FallbackWandbLogger, resolve_wandb_mode
 from lavit.training.secrets import redact_secrets
+from lavit.training.wandb_runs import FallbackWandbLogger, resolve_wandb_mode
 
 FAST_DATA = ["--data.img_size=32", "--data.num_workers=0", "--data.batch_size=8"]
 

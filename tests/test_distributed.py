@@ -160,3 +160,46 @@ def test_a_failing_rank_ends_the_whole_ddp_job_in_bounded_time(
     assert result.returncode != 0
     assert time.monotonic() - started < 120
     assert expected in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ddp_predict_writes_one_file_with_every_image_once(image_folder, tmp_path, monkeypatch):
+    """`lavit predict` with 2 DDP processes on a folder of 5 unlabelled images (an odd count: the
+    ranks get 3 and 2)
+    => exit code 0; one predictions.csv with 5 rows, each image once, in path order, equal
+    (class and probability) to the 1-process prediction of the same checkpoint
+    """
+    monkeypatch.setattr(sys, "argv", ["lavit"])
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for i, path in enumerate(sorted(image_folder.rglob("*.png"))[:5]):
+        (folder / f"{i}.png").write_bytes(path.read_bytes())
+    run = [f"--trainer.default_root_dir={tmp_path / 'run'}", f"--data.source={image_folder}"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["fit", *run, *DETERMINISTIC, "--data.batch_size=16", "--trainer.max_steps=1"])
+        one = tmp_path / "one.csv"
+        predict = ["predict", *run, *DETERMINISTIC, "--ckpt_path=last"]
+        main([*predict, "--data.batch_size=2", f"--data.predict_source={folder}",
+              f"--predict.output={one}"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.pop("PL_GLOBAL_SEED", None)
+    two = tmp_path / "two.csv"
+    args = [*predict, *TWO_PROCESSES, "--data.batch_size=2", f"--data.predict_source={folder}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "lavit", *args, f"--predict.output={two}"],
+        cwd=REPO,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(one) as a, open(two) as b:
+        rows_one, rows_two = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert [r["id"] for r in rows_two] == sorted(str(p) for p in folder.iterdir())
+    assert [r["predicted"] for r in rows_two] == [r["predicted"] for r in rows_one]
+    for r1, r2 in zip(rows_one, rows_two, strict=True):
+        assert float(r2["probability"]) == pytest.approx(float(r1["probability"]), abs=1e-5)

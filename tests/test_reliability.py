@@ -683,6 +683,7 @@ BAD_ARGUMENTS = [
     ("--data.pin_memory=maybe", "--data.pin_memory: invalid value maybe"),
     ("--data.bad_images=x", "--data.bad_images: invalid value x (expected one of 'error', 'skip')"),
     ("--data.cache_dir=<a file>", "pyproject.toml (must be a folder)"),
+    ("--data.predict_source=/no/such/dir", "--data.predict_source: invalid value /no/such/dir"),
     (
         "--nonfinite.policy=x",
         "--nonfinite.policy: invalid value x (expected one of 'stop', 'skip')",

@@ -9,6 +9,7 @@ Mixup/CutMix happen on the batch, in the module.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 import datasets
@@ -21,7 +22,7 @@ from torchvision.transforms import Compose
 
 from lavit.errors import OptionError
 from lavit.training.batch_transforms import BatchAugment, InMemoryImages, keep_batch
-from lavit.training.images import DecodedImages, make_posterize_safe
+from lavit.training.images import DecodedImages, make_posterize_safe, unlabelled_folder
 from lavit.training.local_datasets import local_copy
 from lavit.training.options import (
     AspectRatioRange,
@@ -126,6 +127,8 @@ class ImageDataModule(L.LightningDataModule):
             decoding and transforming each image costs as much as a third of a step. Needs the
             training images to share one size and no per-image augmentation (``auto_augment``,
             ``color_jitter`` and ``re_prob`` off). Test and prediction data are read per image.
+        predict_source: a folder of images (any layout, no class folders needed) for
+            ``lavit predict``; default: the test split.
 
     Attributes:
         num_classes: number of classes (readable before ``setup``).
@@ -166,6 +169,7 @@ class ImageDataModule(L.LightningDataModule):
         bad_images: Literal["error", "skip"] = "error",
         cache_dir: Folder | None = None,
         in_memory: bool = False,
+        predict_source: str | None = None,
     ) -> None:
         super().__init__()
         check_arguments(ImageDataModule.__init__, locals())
@@ -201,6 +205,9 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        if predict_source is not None and not Path(predict_source).expanduser().is_dir():
+            raise OptionError("predict_source", predict_source, "must be a folder of images")
+        self.predict_source = predict_source
         # Built here so that a bad augmentation setting fails when the config is read.
         self.train_transform = create_transform(
             input_size=img_size,
@@ -326,7 +333,11 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self._require(self.test_dataset), train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        if self.predict_source is None:
+            return self.test_dataloader()
+        return self._loader(
+            unlabelled_folder(self.predict_source, self.eval_transform), train=False
+        )
 
     def _require(self, dataset: DecodedImages | None) -> DecodedImages:
         if dataset is None:

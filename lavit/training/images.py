@@ -29,6 +29,7 @@ __all__ = [
     "image_problem",
     "make_posterize_safe",
     "to_rgb",
+    "unlabelled_folder",
 ]
 
 IMAGE_EXTENSIONS = frozenset(
@@ -83,6 +84,26 @@ def drop_bad_images(files_by_split: Files, source: str, policy: str) -> tuple[Fi
     return kept, len(problems)
 
 
+def unlabelled_folder(folder: str | Path, transform: Any) -> DecodedImages:
+    """Every image file under ``folder`` (sorted, any depth), label -1, for prediction."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"predict_source {str(root)!r} is not a folder")
+    paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ValueError(
+            f"predict_source {str(root)!r} holds no images ({sorted(IMAGE_EXTENSIONS)})"
+        )
+    features = datasets.Features(
+        {"image": datasets.Image(decode=False), "label": datasets.Value("int64")}
+    )
+    rows = datasets.Dataset.from_dict(
+        {"image": [{"path": p, "bytes": None} for p in paths], "label": [-1] * len(paths)},
+        features=features,
+    )
+    return DecodedImages(rows, transform, split="predict")
+
+
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """Convert greyscale, RGBA, palette, CMYK, ... images to RGB."""
     if image.mode == "P" and "transparency" in image.info:
@@ -130,6 +151,13 @@ class DecodedImages(Dataset):
             raise ValueError(
                 f"Cannot read image {self._describe(encoded, index)}: {type(err).__name__}: {err}"
             ) from None
+
+    def item_id(self, index: int) -> str | int:
+        """What names image ``index``: its file path, else its row in the original split."""
+        encoded = self.rows[index]["image"]
+        if encoded.get("path") and not encoded.get("bytes"):
+            return encoded["path"]
+        return int(self.row_ids[index]) if self.row_ids is not None else index
 
     def _describe(self, encoded: dict[str, Any], index: int) -> str:
         path = encoded.get("path")
