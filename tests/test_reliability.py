@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -165,9 +166,9 @@ class LiveRun:
         return "".join(self.lines)
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: float = 300):
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 300, module: str = "lavit"):
     return subprocess.run(
-        [sys.executable, "-m", "lavit", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -267,6 +268,40 @@ def test_sigterm_saves_last_checkpoint_exits_75_and_resumes(tmp_path):
     steps = [int(r["step"]) for r in metric_rows(run_dir / "version_1")]
     # Lightning numbers the first logged step one later when the SIGTERM came at an epoch's end.
     assert step <= min(steps) <= step + 1
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path):
+    """SIGTERM in the middle of epoch 0 (sent at global step 2 of 4, LAVIT_FAULT_INJECT=sigterm)
+    of a run with random crops and flips, Mixup/CutMix, drop path, the DP loss and an EMA
+    (num_workers=0, CPU), then `fit --ckpt_path last`
+    => the run exits 75 with last.ckpt saved mid-epoch (global step 3); the resumed run ends at
+    step 8 (2 epochs) with every weight, EMA included, bit-identical to an uninterrupted run's,
+    and without Lightning's warning that the loader cannot resume
+    """
+    recipe = [
+        "--trainer.max_epochs=2", "--seed_everything=0", "--model.ema_decay=0.9",
+        "--model.mixup_alpha=0.8", "--model.cutmix_alpha=1.0", "--model.dp_loss_weight=0.1",
+    ]  # fmt: skip
+    main(fit_args(tmp_path / "straight", *recipe))
+    cut = run_cli(
+        fit_args(tmp_path / "cut", *recipe),
+        run_env(tmp_path, LAVIT_FAULT_INJECT="sigterm:step=2", LAVIT_CPU_TUNING="0"),
+        module="lavit.testing",
+    )
+    assert cut.returncode == EXIT_PREEMPTED, cut.stderr[-3000:]
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint_file(last)["global_step"] == 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(fit_args(tmp_path / "cut", *recipe, "--ckpt_path=last"))
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+    expected = load_checkpoint_file(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    actual = load_checkpoint_file(last)
+    assert actual["global_step"] == expected["global_step"] == 8
+    assert any(key.startswith("ema.module.") for key in actual["state_dict"])
+    for key, value in expected["state_dict"].items():
+        torch.testing.assert_close(actual["state_dict"][key], value, rtol=0, atol=0, msg=key)
 
 
 def test_a_crash_resumes_from_the_last_epoch_even_without_improvement(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -43,9 +44,10 @@ FAULTS = {
     "crash": "raise an exception at global step `step` (on rank `rank`, default all)",
     "exit": "kill the process (os._exit(`code`), default 13) at global step `step` on rank `rank`",
     "hang": "stop responding (sleep forever) at global step `step` on rank `rank`",
+    "sigterm": "send the process SIGTERM (a scheduler's pre-emption) at global step `step`",
     "slow_checkpoint": "write checkpoints slowly over `seconds` (default 2), announced on stderr",
 }
-STEP_FAULTS = ("nan_loss", "crash", "exit", "hang")
+STEP_FAULTS = ("nan_loss", "crash", "exit", "hang", "sigterm")
 
 
 class InjectedFault(RuntimeError):
@@ -98,6 +100,9 @@ class FaultInjection(Callback):
             elif name == "exit":
                 _say(f"lavit-fault: process exits on {where}")
                 os._exit(int(params.get("code", 13)))
+            elif name == "sigterm":
+                _say(f"lavit-fault: SIGTERM on {where}")
+                os.kill(os.getpid(), signal.SIGTERM)
             elif name == "hang":
                 _say(f"lavit-fault: hanging on {where}")
                 while True:

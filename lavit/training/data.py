@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import datasets
 import lightning as L
@@ -19,6 +19,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader
 from torchvision.transforms import Compose
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lavit.errors import OptionError
 from lavit.training.batch_transforms import BatchAugment, InMemoryImages, keep_batch
@@ -38,6 +39,7 @@ from lavit.training.options import (
     UnitIntervalLeftOpen,
     check_arguments,
 )
+from lavit.training.resumable import ResumableShuffle
 from lavit.training.sources import (
     EMBEDDED_SOURCE,
     VALIDATION_SPLIT_NAMES,
@@ -252,6 +254,8 @@ class ImageDataModule(L.LightningDataModule):
             crop_pct=crop_pct,
         )
         self.num_skipped_images = 0
+        self._train_loader: StatefulDataLoader | None = None
+        self._train_loader_state: dict[str, Any] | None = None
         self.train_dataset: DecodedImages | None = None
         self.val_dataset: DecodedImages | None = None
         self.test_dataset: DecodedImages | None = None
@@ -352,17 +356,33 @@ class ImageDataModule(L.LightningDataModule):
         return batch
 
     def _loader(self, dataset: DecodedImages | InMemoryImages, train: bool) -> DataLoader:
-        # Plain DataLoaders: under DDP Lightning swaps in a DistributedSampler itself.
-        return DataLoader(
+        # Under DDP Lightning swaps in a DistributedSampler itself. Training resumes mid-epoch
+        # where it stopped: a StatefulDataLoader, whose state Lightning saves and restores.
+        loader = (StatefulDataLoader if train else DataLoader)(
             dataset,
             collate_fn=keep_batch if isinstance(dataset, InMemoryImages) else None,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=ResumableShuffle(dataset) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+        if train:
+            if self._train_loader_state is not None:
+                loader.load_state_dict(self._train_loader_state)
+                self._train_loader_state = None
+            self._train_loader = loader
+        return loader
+
+    # The training loader's position travels in the checkpoint with the datamodule's state:
+    # Lightning restores it before the model's configure_optimizers builds the loader (its own
+    # copy of the loader state is loaded only into a loader built after that).
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_loader_state = state_dict.get("train_loader")
 
     # -------------------------------------------------------------------------------- loading
     def _load_splits(self) -> datasets.DatasetDict:

@@ -40,8 +40,11 @@ from lavit.training.options import (
     check_arguments,
 )
 from lavit.training.pretrained import pretrained_kwargs
+from lavit.training.resumable import rng_states, set_rng_states
 
 __all__ = ["LaViTModule", "warmup_cosine"]
+
+RNG_KEY = "lavit_rng_states"  # the global RNG states of a mid-epoch checkpoint
 
 
 def warmup_cosine(
@@ -207,6 +210,7 @@ class LaViTModule(L.LightningModule):
             self.ema.train(self.training)
         self._last_ema_step = -1
         self._seeded_epoch: int | None = None
+        self._resumed_rng: dict[str, Any] | None = None
 
         # Compiled functions, not modules, so the state_dict keeps its plain keys.
         self._train_forward = self._forward_with_dp
@@ -272,6 +276,12 @@ class LaViTModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._last_ema_step = self.global_step
+        # Resuming mid-epoch: the RNGs as they were there. The last hook before the first batch
+        # is fetched (a restarted epoch calls no on_train_epoch_start), after the loader's
+        # iterator exists (creating one draws from the global RNG).
+        if self._resumed_rng is not None:
+            set_rng_states(self._resumed_rng)
+            self._resumed_rng, self._seeded_epoch = None, self.current_epoch
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Update the EMA once per optimizer step (not per batch under gradient accumulation).
@@ -306,6 +316,11 @@ class LaViTModule(L.LightningModule):
         names = getattr(self._trainer and self.trainer.datamodule, "class_names", None)
         if names:
             checkpoint["class_names"] = list(names)
+        # Mid-epoch, the RNG states too: resuming continues the epoch's draws exactly.
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress
+            if not progress.is_last_batch and progress.current.completed > 0:
+                checkpoint[RNG_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Accept checkpoints with or without EMA weights whatever ``ema_decay`` is now."""
@@ -313,7 +328,9 @@ class LaViTModule(L.LightningModule):
         # configure_optimizers' estimated_stepping_batches): seed the coming epoch now. An
         # end-of-epoch checkpoint stores the finished epoch, so the next one is epoch + 1.
         if self._trainer is not None and self.trainer.state.fn == "fit":
-            self._reseed(checkpoint.get("epoch", -1) + 1)
+            self._resumed_rng = checkpoint.get(RNG_KEY)  # a mid-epoch checkpoint
+            if self._resumed_rng is None:
+                self._reseed(checkpoint.get("epoch", -1) + 1)
         state = checkpoint["state_dict"]
         ema_keys = [k for k in state if k.startswith("ema.")]
         if self.ema is not None and not ema_keys:  # turning EMA on: start from the weights

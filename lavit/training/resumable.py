@@ -1,0 +1,110 @@
+"""Exact resume at any step: a training loader that remembers where it is, and the RNG states.
+
+A checkpoint saved mid-epoch (SIGTERM, ``every_n_train_steps``) resumes with bit-identical
+results on CPU with ``num_workers=0``, because everything that draws random numbers continues
+where it stopped:
+
+* the data order: the training loader is torchdata's ``StatefulDataLoader`` (Lightning saves
+  and restores its state itself) with :class:`ResumableShuffle`, which shuffles exactly as
+  torch's ``RandomSampler`` does (a seed drawn from the global RNG when an epoch's iteration
+  starts) and stores that seed and how many indices it has handed out;
+* the augmentations, Mixup/CutMix and drop path, which draw from the global torch, numpy and
+  Python RNGs: :func:`rng_states` are stored in the checkpoint and put back
+  (:func:`set_rng_states`) just before the resumed epoch fetches its next batch.
+
+With worker processes (``num_workers > 0``) the order still resumes exactly, but each worker's
+augmentation RNG is seeded anew when the workers start, so the augmentations of the rest of
+that epoch differ from an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+__all__ = ["ResumableShuffle", "rng_states", "set_rng_states"]
+
+
+class ResumableShuffle(Sampler[int]):
+    """A random permutation per epoch, like ``RandomSampler``, that resumes where it stopped."""
+
+    def __init__(self, data_source: Sized) -> None:
+        self.data_source = data_source
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def __iter__(self) -> Iterator[int]:
+        return _ResumableShuffleIterator(len(self.data_source))
+
+
+class _ResumableShuffleIterator(Iterator[int]):
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.seed: int | None = None
+        self.yielded = 0
+        self._order: list[int] | None = None
+
+    def __next__(self) -> int:
+        if self._order is None:
+            if self.seed is None:  # what RandomSampler draws when an epoch's iteration starts
+                self.seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            generator = torch.Generator()
+            generator.manual_seed(self.seed)
+            self._order = torch.randperm(self.size, generator=generator).tolist()
+        if self.yielded >= self.size:
+            raise StopIteration
+        index = self._order[self.yielded]
+        self.yielded += 1
+        return index
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["yielded"] >= self.size:  # saved at the epoch's end: the next epoch starts anew
+            state = {"seed": None, "yielded": 0}
+        self.seed, self.yielded, self._order = state["seed"], state["yielded"], None
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG states (torch CPU and CUDA, numpy, Python) as checkpoint-safe values."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": [list(part) if isinstance(part, tuple) else part for part in random.getstate()],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Put back what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    numpy = states["numpy"]
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["position"],
+            numpy["has_gauss"],
+            numpy["cached"],
+        )
+    )
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
