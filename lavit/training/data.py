@@ -39,7 +39,7 @@ from lavit.training.options import (
     UnitIntervalLeftOpen,
     check_arguments,
 )
-from lavit.training.resumable import ResumableShuffle
+from lavit.training.resumable import ResumableShuffle, mid_epoch
 from lavit.training.sources import (
     EMBEDDED_SOURCE,
     VALIDATION_SPLIT_NAMES,
@@ -379,7 +379,9 @@ class ImageDataModule(L.LightningDataModule):
     # Lightning restores it before the model's configure_optimizers builds the loader (its own
     # copy of the loader state is loaded only into a loader built after that).
     def state_dict(self) -> dict[str, Any]:
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader else {}
+        if self._train_loader is None or not mid_epoch(self.trainer):
+            return {}  # at an epoch's end the next epoch starts a new order
+        return {"train_loader": self._train_loader.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._train_loader_state = state_dict.get("train_loader")

@@ -40,7 +40,7 @@ from lavit.training.options import (
     check_arguments,
 )
 from lavit.training.pretrained import pretrained_kwargs
-from lavit.training.resumable import rng_states, set_rng_states
+from lavit.training.resumable import mid_epoch, rng_states, set_rng_states
 
 __all__ = ["LaViTModule", "warmup_cosine"]
 
@@ -317,10 +317,8 @@ class LaViTModule(L.LightningModule):
         if names:
             checkpoint["class_names"] = list(names)
         # Mid-epoch, the RNG states too: resuming continues the epoch's draws exactly.
-        if self._trainer is not None and self.trainer.state.fn == "fit":
-            progress = self.trainer.fit_loop.epoch_loop.batch_progress
-            if not progress.is_last_batch and progress.current.completed > 0:
-                checkpoint[RNG_KEY] = rng_states()
+        if mid_epoch(self._trainer):
+            checkpoint[RNG_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Accept checkpoints with or without EMA weights whatever ``ema_decay`` is now."""

@@ -27,7 +27,16 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["ResumableShuffle", "rng_states", "set_rng_states"]
+__all__ = ["ResumableShuffle", "mid_epoch", "rng_states", "set_rng_states"]
+
+
+def mid_epoch(trainer: Any) -> bool:
+    """Whether a checkpoint saved now falls inside a training epoch (its resume continues that
+    epoch; one saved at the epoch's end starts the next, with a new order and reseeded RNGs)."""
+    if trainer is None or trainer.state.fn != "fit":
+        return False
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return not progress.is_last_batch and progress.current.completed > 0
 
 
 class ResumableShuffle(Sampler[int]):
