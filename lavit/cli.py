@@ -53,7 +53,7 @@ from lavit.training.checkpointing import (
     checkpoint_file,
     resolve_best_checkpoint,
 )
-from lavit.training.data import ImageDataModule
+from lavit.training.data import ImageDataModule, too_few_batches
 from lavit.training.distributed import DDPOptions, StopOtherRanks, ddp_strategy, distributed_failure
 from lavit.training.guards import NonFiniteGuard
 from lavit.training.logging import WandbOptions, default_loggers, sweep_run_dir
@@ -240,8 +240,11 @@ class LaViTCLI(LightningCLI):
             return
         try:
             self.datamodule.prepare_data()
+            problem = too_few_batches(self.datamodule, self.trainer, str(self.subcommand))
         except (ValueError, OSError) as err:
             raise DataError(str(err)) from None
+        if problem:
+            raise ConfigError(problem)
 
     def _check_checkpoint(self) -> None:
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")

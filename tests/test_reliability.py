@@ -451,6 +451,45 @@ def test_the_skip_policy_trains_on_the_good_images_and_logs_the_count(tmp_path):
     assert "skipped_images: 3" in (tmp_path / "run" / "version_0" / "hparams.yaml").read_text()
 
 
+SMALL_SPLITS = {
+    "train_smaller_than_a_batch": (
+        ["--data.source=<42 images>", "--data.val_fraction=0.25", "--data.batch_size=64"],
+        "the training split has 32 images, fewer than one batch of 64 (--data.batch_size), so "
+        "no training batch would run: set --data.batch_size=32 or less",
+    ),
+    "val_fraction_rounds_to_zero": (
+        ["--trainer.limit_val_batches=0.01"],
+        "--trainer.limit_val_batches=0.01 of the 63 validation batches (1000 images, batch 16) "
+        "rounds down to 0 batches: set it to at least 0.0159",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SMALL_SPLITS))
+def test_a_split_too_small_for_one_batch_is_an_error_before_training(case, tmp_path, capsys):
+    """An image folder of 42 images with --data.val_fraction=0.25 and a batch of 64 (32
+    training images), or --trainer.limit_val_batches=0.01 of 63 validation batches
+    => exit code 2 before training with one `error:` line naming the split's size, the batch
+    size and the fix; no checkpoint is written (Lightning alone trains nothing and exits 0,
+    or fails with a traceback)
+    """
+    rng = np.random.default_rng(0)
+    for class_name in ("cat", "dog"):
+        (tmp_path / "images" / class_name).mkdir(parents=True)
+        for i in range(21):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            PIL.Image.fromarray(pixels).save(tmp_path / "images" / class_name / f"{i}.png")
+    args, expected = SMALL_SPLITS[case]
+    args = [a.replace("<42 images>", str(tmp_path / "images")) for a in args]
+    if case == "train_smaller_than_a_batch":
+        args.append("--data.val_split=null")
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path / "run", *args))
+    assert exit_info.value.code == 2
+    assert expected in error_line(capsys)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 # --------------------------------------------------------------------------- bad checkpoints
 class MakesMarker:
     """Unpickling this runs ``os.makedirs(marker)``: what a malicious checkpoint would do."""

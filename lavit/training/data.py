@@ -48,7 +48,7 @@ from lavit.training.sources import (
     guess_source_type,
 )
 
-__all__ = ["ImageDataModule", "default_num_workers", "stratified_split"]
+__all__ = ["ImageDataModule", "default_num_workers", "stratified_split", "too_few_batches"]
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 
@@ -418,6 +418,48 @@ def _before_to_tensor(transform):
             return Compose(steps)
         steps.append(step)
     raise TypeError(f"no ToTensor step in {transform}")
+
+
+# stage → (split, dataset attribute, Trainer limit option, whether the last partial batch is dropped)
+_STAGE_SPLITS = {
+    "fit": (("training", "train_dataset", "limit_train_batches", True),
+            ("validation", "val_dataset", "limit_val_batches", False)),
+    "validate": (("validation", "val_dataset", "limit_val_batches", False),),
+    "test": (("test", "test_dataset", "limit_test_batches", False),),
+}  # fmt: skip
+
+
+def too_few_batches(datamodule: ImageDataModule, trainer: L.Trainer, stage: str) -> str | None:
+    """Why ``stage`` would run no batch of a split (too few images for a batch, or a
+    ``limit_*_batches`` fraction that rounds to 0 batches), as one line with the fix, or ``None``.
+
+    Lightning would instead train nothing and exit successfully, or fail with a traceback.
+    """
+    datamodule.setup(stage)
+    world = max(1, trainer.world_size)
+    batch = datamodule.batch_size
+    for split, attribute, limit_name, drop_last in _STAGE_SPLITS.get(stage, ()):
+        limit = getattr(trainer, limit_name)
+        dataset = getattr(datamodule, attribute)
+        if dataset is None or limit == 0:
+            continue
+        images = -(-len(dataset) // world)  # per process: a distributed sampler pads up
+        batches = images // batch if drop_last else -(-images // batch)
+        per = f" per process ({len(dataset)} over {world})" if world > 1 else ""
+        if batches == 0:
+            return (
+                f"the {split} split has {images} images{per}, fewer than one batch of {batch} "
+                f"(--data.batch_size), so no {split} batch would run: set --data.batch_size="
+                f"{max(1, images)} or less, or give the split more images"
+            )
+        if isinstance(limit, float) and int(batches * limit) == 0:
+            return (
+                f"--trainer.{limit_name}={limit} of the {batches} {split} batches ({images} "
+                f"images{per}, batch {batch}) rounds down to 0 batches: set it to at least "
+                f"{1 / batches:.3g}, to a number of batches (an integer), or lower "
+                "--data.batch_size"
+            )
+    return None
 
 
 def _is_labelled(split: datasets.Dataset | None) -> bool:
