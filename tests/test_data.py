@@ -5,6 +5,8 @@ disabled for every test, and the Hub is mocked where a test needs it to answer.
 """
 
 import io
+import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -458,3 +460,36 @@ def test_randaugment_top_magnitude_posterize_does_not_crash():
     posterize.prob = 1.0
     black = posterize(random_image("RGB", (32, 32)))  # magnitude 10 keeps 0 bits
     assert np.asarray(black).max() == 0
+
+
+def test_the_bad_image_check_is_paid_once_per_file(tmp_path, cache_dir, monkeypatch):
+    """The check decodes each file once: a second start reads its results from the cache
+    (keyed by path, size and modification time); a changed file is decoded again."""
+    from lavit.training import images
+
+    bad_files = make_folder_with_bad_images(tmp_path / "pets")
+    decoded: list[Path] = []
+    real = images.image_problem
+    monkeypatch.setattr(images, "image_problem", lambda path: decoded.append(path) or real(path))
+
+    def start() -> ImageDataModule:
+        dm = ImageDataModule(
+            source=str(tmp_path / "pets"), bad_images="skip", cache_dir=cache_dir, **FAST
+        )
+        with pytest.warns(UserWarning, match="Skipped 3 unreadable"):
+            dm.setup("fit")
+        return dm
+
+    assert start().num_skipped_images == 3
+    files = len(decoded)
+    assert files == 16 + 3
+    cache = images.check_cache_file(str(tmp_path / "pets"), cache_dir)
+    assert cache.is_file() and cache.parent.parent == Path(cache_dir)
+
+    assert start().num_skipped_images == 3 and len(decoded) == files  # nothing decoded again
+
+    changed = tmp_path / "pets" / "cat" / "0.png"
+    random_image("RGB", (12, 12), seed=99).save(changed)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert start().num_skipped_images == 3 and decoded[files:] == [changed]
+    assert {str(p) for p in bad_files} <= set(json.loads(cache.read_text()))

@@ -78,7 +78,8 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(
     """A 2-process DDP run on CPU (gloo, batch 8 per process) against a 1-process run (batch
     16), same seed and data, 3 epochs
     => the 2-process run exits 0 and its val/loss (rel. 1e-4) and val/top1 of every epoch equal
-    the 1-process run's
+    the 1-process run's; its bad-image check decodes the 24 files once (one process), not per
+    rank
     """
     monkeypatch.setattr(sys, "argv", ["lavit"])
     data = f"--data.source={image_folder}"
@@ -103,6 +104,7 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(
         data,
         *DETERMINISTIC,
         *TWO_PROCESSES,
+        f"--data.cache_dir={tmp_path / 'cache'}",  # a new bad-image check cache
     ]
     result = subprocess.run(
         [sys.executable, "-m", "lavit", *args],
@@ -113,6 +115,8 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # The bad-image check decodes once per node (local rank 0), not once per rank.
+    assert result.stderr.count("checked 24 image files: 24 decoded") == 1, result.stderr[-3000:]
     one, two = validation_metrics(tmp_path / "one"), validation_metrics(tmp_path / "two")
     assert [epoch for epoch, _, _ in one] == [0, 1, 2]
     assert [epoch for epoch, _, _ in two] == [0, 1, 2]

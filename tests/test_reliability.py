@@ -451,6 +451,41 @@ def test_the_skip_policy_trains_on_the_good_images_and_logs_the_count(tmp_path):
     assert "skipped_images: 3" in (tmp_path / "run" / "version_0" / "hparams.yaml").read_text()
 
 
+def test_the_lazy_policy_skips_the_check_and_counts_bad_images_met_in_training(tmp_path):
+    """The same folder with --data.bad_images=lazy (no check before training), batch 1, one
+    epoch over every training and validation image
+    => training completes; no image is decoded before training; each of the 3 unreadable files
+    is met, replaced by the next image with a warning naming it, and counted each time it is met:
+    unreadable_images_met (≥ 3) in run_info.json, and the same count logged as
+    data/unreadable_images at the epoch's end
+    """
+    bad = make_bad_image_folder(tmp_path / "pets")
+    args = fit_args(
+        tmp_path / "run",
+        f"--data.source={tmp_path / 'pets'}",
+        "--data.val_split=null",
+        "--data.bad_images=lazy",
+        "--data.batch_size=1",
+        "--trainer.limit_train_batches=1.0",
+        "--trainer.limit_val_batches=1.0",
+        "--trainer.max_epochs=1",
+        "--saturation.num_images=0",
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(args)
+    assert not any("checked" in str(w.message) for w in caught)
+    replaced = {
+        str(w.message).split("'")[1] for w in caught if "replaced by the next" in str(w.message)
+    }
+    info = json.loads((tmp_path / "run" / "version_0" / "run_info.json").read_text())
+    met = info["final"]["unreadable_images_met"]
+    # every image is read once in training or validation, and a replacement may be bad too
+    assert replaced == {str(p) for p in bad} and met >= 3
+    logged = [r["data/unreadable_images"] for r in metric_rows(tmp_path / "run" / "version_0")]
+    assert [float(v) for v in logged if v] == [float(met)]
+
+
 SMALL_SPLITS = {
     "train_smaller_than_a_batch": (
         ["--data.source=<42 images>", "--data.val_fraction=0.25", "--data.batch_size=64"],
@@ -755,7 +790,10 @@ BAD_ARGUMENTS = [
     ("--data.batch_size=0", "--data.batch_size: invalid value 0 (must be >= 1)"),
     ("--data.num_workers=-1", "--data.num_workers: invalid value -1 (must be >= 0"),
     ("--data.pin_memory=maybe", "--data.pin_memory: invalid value maybe"),
-    ("--data.bad_images=x", "--data.bad_images: invalid value x (expected one of 'error', 'skip')"),
+    (
+        "--data.bad_images=x",
+        "--data.bad_images: invalid value x (expected one of 'error', 'skip', 'lazy')",
+    ),
     ("--data.cache_dir=<a file>", "pyproject.toml (must be a folder)"),
     ("--data.predict_source=/no/such/dir", "--data.predict_source: invalid value /no/such/dir"),
     (

@@ -146,6 +146,13 @@ class RunMetadata(Callback):
             logger.log_hyperparams({"meta": self.info, **({"config": config} if config else {})})
         self._write(trainer, {**self.info, "config": config})
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # --data.bad_images=lazy: the unreadable images met so far, counted by the data
+        met = getattr(trainer.datamodule, "num_unreadable_met", 0)
+        if met:
+            for logger in trainer.loggers:
+                logger.log_metrics({"data/unreadable_images": met}, trainer.global_step)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._record_end(trainer)
 
@@ -155,6 +162,7 @@ class RunMetadata(Callback):
     def _record_end(self, trainer: L.Trainer) -> None:
         checkpoint = trainer.checkpoint_callback
         self.info["final"] = {
+            "unreadable_images_met": getattr(trainer.datamodule, "num_unreadable_met", 0),
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "metrics": _scalar_metrics(trainer.callback_metrics),

@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from torchvision.transforms import Compose
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -120,8 +120,12 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: images per batch (per device).
         num_workers: DataLoader worker processes; default ``min(4, number of CPUs)``.
         pin_memory: pin batches in page-locked memory; default: when CUDA is available.
-        bad_images: for image folders, what to do with files that cannot be decoded: ``"error"``
-            lists them all and stops, ``"skip"`` leaves them out with a warning.
+        bad_images: for image folders, what to do with files that cannot be decoded, found by
+            a check of every file before training (results cached by path, size and
+            modification time, so a second start decodes only new or changed files):
+            ``"error"`` lists them all and stops, ``"skip"`` leaves them out with a warning;
+            ``"lazy"`` skips the check, and an unreadable image met during training is
+            replaced by the next one, with a warning, and counted (``data/unreadable_images``).
         cache_dir: Hugging Face ``datasets`` cache folder; default: the library's.
         in_memory: decode the training and validation images once into a uint8 tensor and run
             the training crop, flips and normalisation on whole batches as tensor ops
@@ -168,7 +172,7 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: PositiveInt = 128,
         num_workers: NonNegativeInt | None = None,
         pin_memory: bool | None = None,
-        bad_images: Literal["error", "skip"] = "error",
+        bad_images: Literal["error", "skip", "lazy"] = "error",
         cache_dir: Folder | None = None,
         in_memory: bool = False,
         predict_source: str | None = None,
@@ -276,6 +280,16 @@ class ImageDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def _lazy(self) -> bool:
+        return self.image_source.bad_images == "lazy"
+
+    @property
+    def num_unreadable_met(self) -> int:
+        """Unreadable images met and replaced so far (``bad_images="lazy"``; all splits)."""
+        splits = {id(d): d for d in (self.train_dataset, self.val_dataset, self.test_dataset) if d}
+        return sum(getattr(dataset, "unreadable_met", 0) for dataset in splits.values())
+
     # ------------------------------------------------------------------------------ Lightning
     def prepare_data(self) -> None:
         # Downloads (Hub) or converts to Arrow (parquet) once per node; setup reuses the cache.
@@ -306,7 +320,9 @@ class ImageDataModule(L.LightningDataModule):
             )
         test_name = self.test_split or ("test" if _is_labelled(splits.get("test")) else None)
         if test_name:
-            self.test_dataset = DecodedImages(splits[test_name], self.eval_transform, test_name)
+            self.test_dataset = DecodedImages(
+                splits[test_name], self.eval_transform, test_name, replace_unreadable=self._lazy
+            )
         elif isinstance(self.val_dataset, InMemoryImages):  # test and predict read per image
             rows, ids = self.val_dataset.rows, self.val_dataset.row_ids
             self.test_dataset = DecodedImages(
@@ -321,7 +337,7 @@ class ImageDataModule(L.LightningDataModule):
         """A training or validation dataset: decoded per image, or once into memory."""
         if not self.in_memory:
             transform = self.train_transform if train else self.eval_transform
-            return DecodedImages(rows, transform, split, row_ids)
+            return DecodedImages(rows, transform, split, row_ids, replace_unreadable=self._lazy)
         # Evaluation geometry (timm's resize + centre crop) applied once; ToTensor and
         # Normalize happen on the batch (BatchAugment.normalize gives the same values).
         geometry = None if train else _before_to_tensor(self.eval_transform)
@@ -356,13 +372,16 @@ class ImageDataModule(L.LightningDataModule):
         return batch
 
     def _loader(self, dataset: DecodedImages | InMemoryImages, train: bool) -> DataLoader:
-        # Under DDP Lightning swaps in a DistributedSampler itself. Training resumes mid-epoch
-        # where it stopped: a StatefulDataLoader, whose state Lightning saves and restores.
+        # Training resumes mid-epoch where it stopped: a StatefulDataLoader (its state travels
+        # as this datamodule's, below). Under DDP, a RandomSampler, which Lightning replaces by
+        # a DistributedSampler (one order for all ranks; the loader resumes it by position).
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        shuffle = RandomSampler(dataset) if distributed else ResumableShuffle(dataset)
         loader = (StatefulDataLoader if train else DataLoader)(
             dataset,
             collate_fn=keep_batch if isinstance(dataset, InMemoryImages) else None,
             batch_size=self.batch_size,
-            sampler=ResumableShuffle(dataset) if train else None,
+            sampler=shuffle if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

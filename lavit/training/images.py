@@ -9,7 +9,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import multiprocessing
 import os
+import sys
+import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,13 +25,16 @@ from typing import Any
 import datasets
 import PIL.Image
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DecodedImages",
+    "check_cache_file",
+    "check_images",
     "drop_bad_images",
     "image_problem",
     "make_posterize_safe",
@@ -54,19 +64,100 @@ def image_problem(path: Path) -> str | None:
 
 
 Files = dict[str, list[tuple[Path, int]]]
+CHECK_CACHE_FOLDER = "lavit_image_checks"
 
 
-def drop_bad_images(files_by_split: Files, source: str, policy: str) -> tuple[Files, int]:
-    """Check every image decodes (in threads: PIL releases the GIL) and apply ``policy``.
+def check_cache_file(source: str, cache_dir: str | None) -> Path:
+    """Where the bad-image check of image folder ``source`` keeps its results.
+
+    Under ``cache_dir`` (the data's ``--data.cache_dir``), else the Hugging Face ``datasets``
+    cache: one JSON file per folder, keyed by each file's path, size and modification time.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    digest = hashlib.sha1(str(Path(source).expanduser().resolve()).encode()).hexdigest()[:16]
+    return root / CHECK_CACHE_FOLDER / f"{digest}.json"
+
+
+def _signature(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def check_images(paths: list[Path], cache_file: Path | None) -> dict[Path, str]:
+    """``{path: why}`` for the files of ``paths`` that do not decode completely.
+
+    A file whose path, size and modification time are in ``cache_file`` is not decoded again;
+    the others are decoded in threads (PIL releases the GIL), with a progress bar, and the
+    results written back (atomically: a half-written cache is never read).
+    """
+    cached: dict[str, Any] = {}
+    if cache_file is not None and cache_file.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            cached = json.loads(cache_file.read_text())
+    results: dict[str, Any] = {}
+    todo = []
+    for path in paths:
+        try:
+            signature = _signature(path)
+        except OSError:  # vanished or unreadable: decoding says why
+            todo.append((path, None))
+            continue
+        entry = cached.get(str(path))
+        if entry is not None and entry[:2] == signature:
+            results[str(path)] = entry
+        else:
+            todo.append((path, signature))
+    started = time.monotonic()
+    if todo:
+        workers = min(16, 2 * (os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            problems = pool.map(image_problem, [path for path, _ in todo])
+            for (path, signature), why in tqdm(
+                zip(todo, problems, strict=True),
+                total=len(todo),
+                desc="checking images",
+                unit=" files",
+                disable=not sys.stderr.isatty() and len(todo) < 10_000,
+                file=sys.stderr,
+            ):
+                results[str(path)] = [*(signature or [-1, -1]), why]
+        if cache_file is not None:
+            _write_atomically(cache_file, {**cached, **results})
+    seconds = time.monotonic() - started
+    summary = f"checked {len(paths)} image files: {len(todo)} decoded"
+    if todo:  # from whichever process decodes (under DDP: local rank 0 only, the others read)
+        print(
+            f"{summary} ({len(todo) / max(seconds, 1e-9):.0f} files/s, {seconds:.1f} s), "
+            f"{len(paths) - len(todo)} known from {cache_file}",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        rank_zero_info(f"{summary}, all known from {cache_file}")
+    return {Path(p): entry[2] for p, entry in results.items() if entry[2]}
+
+
+def _write_atomically(path: Path, content: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(content))
+    os.replace(temporary, path)
+
+
+def drop_bad_images(
+    files_by_split: Files, source: str, policy: str, cache_file: Path | None = None
+) -> tuple[Files, int]:
+    """Check every image decodes (:func:`check_images`) and apply ``policy``.
 
     ``"error"``: a ``ValueError`` listing every unreadable file, one per line; ``"skip"``: the
-    files without them (and a warning listing them), and how many were left out.
+    files without them (and a warning listing them), and how many were left out; ``"lazy"``:
+    no check (unreadable files are met, counted and replaced during training, see
+    :class:`DecodedImages`).
     """
+    if policy == "lazy":
+        return files_by_split, 0
     paths = [path for files in files_by_split.values() for path, _ in files]
-    with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1))) as pool:
-        problems = {
-            p: why for p, why in zip(paths, pool.map(image_problem, paths), strict=True) if why
-        }
+    problems = check_images(paths, cache_file)
     if not problems:
         return files_by_split, 0
     if policy == "error":
@@ -123,6 +214,9 @@ class DecodedImages(Dataset):
         split: the split's name, for error messages.
         row_ids: the rows' indices in the original split (when ``rows`` is a subset of it),
             for error messages.
+        replace_unreadable: an image that does not decode is replaced by the next one (with a
+            warning) and counted in :attr:`unreadable_met`, instead of stopping the run (for
+            image folders whose up-front check was skipped, ``bad_images="lazy"``).
     """
 
     def __init__(
@@ -131,18 +225,37 @@ class DecodedImages(Dataset):
         transform: Any,
         split: str,
         row_ids: Sequence[int] | None = None,
+        replace_unreadable: bool = False,
     ) -> None:
         self.rows = rows
         self.transform = transform
         self.split = split
         self.row_ids = row_ids
+        # Shared with the DataLoader workers, which inherit it.
+        self._unreadable = multiprocessing.Value("i", 0) if replace_unreadable else None
+
+    @property
+    def unreadable_met(self) -> int:
+        """How many times an unreadable image was met and replaced (all workers together)."""
+        return int(self._unreadable.value) if self._unreadable is not None else 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        row = self.rows[index]
-        return self.transform(self._decode(row["image"], index)), row["label"]
+        for attempt in range(len(self.rows)):
+            row = self.rows[(index + attempt) % len(self.rows)]
+            try:
+                image = self._decode(row["image"], (index + attempt) % len(self.rows))
+            except ValueError as err:
+                if self._unreadable is None:
+                    raise
+                with self._unreadable.get_lock():
+                    self._unreadable.value += 1
+                warnings.warn(f"{err}; replaced by the next image", stacklevel=2)
+                continue
+            return self.transform(image), row["label"]
+        raise ValueError(f"no image of split {self.split!r} can be read")
 
     def _decode(self, encoded: dict[str, Any], index: int) -> PIL.Image.Image:
         try:

@@ -26,7 +26,7 @@ import datasets
 import huggingface_hub
 import pyarrow.parquet as pq
 
-from lavit.training.images import IMAGE_EXTENSIONS, drop_bad_images
+from lavit.training.images import IMAGE_EXTENSIONS, check_cache_file, drop_bad_images
 
 __all__ = [
     "EMBEDDED_SOURCE",
@@ -274,7 +274,10 @@ class ImageSource:
                 + ", ".join(empty_classes)
             )
         files_by_split, self.num_skipped_images = drop_bad_images(
-            files_by_split, self.source, self.bad_images
+            files_by_split,
+            self.source,
+            self.bad_images,
+            check_cache_file(self.source, self.cache_dir),
         )
         features = datasets.Features(
             {"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=class_names)}
