@@ -178,3 +178,11 @@ def test_analyze_reads_a_lightning_checkpoint_written_by_a_run_with_the_callback
     out = tmp_path / "analysis"
     assert main(["--model", str(ckpt), "--random", "--num-images", "2", "--out", str(out)]) == 0
     assert "lavit_cifar" in json.loads((out / "saturation.json").read_text())["model"]
+
+
+def test_analyze_logs_to_wandb_by_the_shared_rule(tmp_path):
+    """WANDB_MODE=offline (the tests' environment): an offline W&B run with the tables and plot."""
+    argv = ["--model", "lavit_cifar", "--random", "--num-images", "2", "--out", str(tmp_path)]
+    assert main([*argv, "--wandb"]) == 0
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
