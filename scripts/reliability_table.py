@@ -57,7 +57,7 @@ Exit codes of `lavit fit|validate|test|predict`: 0 done, 2 bad option/data/check
 (`last.ckpt` saved; resume with `--ckpt_path last`), 1 any other failure.
 Fault injection for tests: `python -m lavit.testing ...` with
 `LAVIT_FAULT_INJECT=name[:key=value...][,...]` (see `lavit/testing/faults.py`: `nan_loss`,
-`crash`, `exit`, `hang` at `step=N` on `rank=R`, and `slow_checkpoint:seconds=S`), which installs
+`crash`, `exit`, `hang`, `sigterm` at `step=N` on `rank=R`, and `slow_checkpoint:seconds=S`), which installs
 them as a callback and a checkpoint plugin; `python -m lavit` has no fault code.
 """
 

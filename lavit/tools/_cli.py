@@ -14,7 +14,15 @@ from pathlib import Path
 
 from lavit.errors import EXIT_CONFIG_ERROR
 
-__all__ = ["add_out_option", "fail", "non_negative_int", "positive_int", "say", "tool_parser"]
+__all__ = [
+    "add_out_option",
+    "add_wandb_options",
+    "fail",
+    "non_negative_int",
+    "positive_int",
+    "say",
+    "tool_parser",
+]
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -53,6 +61,18 @@ def non_negative_int(text: str) -> int:
 def add_out_option(parser: argparse.ArgumentParser, default: str, what: str) -> None:
     """``--out DIR``: the folder a tool writes its files to."""
     parser.add_argument("--out", type=Path, default=Path(default), help=f"folder for {what}")
+
+
+def add_wandb_options(parser: argparse.ArgumentParser, project: str, what: str) -> None:
+    """``--wandb`` (log ``what`` to W&B, by ``lavit fit``'s rule), its project and init timeout."""
+    parser.add_argument("--wandb", action="store_true", help=f"also log {what} to W&B")
+    parser.add_argument("--wandb-project", default=project)
+    parser.add_argument(
+        "--wandb-init-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the W&B server before logging offline",
+    )
 
 
 def fail(prog: str, message: str, code: int = EXIT_CONFIG_ERROR) -> int:

@@ -31,7 +31,7 @@ from lavit.dense.segmentation import SemanticFPNModule
 from lavit.models import LaViT
 from lavit.models.factory import create_model, parse_model_name
 from lavit.tables import markdown_table
-from lavit.tools._cli import add_out_option, fail, positive_int, tool_parser
+from lavit.tools._cli import add_out_option, add_wandb_options, fail, positive_int, tool_parser
 from lavit.training.checkpoint_io import load_checkpoint_file
 from lavit.training.data import ImageDataModule
 from lavit.training.images import IMAGE_EXTENSIONS
@@ -134,14 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="for --random and random weights")
     add_out_option(parser, "runs/saturation", "saturation.{csv,json,png}")
-    parser.add_argument("--wandb", action="store_true", help="also log the tables and plot to W&B")
-    parser.add_argument("--wandb-project", default="lavit-analyze")
-    parser.add_argument(
-        "--wandb-init-timeout",
-        type=float,
-        default=30.0,
-        help="seconds to wait for the W&B server before logging offline",
-    )
+    add_wandb_options(parser, "lavit-analyze", "the tables and plot")
     return parser
 
 

@@ -56,7 +56,15 @@ from lavit.dense.detection import RetinaNetModule
 from lavit.models.factory import ALL_VA, ModelSpec, create_model, parse_model_name
 from lavit.runtime import tune_cpu_runtime
 from lavit.tables import markdown_table, write_csv
-from lavit.tools._cli import add_out_option, fail, non_negative_int, positive_int, say, tool_parser
+from lavit.tools._cli import (
+    add_out_option,
+    add_wandb_options,
+    fail,
+    non_negative_int,
+    positive_int,
+    say,
+    tool_parser,
+)
 from lavit.tools.loop_overhead import fit_overhead, loop_overhead
 from lavit.tools.timing import (
     DTYPES,
@@ -390,14 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_out_option(parser, "runs/bench", "JSON/CSV")
     parser.add_argument("--tag", default=None, help="file name stem (default: from device/dtype)")
-    parser.add_argument("--wandb", action="store_true", help="also log the tables to W&B")
-    parser.add_argument("--wandb-project", default="lavit-bench")
-    parser.add_argument(
-        "--wandb-init-timeout",
-        type=float,
-        default=30.0,
-        help="seconds to wait for the W&B server before logging offline",
-    )
+    add_wandb_options(parser, "lavit-bench", "the tables")
     return parser
 
 
