@@ -215,8 +215,9 @@ class LaViTCLI(LightningCLI):
                 resume=resume,
             )
         trainer = super().instantiate_trainer(**kwargs)
-        options = self._get(self.config_init, "predict")
-        trainer.callbacks.append(PredictionWriter(options.output, int(options.top_k)))
+        if isinstance(self.model, LaViTModule):  # classification: predictions.csv
+            options = self._get(self.config_init, "predict")
+            trainer.callbacks.append(PredictionWriter(options.output, int(options.top_k)))
         return trainer
 
     # Data and checkpoint problems are reported before Lightning starts (one line, exit code 2).
@@ -240,7 +241,11 @@ class LaViTCLI(LightningCLI):
             return
         try:
             self.datamodule.prepare_data()
-            problem = too_few_batches(self.datamodule, self.trainer, str(self.subcommand))
+            problem = (
+                too_few_batches(self.datamodule, self.trainer, str(self.subcommand))
+                if isinstance(self.datamodule, ImageDataModule)
+                else None
+            )
         except (ValueError, OSError) as err:
             raise DataError(str(err)) from None
         if problem:
