@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, RandomSampler
-from torchvision.transforms import Compose
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchvision.transforms import Compose
 
 from lavit.errors import OptionError
 from lavit.training.batch_transforms import BatchAugment, InMemoryImages, keep_batch
