@@ -796,6 +796,7 @@ BAD_ARGUMENTS = [
     ),
     ("--data.cache_dir=<a file>", "pyproject.toml (must be a folder)"),
     ("--data.predict_source=/no/such/dir", "--data.predict_source: invalid value /no/such/dir"),
+    ("--data.in_memory=maybe", "--data.in_memory: invalid value maybe"),
     (
         "--nonfinite.policy=x",
         "--nonfinite.policy: invalid value x (expected one of 'stop', 'skip')",
