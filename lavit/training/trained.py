@@ -54,8 +54,9 @@ def data_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     config: dict[str, Any] = {}
     img_size = data.get("img_size") or (checkpoint.get("hyper_parameters") or {}).get("img_size")
-    if img_size:
-        config["input_size"] = (3, int(img_size), int(img_size))
+    if img_size:  # a side, or (H, W) for dense runs
+        height, width = (img_size, img_size) if isinstance(img_size, int) else img_size[-2:]
+        config["input_size"] = (3, int(height), int(width))
     for key in ("mean", "std", "crop_pct", "interpolation"):
         if data.get(key) is not None:
             config[key] = tuple(data[key]) if isinstance(data[key], (list, tuple)) else data[key]
@@ -65,7 +66,7 @@ def data_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
 def eval_transform(config: dict[str, Any]) -> Any:
     """The evaluation transform of a :func:`data_config` (as the run's data module built it)."""
     return create_transform(
-        input_size=config["input_size"][-1],
+        input_size=tuple(config["input_size"]),
         is_training=False,
         **{k: config[k] for k in ("mean", "std", "crop_pct", "interpolation") if k in config},
     )
