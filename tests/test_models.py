@@ -778,3 +778,14 @@ def test_feature_take_indices_fallback_agrees_with_timm():
         assert take_indices(4, indices) == timm_version(4, indices)
     with pytest.raises(ValueError, match="out of range"):
         take_indices(4, [4])
+
+
+def test_dynamic_size_trains_after_an_inference_mode_forward_at_that_size():
+    # Lightning validates under torch.inference_mode; the per-size resampling cache it fills
+    # must still serve a training step at that size afterwards.
+    model = timm.create_model("lavit_cifar", dynamic_img_size=True, num_classes=10)
+    x = torch.randn(2, 3, 48, 80)  # a size no other test uses, so the cache starts empty here
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -51,7 +51,10 @@ def _axis_matrix(old: int, new: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _cached_matrix(old_grid: Grid, new_grid: Grid, device: torch.device) -> torch.Tensor:
-    return _build_matrix(old_grid, new_grid).to(device)
+    # Built as a normal tensor even when first asked for under torch.inference_mode (Lightning's
+    # validation): an inference tensor in the cache would break the next training step.
+    with torch.inference_mode(False):
+        return _build_matrix(old_grid, new_grid).to(device)
 
 
 def _build_matrix(old_grid: Grid, new_grid: Grid) -> torch.Tensor:
