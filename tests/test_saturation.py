@@ -152,6 +152,22 @@ def test_the_cli_runs_the_callback_when_fit_ends_and_can_switch_it_off(tmp_path,
         m + 1 for m, d in enumerate(depths) if d > 1
     }
 
+    # In-memory data hands the loaders uint8 batches: the callback sees them normalised, as the
+    # model does in validation (it crashed at the end of every in-memory run before).
+    cli_main(
+        [*common, f"--trainer.default_root_dir={tmp_path / 'mem'}", "--saturation.num_images=5",
+         "--data.in_memory=true", "--data.auto_augment=null", "--data.color_jitter=null",
+         "--data.re_prob=0"]
+    )  # fmt: skip
+    in_memory = json.loads(
+        (tmp_path / "mem" / "version_0" / "saturation" / "saturation.json").read_text()
+    )
+    assert in_memory["images"] == 5 and in_memory["image_source"] == "validation images"
+    # the same validation images and the same initial weights (same seed) as the first run
+    assert [row["similarity"] for row in in_memory["rows"]] == pytest.approx(
+        [row["similarity"] for row in report["rows"]], abs=1e-5
+    )
+
     cli_main(
         [*common, f"--trainer.default_root_dir={tmp_path / 'off'}", "--saturation.num_images=0"]
     )

@@ -371,6 +371,14 @@ class ImageDataModule(L.LightningDataModule):
             batch = (self.batch_augment(batch[0], training), *batch[1:])
         return batch
 
+    def evaluation_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images of a validation batch as the model sees them, for callbacks that read the
+        loader themselves (Lightning's transfer hooks do not run for them): in-memory uint8
+        batches normalised, per-image batches as they are."""
+        if self.batch_augment is not None and images.dtype == torch.uint8:
+            return self.batch_augment(images, train=False)
+        return images
+
     def _loader(self, dataset: DecodedImages | InMemoryImages, train: bool) -> DataLoader:
         # Training resumes mid-epoch where it stopped: a StatefulDataLoader (its state travels
         # as this datamodule's, below). Under DDP, a RandomSampler, which Lightning replaces by

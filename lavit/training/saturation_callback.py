@@ -98,9 +98,11 @@ class AttentionSaturation(Callback):
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None
         batches, count = [], 0
+        as_seen = getattr(datamodule, "evaluation_images", None)  # in-memory batches are uint8
         if loaders is not None:
             for batch in loaders:
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                x = as_seen(x) if as_seen is not None else x
                 batches.append(x[: self.num_images - count])
                 count += len(batches[-1])
                 if count >= self.num_images:
