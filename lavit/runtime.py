@@ -15,13 +15,15 @@ Two avoidable costs of a PyTorch step on a CPU (measured in BENCHMARKS.md):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
+from pathlib import Path
 
 import torch
 
-__all__ = ["CPU_TUNING_ENV", "cpu_tuning_state", "tune_cpu_runtime"]
+__all__ = ["CPU_TUNING_ENV", "cpu_model_name", "cpu_tuning_state", "tune_cpu_runtime"]
 
 CPU_TUNING_ENV = "LAVIT_CPU_TUNING"
 
@@ -65,3 +67,12 @@ def tune_cpu_runtime(enabled: bool | None = None) -> dict[str, bool]:
 def cpu_tuning_state() -> dict[str, bool]:
     """Which of the two settings this process runs with (for run metadata and benchmarks)."""
     return dict(_applied or {"keep_freed_memory": False, "flush_denormal": False})
+
+
+def cpu_model_name() -> str:
+    """The CPU's marketing name (``lscpu``'s "Model name")."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

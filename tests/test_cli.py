@@ -69,6 +69,9 @@ def test_fit_fast_dev_run_through_the_entry_point(tmp_path):
     assert info["arch"] == "lavit_cifar" and info["macs"] > 0 and info["params"] > 0
     assert info["config"]["model"]["arch"] == "lavit_cifar"
     assert info["cpu_tuning"]["flush_denormal"] is True  # lavit.runtime ran before the model
+    # what a result table needs to state its cost: the CPU, the threads, wall and CPU seconds
+    assert info["cpu"] and info["torch_threads"] == 1
+    assert 0 < info["final"]["wall_s"] < 300 and info["final"]["cpu_s"] > 0
     assert not (run_dir / "checkpoints").exists()  # a dry run leaves no `last` to resume from
 
 

@@ -169,6 +169,40 @@ def test_an_interrupted_sweep_redoes_the_cut_run(tmp_path, fake_program):
     assert [r.config["model.x"]["value"] for r in state.runs] == [0.1, 0.2, 0.3]
 
 
+def test_after_run_commits_each_finished_run_and_a_failing_hook_does_not_stop_the_sweep(
+    tmp_path, fake_program, capsys
+):
+    sweep_file = write_sweep(
+        tmp_path / "grid.yaml", fake_program, "grid", {"model.x": {"values": [0.1, 0.9, 0.3]}}
+    )
+    repo = tmp_path / "results"
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    sweep_dir = repo / "sweep"
+    # What the ablation script does: commit the sweep dir after each run (state file included).
+    commit = (
+        f'{" ".join(git)} add -- "$LAVIT_SWEEP_DIR" && {" ".join(git)} commit -q '
+        '-m "$LAVIT_SWEEP_RUN $LAVIT_SWEEP_RUN_STATE" -- "$LAVIT_SWEEP_DIR"'
+    )
+    args = [str(sweep_file), "--sweep-dir", str(sweep_dir)]
+    assert sweep.main([*args, "--after-run", commit]) == 0
+    log = subprocess.run([*git, "log", "--format=%s"], capture_output=True, text=True, check=True)
+    assert log.stdout.split("\n")[:3] == ["run-002 finished", "run-001 failed", "run-000 finished"]
+    # Each commit holds the state as it was when its run ended: a fresh clone resumes from it.
+    first = subprocess.run(
+        [*git, "show", f"HEAD~2:sweep/{STATE_FILE}"], capture_output=True, text=True, check=True
+    )
+    assert [r["state"] for r in json.loads(first.stdout)["runs"]] == ["finished"]
+    tracked = subprocess.run([*git, "ls-files"], capture_output=True, text=True, check=True)
+    assert "sweep/runs/run-000/version_0/metrics.csv" in tracked.stdout.split()
+
+    # A hook that fails (here: every time) is reported, and every run still happens.
+    other = tmp_path / "other"
+    assert sweep.main([str(sweep_file), "--sweep-dir", str(other), "--after-run", "exit 3"]) == 0
+    assert [r.state for r in load_state(other).runs] == ["finished", "failed", "finished"]
+    assert capsys.readouterr().out.count("--after-run exited with 3") == 3
+
+
 def test_bayes_sweep_feeds_metrics_back(tmp_path, fake_program):
     sweep_file = write_sweep(
         tmp_path / "bayes.yaml",

@@ -11,6 +11,8 @@
 * One run at a time per listed device; several devices run in parallel, each subprocess seeing only
   its device through ``CUDA_VISIBLE_DEVICES`` (``cpu`` hides every GPU).
 * A run that fails is recorded as failed and the sweep goes on.
+* ``--after-run COMMAND`` runs a shell command after each run (e.g. commit the sweep dir), so that
+  a sweep longer than a session keeps its finished runs; a failing command does not stop it.
 * A sweep file's ``early_terminate`` (hyperband, the only kind W&B has) is honoured with the
   engine's own ``stop_runs``: the running runs' metric histories are read from their CSV logs
   every few seconds, and a run the engine marks is stopped (SIGTERM: ``lavit fit`` saves
@@ -74,6 +76,7 @@ DEFAULT_SWEEP_ROOT = Path("runs") / "sweeps"
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 POLL_INTERVAL_S = 0.5
 EARLY_TERMINATE_INTERVAL_S = 10.0  # how often running runs' metrics go to the engine's stop_runs
+AFTER_RUN_TIMEOUT_S = 600  # an --after-run command (a git commit) that hangs longer is stopped
 # What the state file calls a run stopped by early termination; the engine's word for it.
 STOPPED = "stopped"
 DONE_STATES = ("finished", "failed", STOPPED)
@@ -341,8 +344,10 @@ class SweepRunner:
         retry_failed: bool = False,
         configs: list[str] | None = None,
         status: LiveStatus | None = None,
+        after_run: str | None = None,
     ) -> None:
         self.status = status or LiveStatus()
+        self.after_run = after_run
         self.sweep_file = sweep_file
         self.sweep_dir = sweep_dir
         self.devices = devices
@@ -503,6 +508,40 @@ class SweepRunner:
             f"[sweep] {record.name} {shown_state} in {record.duration_s:.0f} s ({outcome})"
         )
         save_state(self.state, self.sweep_dir)
+        if self.after_run:
+            self._run_after_run(record)
+
+    def _run_after_run(self, record: RunRecord) -> None:
+        """The ``--after-run`` command (e.g. a ``git commit`` of the sweep dir), once the state
+        file records the run. Its failure is logged, never fatal: the sweep goes on."""
+        env = dict(os.environ)
+        env.update(
+            LAVIT_SWEEP_DIR=str(self.sweep_dir),
+            LAVIT_SWEEP_RUN=record.name,
+            LAVIT_SWEEP_RUN_DIR=str(self.sweep_dir / record.run_dir),
+            LAVIT_SWEEP_RUN_STATE=record.state,
+        )
+        try:
+            done = subprocess.run(
+                self.after_run,
+                shell=True,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=AFTER_RUN_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            self.status.log(
+                f"[sweep] warning: --after-run did not finish in {AFTER_RUN_TIMEOUT_S} s after "
+                f"{record.name}; stopped it, the sweep goes on"
+            )
+            return
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            self.status.log(
+                f"[sweep] warning: --after-run exited with {done.returncode} after "
+                f"{record.name}; the sweep goes on" + "".join(f"\n  {line}" for line in tail)
+            )
 
     def _metric_rows(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The rows of a run's history that hold the sweep metric (what the engine reads)."""
@@ -696,6 +735,7 @@ def run_sweep(
     retry_failed: bool = False,
     configs: list[str] | None = None,
     status_every: float = 60.0,
+    after_run: str | None = None,
 ) -> SweepState:
     """Run (or resume) a sweep locally; see the module docstring. Returns the final state.
 
@@ -712,6 +752,7 @@ def run_sweep(
         retry_failed,
         configs,
         LiveStatus(interval_s=status_every),
+        after_run,
     )
     method = runner.state.sweep_config.get("method")
     if (
@@ -802,6 +843,14 @@ def main(argv: list[str]) -> int:
         help="when the output is not a terminal: print the status lines this often (default "
         "60; on a terminal they are redrawn in place every second)",
     )
+    parser.add_argument(
+        "--after-run",
+        metavar="COMMAND",
+        help="shell command run after each run ends and the state file records it, with "
+        "LAVIT_SWEEP_DIR, LAVIT_SWEEP_RUN, LAVIT_SWEEP_RUN_DIR and LAVIT_SWEEP_RUN_STATE set, "
+        "e.g. a git commit of the sweep dir, so that a long sweep keeps its results as it goes "
+        "(a failing command is logged; the sweep goes on)",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
@@ -814,6 +863,7 @@ def main(argv: list[str]) -> int:
             args.retry_failed,
             args.config,
             args.status_every,
+            args.after_run,
         )
     except KeyboardInterrupt:
         print("[sweep] interrupted: run the same command again to resume", file=sys.stderr)

@@ -16,7 +16,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lavit
-from lavit.runtime import cpu_tuning_state
+from lavit.runtime import cpu_model_name, cpu_tuning_state
 
 __all__ = [
     "DTYPES",
@@ -144,15 +143,6 @@ def paired_speedup(times_a: Sequence[float], times_b: Sequence[float]) -> float:
     minutes, a ratio per round cancels the drift that separate medians keep.
     """
     return median([b / a for a, b in zip(times_a, times_b, strict=True)])
-
-
-def cpu_model_name() -> str:
-    """The CPU's marketing name (``lscpu``'s "Model name")."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device) -> dict[str, Any]:

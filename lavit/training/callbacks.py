@@ -9,6 +9,7 @@ and best checkpoint there, so tools can read a run without parsing logs.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from lavit.analysis.flops import count_macs
-from lavit.runtime import cpu_tuning_state
+from lavit.runtime import cpu_model_name, cpu_tuning_state
 from lavit.training.secrets import redact_secrets
 
 __all__ = [
@@ -118,11 +119,13 @@ class RunMetadata(Callback):
         self.count_flops = count_flops
         self.config: dict[str, Any] | None = None  # set by the CLI: the full parsed config
         self.info: dict[str, Any] = {}
+        self._setup_at = time.monotonic()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         model = getattr(pl_module, "model", pl_module)
         shape = model_input_shape(model, trainer.datamodule)
         macs = count_macs(model, shape) if self.count_flops and trainer.is_global_zero else None
+        self._setup_at = time.monotonic()
         self.info = {
             "stage": stage,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -135,6 +138,8 @@ class RunMetadata(Callback):
             "macs": macs,
             "world_size": trainer.world_size,
             "precision": str(trainer.precision),
+            "cpu": cpu_model_name(),
+            "torch_threads": torch.get_num_threads(),
             "cpu_tuning": cpu_tuning_state(),
             # image files left out by --data.bad_images=skip (0 when none or not an image folder)
             "skipped_images": getattr(trainer.datamodule, "num_skipped_images", 0),
@@ -161,7 +166,11 @@ class RunMetadata(Callback):
 
     def _record_end(self, trainer: L.Trainer) -> None:
         checkpoint = trainer.checkpoint_callback
+        cpu = os.times()
         self.info["final"] = {
+            # cost of the run: wall time since setup, and this process's CPU time (all threads)
+            "wall_s": round(time.monotonic() - self._setup_at, 1),
+            "cpu_s": round(cpu.user + cpu.system, 1),
             "unreadable_images_met": getattr(trainer.datamodule, "num_unreadable_met", 0),
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
