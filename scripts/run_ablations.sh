@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python}
+export PYTHON=${PYTHON:-python}  # exported: the --after-run hook uses it
 SLOTS=${SLOTS:-cpu,cpu}  # 2 cores: two 1-thread runs are ~1.2x one 2-thread run (BENCHMARKS.md)
 COMMIT=${COMMIT:-1}
 CONFIGS=(--config experiments/base.yaml --config experiments/ablation_cifar10.yaml)
@@ -36,11 +36,13 @@ if [ "$COMMIT" = 1 ]; then
     echo "error: not in a git checkout: run with COMMIT=0, or from a clone of the repository" >&2
     exit 2
   fi
-  # Only the sweep dir is committed (`git commit -- <dir>`), whatever else is staged. Retried, as
-  # another git command may hold the index lock for a moment.
-  hook=(--after-run 'for try in 1 2 3 4 5; do
-      git add -- "$LAVIT_SWEEP_DIR" &&
-      git commit -q --no-verify -m "ablations: $(basename "$LAVIT_SWEEP_DIR") $LAVIT_SWEEP_RUN $LAVIT_SWEEP_RUN_STATE" -- "$LAVIT_SWEEP_DIR" &&
+  # After each run: RESULTS.md regenerated (so that every commit passes its staleness test), then
+  # only it and the results are committed (`git commit -- <paths>`), whatever else is staged.
+  # Retried, as another git command may hold the index lock for a moment.
+  hook=(--after-run '"$PYTHON" -m lavit report --results results/ablations --write RESULTS.md || exit 1
+    for try in 1 2 3 4 5; do
+      git add -- results/ablations RESULTS.md &&
+      git commit -q --no-verify -m "ablations: $(basename "$LAVIT_SWEEP_DIR") $LAVIT_SWEEP_RUN $LAVIT_SWEEP_RUN_STATE" -- results/ablations RESULTS.md &&
       exit 0; sleep 3; done; exit 1')
 fi
 

@@ -450,6 +450,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not measure inference throughput when the runs did not log it",
     )
     parser.add_argument(
+        "--results",
+        type=Path,
+        metavar="DIR",
+        help="instead of one sweep: write RESULTS.md from every ablation sweep under DIR (e.g. "
+        "results/ablations; see lavit.tools.results)",
+    )
+    parser.add_argument(
+        "--write", type=Path, default=Path("RESULTS.md"), help="with --results: the page to write"
+    )
+    parser.add_argument(
+        "--measure-throughput",
+        action="store_true",
+        help="with --results: time every setting first and store it in each sweep's "
+        "throughput.json (otherwise the stored figures are used)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="with --results: write nothing; exit 1 if the page differs from what the runs give",
+    )
+    parser.add_argument(
         "--bench-batch",
         type=positive_int,
         default=64,
@@ -462,6 +483,8 @@ def main(argv: list[str]) -> int:
     """``lavit report``: see the module docstring."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.results is not None:
+        parser.error("--results is handled by `lavit report` (lavit.tools.results:main)")
     if (args.sweep_dir is None) == (args.wandb_sweep is None):
         parser.error("give a sweep dir or --wandb-sweep ENTITY/PROJECT/ID (one of them)")
     try:
