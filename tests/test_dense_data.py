@@ -279,3 +279,25 @@ def test_masks_of_another_size_out_of_range_labels_and_unpaired_files_are_named(
         _seg(_mask_folder(tmp_path / "c", extra_image=True))
     with pytest.raises(ValueError, match="num_classes must be given"):
         SegmentationDataModule(str(_mask_folder(tmp_path / "d")))
+
+
+@pytest.mark.parametrize(
+    ("module", "kwargs", "message"),
+    [
+        (DetectionDataModule, {"hflip": 1.5}, r"hflip: invalid value 1.5 \(must be a probability"),
+        (DetectionDataModule, {"batch_size": 0}, r"batch_size: invalid value 0 \(must be >= 1\)"),
+        (DetectionDataModule, {"num_workers": -1}, r"num_workers: invalid value -1 \(must be >= 0"),
+        (
+            SegmentationDataModule,
+            {"num_classes": 1},
+            r"num_classes: invalid value 1 \(must be >= 2",
+        ),
+        (SegmentationDataModule, {"val_batch_size": 0}, r"val_batch_size: invalid value 0"),
+        (SegmentationDataModule, {"hflip": -0.1}, r"hflip: invalid value -0.1"),
+    ],
+)
+def test_value_ranges_are_the_annotations(module, kwargs, message):
+    # declared once, as the argument types (training/options.py): the CLI parser and Python
+    # construction check the same range and say it the same way
+    with pytest.raises(ValueError, match=message):
+        module(**kwargs)

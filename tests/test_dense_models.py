@@ -280,3 +280,18 @@ def test_pvt_v2_backbone_takes_any_size_through_the_same_module():
             out = module([torch.rand(3, *size)])
             assert set(out[0]) == {"boxes", "scores", "labels"}
     assert math.isclose(module.hparams.lr, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("module", "kwargs", "message"),
+    [
+        (RetinaNetModule, {"num_classes": 0}, r"num_classes: invalid value 0 \(must be >= 1\)"),
+        (RetinaNetModule, {"lr": 0.0}, r"lr: invalid value 0.0 \(must be > 0\)"),
+        (SemanticFPNModule, {"num_classes": 1}, r"num_classes: invalid value 1 \(must be >= 2\)"),
+        (SemanticFPNModule, {"weight_decay": -1.0}, r"weight_decay: invalid value -1.0"),
+        (SemanticFPNModule, {"warmup_ratio": 0.0}, r"warmup_ratio: invalid value 0.0 \(must be in"),
+    ],
+)
+def test_value_ranges_are_the_annotations(module, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        module(**kwargs)

@@ -8,13 +8,13 @@ from small_lavit import SMALL
 from lavit.dense.backbone import DenseBackbone
 from lavit.models import LaViT
 from lavit.models.lavit import checkpoint_filter_fn
-from lavit.models.mixing import (
+from lavit.models.token_mixing import (
+    DenseTokenMixing,
     PooledTokenMixing,
     SeparableTokenMixing,
     make_token_mixing,
     nearest_kronecker,
 )
-from lavit.models.token_mixing import DenseTokenMixing
 
 FORMS = ["dense", "separable", "pooled"]
 QUERY, KEY = (6, 4), (3, 2)  # native grids (non-square: rows and columns must not be mixed up)

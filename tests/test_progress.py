@@ -74,7 +74,7 @@ def test_counting_training_macs_leaves_the_model_as_it_was():
 def test_human_readable_units():
     assert [format_si(v) for v in (950.0, 4.04e9, 1.234e12, None)] == ["950", "4.04G", "1.23T", "?"]
     assert format_duration(3725) == "1:02:05"
-    with pytest.raises(ValueError, match="every_n_batches must be ≥ 1"):
+    with pytest.raises(ValueError, match=r"every_n_batches: invalid value 0 \(must be >= 1\)"):
         TrainingProgress(every_n_batches=0)
 
 

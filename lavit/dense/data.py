@@ -47,6 +47,13 @@ from lavit.dense.sources import (
     read_hf_segmentation,
     read_mask_folder_split,
 )
+from lavit.training.options import (
+    AtLeastTwoInt,
+    NonNegativeInt,
+    PositiveInt,
+    Probability,
+    check_arguments,
+)
 
 __all__ = [
     "DetectionDataModule",
@@ -205,18 +212,13 @@ class DenseDataModule(L.LightningDataModule):
         hub_config: str | None,
         cache_dir: str | None,
         image_column: str,
-        batch_size: int,
-        val_batch_size: int,
-        num_workers: int,
+        batch_size: PositiveInt,
+        val_batch_size: PositiveInt,
+        num_workers: NonNegativeInt,  # 0: load in the main process
         pin_memory: bool | None,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or val_batch_size < 1:
-            raise ValueError("batch_size and val_batch_size must be ≥ 1")
-        if num_workers < 0:
-            raise ValueError(
-                f"num_workers must be ≥ 0 (0: load in the main process), got {num_workers}"
-            )
+        check_arguments(DenseDataModule.__init__, locals())
         self.source = source
         self.source_type = guess_dense_source_type(source) if source_type == "auto" else source_type
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
@@ -306,23 +308,22 @@ class DetectionDataModule(DenseDataModule):
         bbox_format: BBoxFormat = "xywh",
         scale: tuple[int, int] | None = (1333, 800),
         canvas: tuple[int, int] | None = None,
-        hflip: float = 0.5,
-        num_classes: int | None = None,
+        hflip: Probability = 0.5,
+        num_classes: PositiveInt | None = None,
         image_column: str = "image",
         objects_column: str = "objects",
         hub_config: str | None = None,
         cache_dir: str | None = None,
-        batch_size: int = 2,
-        val_batch_size: int = 2,
-        num_workers: int = 2,
+        batch_size: PositiveInt = 2,
+        val_batch_size: PositiveInt = 2,
+        num_workers: NonNegativeInt = 2,
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__(
             source, source_type, train_split, val_split, test_split, hub_config, cache_dir,
             image_column, batch_size, val_batch_size, num_workers, pin_memory,
         )  # fmt: skip
-        if not 0.0 <= hflip <= 1.0:
-            raise ValueError(f"hflip must be a probability in [0, 1], got {hflip}")
+        check_arguments(DetectionDataModule.__init__, locals())
         if canvas is not None and any(side % 32 or side <= 0 for side in canvas):
             raise ValueError(
                 f"canvas {list(canvas)} must be positive multiples of 32 (the backbone's stride), "
@@ -422,26 +423,27 @@ class SegmentationDataModule(DenseDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str | None = None,
-        num_classes: int | None = None,
+        num_classes: AtLeastTwoInt | None = None,
         reduce_zero_label: bool = False,
         ignore_index: int = IGNORE_INDEX,
-        scale: int = 512,
+        scale: PositiveInt = 512,
         ratio_range: tuple[float, float] = (0.5, 2.0),
         crop_size: tuple[int, int] = (512, 512),
-        hflip: float = 0.5,
+        hflip: Probability = 0.5,
         image_column: str = "image",
         mask_column: str = "annotation",
         hub_config: str | None = None,
         cache_dir: str | None = None,
-        batch_size: int = 4,
-        val_batch_size: int = 1,
-        num_workers: int = 2,
+        batch_size: PositiveInt = 4,
+        val_batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 2,
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__(
             source, source_type, train_split, val_split, test_split, hub_config, cache_dir,
             image_column, batch_size, val_batch_size, num_workers, pin_memory,
         )  # fmt: skip
+        check_arguments(SegmentationDataModule.__init__, locals())
         if num_classes is None and self.source_type != "demo":
             raise ValueError("num_classes must be given for this source (150 for ADE20K)")
         if not 0 < ratio_range[0] <= ratio_range[1]:

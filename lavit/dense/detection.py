@@ -29,6 +29,14 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from lavit.dense.backbone import DenseBackbone
 from lavit.dense.task import IMAGENET_MEAN, IMAGENET_STD, DenseTaskModule, LRSchedule
+from lavit.training.options import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    UnitIntervalLeftOpen,
+    check_arguments,
+)
 
 __all__ = ["AP_KEYS", "BackboneWithFPN", "BatchOnlyTransform", "RetinaNetModule"]
 
@@ -117,7 +125,7 @@ class RetinaNetModule(DenseTaskModule):
 
     def __init__(
         self,
-        num_classes: int = 80,
+        num_classes: PositiveInt = 80,
         backbone: str = "lavit_tiny",
         backbone_checkpoint: str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
@@ -133,12 +141,12 @@ class RetinaNetModule(DenseTaskModule):
         topk_candidates: int = 1000,
         image_mean: tuple[float, float, float] = IMAGENET_MEAN,
         image_std: tuple[float, float, float] = IMAGENET_STD,
-        lr: float = 1e-4,
-        weight_decay: float = 1e-4,
+        lr: PositiveFloat = 1e-4,
+        weight_decay: NonNegativeFloat = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         lr_schedule: LRSchedule = "step",
-        warmup_iters: int = 500,
-        warmup_ratio: float = 0.001,
+        warmup_iters: NonNegativeInt = 500,
+        warmup_ratio: UnitIntervalLeftOpen = 0.001,
         lr_milestones: tuple[int, ...] = (8, 11),
         lr_gamma: float = 0.1,
         poly_power: float = 0.9,
@@ -146,13 +154,11 @@ class RetinaNetModule(DenseTaskModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
+        check_arguments(RetinaNetModule.__init__, locals())
         if len(anchor_sizes) != 5:
             raise ValueError(
                 f"anchor_sizes needs one size per level P3–P7 (5), got {list(anchor_sizes)}"
             )
-        self._check_optim_args(lr, weight_decay, warmup_ratio)
         body = self._build_backbone((8, 16, 32))
         anchors = AnchorGenerator(
             tuple(tuple(round(s * 2 ** (k / 3)) for k in range(3)) for s in anchor_sizes),

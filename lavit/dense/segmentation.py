@@ -29,6 +29,14 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from lavit.dense.task import IMAGENET_MEAN, IMAGENET_STD, DenseTaskModule, LRSchedule, normalize
+from lavit.training.options import (
+    AtLeastTwoInt,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    UnitIntervalLeftOpen,
+    check_arguments,
+)
 
 __all__ = ["SemanticFPNModule", "sliding_windows"]
 
@@ -77,7 +85,7 @@ class SemanticFPNModule(DenseTaskModule):
 
     def __init__(
         self,
-        num_classes: int = 150,
+        num_classes: AtLeastTwoInt = 150,
         ignore_index: int = 255,
         backbone: str = "lavit_small",
         backbone_checkpoint: str | None = None,
@@ -91,12 +99,12 @@ class SemanticFPNModule(DenseTaskModule):
         slide_stride: tuple[int, int] | None = None,
         image_mean: tuple[float, float, float] = IMAGENET_MEAN,
         image_std: tuple[float, float, float] = IMAGENET_STD,
-        lr: float = 1e-4,
-        weight_decay: float = 1e-4,
+        lr: PositiveFloat = 1e-4,
+        weight_decay: NonNegativeFloat = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         lr_schedule: LRSchedule = "poly",
-        warmup_iters: int = 0,
-        warmup_ratio: float = 1e-6,
+        warmup_iters: NonNegativeInt = 0,
+        warmup_ratio: UnitIntervalLeftOpen = 1e-6,
         lr_milestones: tuple[int, ...] = (),
         lr_gamma: float = 0.1,
         poly_power: float = 0.9,
@@ -104,8 +112,7 @@ class SemanticFPNModule(DenseTaskModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be ≥ 2, got {num_classes}")
+        check_arguments(SemanticFPNModule.__init__, locals())
         if segmentation_channels % 32:
             raise ValueError(
                 f"segmentation_channels must be a multiple of 32 (GroupNorm of 32 groups), got "
@@ -113,7 +120,6 @@ class SemanticFPNModule(DenseTaskModule):
             )
         if inference == "slide" and img_size is None:
             raise ValueError("inference='slide' needs img_size (the window), e.g. [512, 512]")
-        self._check_optim_args(lr, weight_decay, warmup_ratio)
         self.backbone = self._build_backbone((4, 8, 16, 32))
         self.decoder = FPNDecoder(
             encoder_channels=self.backbone.out_channels,

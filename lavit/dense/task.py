@@ -87,15 +87,6 @@ class DenseTaskModule(L.LightningModule):
             )
         return backbone
 
-    @staticmethod
-    def _check_optim_args(lr: float, weight_decay: float, warmup_ratio: float) -> None:
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay}")
-        if not 0 < warmup_ratio <= 1:
-            raise ValueError(f"warmup_ratio must be in (0, 1], got {warmup_ratio}")
-
     def _no_weight_decay(self) -> set[str]:
         """Parameter names (relative to ``self``) AdamW does not decay, besides norms/biases."""
         prefix = next(name for name, m in self.named_modules() if m is self.backbone)

@@ -16,7 +16,7 @@ import timm
 from torch import nn
 
 from .lavit import LAVIT_CONFIGS
-from .mixing import LA_MIXINGS
+from .token_mixing import LA_MIXINGS
 
 __all__ = [
     "ALL_VA",

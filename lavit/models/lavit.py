@@ -25,9 +25,8 @@ from torch import nn
 
 from .attention import AttentionDownsample, LessAttention, VanillaAttention, upgrade_legacy_keys
 from .losses import DP_LOSS_VARIANTS, DPLossVariant, attention_dp_loss
-from .mixing import LA_MIXINGS, LAMixing, make_token_mixing
 from .resize import Grid, infer_grid, resize_pos_embed
-from .token_mixing import LessAttentionInit, TokenMixing
+from .token_mixing import LA_MIXINGS, LAMixing, LessAttentionInit, TokenMixing, make_token_mixing
 
 
 def take_indices(
@@ -411,7 +410,7 @@ class LaViT(nn.Module):
         dynamic_img_size: accept any input whose sides are multiples of the total stride (and
             that the SR ratios divide), resampling position embeddings and Ψ/Θ per size;
             at ``img_size`` it runs exactly as the fixed model.
-        la_mixing: the form of Ψ/Θ (``mixing.py``): ``"dense"``, the paper's N×N matrices;
+        la_mixing: the form of Ψ/Θ (``token_mixing.py``): ``"dense"``, the paper's N×N matrices;
             ``"separable"`` (Kronecker factors per grid axis) or ``"pooled"`` (the native-grid
             matrix acting on scores pooled to that grid), whose parameters and cost do not grow
             with the input size. All three are the same function at identity initialisation,

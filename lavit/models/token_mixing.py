@@ -7,7 +7,27 @@ layer, so it also knows how to follow the input size: ``forward`` takes any grid
 ``resize_state`` adapts a checkpoint's tensors (``checkpoint_filter_fn``).
 
 ``DenseTokenMixing`` is the paper's form, ``S' = Ψ(Θ(S)ᵀ)ᵀ`` with a dense Ψ (N×N) and Θ (N'×N').
-Other forms (pooled or separable Ψ/Θ for high-resolution grids) subclass ``TokenMixing``.
+Other forms (pooled or separable Ψ/Θ for high-resolution grids, below) subclass
+``TokenMixing``; :func:`make_token_mixing` builds the one a ``la_mixing`` switch names.
+
+The resolution-independent forms. The paper's Ψ and Θ are N×N matrices over the tokens of one
+grid (``"dense"``). At dense-prediction sizes they explode:
+N = 4,200 in LaViT-T's stage 3 at 800×1344, so one Ψ holds 17.6 M parameters and costs N²·N′
+multiply-adds per head. Two forms whose parameters stay those of the native (224²) grids, at any
+input size:
+
+* ``"separable"``: Kronecker factors, ``Ψ = Ψ_h ⊗ Ψ_w`` (h×h over the grid's rows, w×w over
+  its columns) and ``Θ = Θ_h ⊗ Θ_w``. Cost N·(h+w)·K per head instead of N²·K; parameters
+  h² + w². At another grid each factor is resampled as a 1-D mixing (its deviation from the
+  identity, as the dense form does in 2-D). From a dense checkpoint: the nearest Kronecker
+  product (Van Loan–Pitsianis), exact for Kronecker matrices such as the identity.
+* ``"pooled"``: a P×P matrix on the native grid, applied as ``S + Up((W − I)·Pool(S))``: at the
+  native grid Pool and Up are identities, so it is exactly the dense form there (a dense
+  checkpoint loads as is); at another grid the deviation acts on the scores average-pooled to
+  the native grid and is upsampled back (bilinear). Cost P²·K plus the pooling.
+
+Every form computes ``S + (W − I)·S``: identity (a zero deviation) is exact reuse at every size
+and in any matmul precision.
 """
 
 from __future__ import annotations
@@ -17,18 +37,31 @@ from typing import Literal
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from torch import nn
 
 from .resize import (
     Grid,
     infer_grid,
+    interpolation_matrix,
     resize_token_mixing,
     resize_token_vector,
     token_mixing_deviation,
 )
 
-__all__ = ["DenseTokenMixing", "LessAttentionInit", "TokenMixing"]
+__all__ = [
+    "LA_MIXINGS",
+    "DenseTokenMixing",
+    "LAMixing",
+    "LessAttentionInit",
+    "line_deviation",
+    "make_token_mixing",
+    "nearest_kronecker",
+    "PooledTokenMixing",
+    "SeparableTokenMixing",
+    "TokenMixing",
+]
 
 LessAttentionInit = Literal["identity", "random"]
 
@@ -136,3 +169,228 @@ class DenseTokenMixing(TokenMixing):
             value = state.get(prefix + name)
             if value is not None and value.shape[0] != grid[0] * grid[1]:
                 state[prefix + name] = resize(value, infer_grid(value.shape[0], grid), grid)
+
+
+# --- resolution-independent forms (la_mixing = separable / pooled) -------------------------------
+
+LAMixing = Literal["dense", "separable", "pooled"]
+LA_MIXINGS: tuple[str, ...] = ("dense", "separable", "pooled")
+
+
+def line_deviation(weight: torch.Tensor, size: int) -> torch.Tensor:
+    """``W − I`` of an n×n mixing over a line of n tokens, for ``size`` tokens.
+
+    ``(n/size)·R (W − I) Rᵀ`` with R the 1-D bicubic resampling (antialiased when shrinking):
+    zero stays zero, so identity stays identity.
+    """
+    n = weight.shape[0]
+    deviation = weight - torch.eye(n, dtype=weight.dtype, device=weight.device)
+    if n == size:
+        return deviation
+    r = interpolation_matrix((n, 1), (size, 1), weight.device)  # (size, n)
+    return ((n / size) * (r @ deviation.float() @ r.t())).to(weight.dtype)
+
+
+def nearest_kronecker(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` minimising ‖W − A ⊗ B‖_F for an N×N W over an h×w grid (A: h×h, B: w×w).
+
+    Van Loan–Pitsianis: rearrange W to R[(i, i'), (j, j')] = W[(i, j), (i', j')] and take its
+    best rank-1 approximation σ·u·vᵀ. The product fixes A and B up to c ↔ 1/c: A gets a mean
+    diagonal of 1 (the identity gives I_h and I_w), or an even split when its trace is ~0.
+    """
+    h, w = grid
+    r = weight.double().reshape(h, w, h, w).permute(0, 2, 1, 3).reshape(h * h, w * w)
+    u, s, vh = torch.linalg.svd(r, full_matrices=False)
+    a, b = u[:, 0].reshape(h, h), vh[0].reshape(w, w) * s[0]
+    trace = torch.trace(a)
+    scale = h / trace if trace.abs() > 1e-6 * a.abs().sum() else s[0].sqrt()
+    return (a * scale).to(weight.dtype), (b / scale).to(weight.dtype)
+
+
+def _separable_mix(
+    x: torch.Tensor, d_rows: torch.Tensor, d_cols: torch.Tensor, grid: Grid, dim: int
+) -> torch.Tensor:
+    """``(I + D_rows) ⊗ (I + D_cols)`` applied to ``x`` (B, H, N, K) along ``dim`` (-2 or -1)."""
+    B, H, N, K = x.shape
+    h, w = grid
+    if dim == -2:
+        x = x.reshape(B, H, h, w, K)  # (B, H, h, w, K): the query axis as its grid
+        x = x + torch.einsum("cj,bhijk->bhick", d_cols, x)  # the columns' factor
+        x = x + torch.einsum("ai,bhijk->bhajk", d_rows, x)  # the rows' factor
+        return x.reshape(B, H, N, K)
+    x = x.reshape(B, H, N, h, w)  # (B, H, N, h', w'): the key axis as its grid
+    x = x + torch.einsum("bhnij,cj->bhnic", x, d_cols)
+    x = x + torch.einsum("bhnij,ai->bhnaj", x, d_rows)
+    return x.reshape(B, H, N, K)
+
+
+def _pooled_mix(x: torch.Tensor, deviation: torch.Tensor, native: Grid, grid: Grid, dim: int):
+    """``x + Up((W − I)·Pool(x))`` along ``dim``; exactly ``x + (W − I)·x`` on the native grid."""
+    B, H, N, K = x.shape
+    if grid[0] == native[0] and grid[1] == native[1]:
+        if dim == -2:
+            return x + torch.einsum("qn,bhnk->bhqk", deviation, x)  # (B, H, N, K)
+        return x + torch.einsum("bhnk,pk->bhnp", x, deviation)  # (B, H, N, K)
+    if dim == -2:
+        maps = x.permute(0, 1, 3, 2).reshape(B * H, K, *grid)  # (B·H, K, h, w)
+    else:
+        maps = x.reshape(B * H, N, *grid)  # (B·H, N, h', w')
+    pooled = F.adaptive_avg_pool2d(maps, native).flatten(2)  # (B·H, C, P)
+    mixed = (pooled @ deviation.t()).reshape(B * H, -1, *native)  # (B·H, C, ph, pw)
+    up = F.interpolate(mixed, size=grid, mode="bilinear", align_corners=False).flatten(2)
+    if dim == -2:
+        return x + up.reshape(B, H, K, N).transpose(-1, -2)  # (B, H, N, K)
+    return x + up.reshape(B, H, N, K)
+
+
+# Shape logic as opaque calls under torch.fx, as the dense form's.
+for _fn in (line_deviation, _separable_mix, _pooled_mix):
+    register_notrace_function(_fn)
+torch.fx.wrap("line_deviation")
+torch.fx.wrap("_separable_mix")
+torch.fx.wrap("_pooled_mix")
+
+
+def _init_square_(weight: torch.Tensor, init: str) -> None:
+    if init == "identity":
+        nn.init.eye_(weight)
+    elif init == "random":  # nn.Linear's own initialisation
+        bound = 1.0 / math.sqrt(weight.shape[1])
+        nn.init.uniform_(weight, -bound, bound)
+    else:
+        raise ValueError(f"la_init must be 'identity' or 'random', got {init!r}")
+
+
+class _NativeGridMixing(TokenMixing):
+    """Shared by the forms whose parameters stay on the native grids: Θ's bias, init, resizing.
+
+    ``resize_`` (``set_input_size``) keeps the parameters where they are: they do not depend on
+    the input size, and any grid is handled in ``forward``.
+    """
+
+    def __init__(self, query_grid: Grid, key_grid: Grid) -> None:
+        super().__init__(query_grid, key_grid)
+        self.theta_bias = nn.Parameter(torch.empty(self.key_grid[0] * self.key_grid[1]))  # b_Θ
+
+    def _reset_bias(self, init: str) -> None:
+        if init == "identity":
+            nn.init.zeros_(self.theta_bias)
+        else:
+            bound = 1.0 / math.sqrt(self.theta_bias.shape[0])
+            nn.init.uniform_(self.theta_bias, -bound, bound)
+
+    def resize_(self, query_grid: Grid, key_grid: Grid) -> None:
+        pass  # size-independent: the native grids stay
+
+    def _dense_state(self, state: dict[str, torch.Tensor], prefix: str):
+        """A dense-form checkpoint's Ψ, Θ, b_Θ (removed from ``state``) on our native grids."""
+        psi, theta = state.pop(prefix + "psi", None), state.pop(prefix + "theta", None)
+        bias = state.get(prefix + "theta_bias")
+        out = []
+        for value, grid in ((psi, self.query_grid), (theta, self.key_grid)):
+            if value is not None and value.shape[0] != grid[0] * grid[1]:
+                value = resize_token_mixing(value, infer_grid(value.shape[0], grid), grid)
+            out.append(value)
+        if bias is not None and bias.shape[0] != self.key_grid[0] * self.key_grid[1]:
+            old = infer_grid(bias.shape[0], self.key_grid)
+            state[prefix + "theta_bias"] = resize_token_vector(bias, old, self.key_grid)
+        return out
+
+
+class SeparableTokenMixing(_NativeGridMixing):
+    """``S' = (Ψ_h ⊗ Ψ_w) · (S (Θ_h ⊗ Θ_w)ᵀ + 1 b_Θᵀ)``, each factor resampled per grid."""
+
+    form = "separable"
+
+    def __init__(self, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"):
+        super().__init__(query_grid, key_grid)
+        (qh, qw), (kh, kw) = self.query_grid, self.key_grid
+        self.psi_h = nn.Parameter(torch.empty(qh, qh))
+        self.psi_w = nn.Parameter(torch.empty(qw, qw))
+        self.theta_h = nn.Parameter(torch.empty(kh, kh))
+        self.theta_w = nn.Parameter(torch.empty(kw, kw))
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: LessAttentionInit = "identity") -> None:
+        for weight in (self.psi_h, self.psi_w, self.theta_h, self.theta_w):
+            _init_square_(weight, init)
+        self._reset_bias(init)
+
+    def dense(self, query_grid: Grid | None = None) -> torch.Tensor:
+        """The N×N Ψ this form stands for at ``query_grid`` (tests, analysis)."""
+        h, w = query_grid or self.query_grid
+        eye = torch.eye(h * w, dtype=self.psi_h.dtype).reshape(1, 1, h * w, h * w)
+        d_rows, d_cols = line_deviation(self.psi_h, h), line_deviation(self.psi_w, w)
+        return _separable_mix(eye, d_rows, d_cols, (h, w), -2)[0, 0]
+
+    def forward(self, scores: torch.Tensor, query_grid: Grid, key_grid: Grid) -> torch.Tensor:
+        bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)  # (N',)
+        d_th, d_tw = (
+            line_deviation(self.theta_h, key_grid[0]),
+            line_deviation(self.theta_w, key_grid[1]),
+        )
+        t = _separable_mix(scores, d_th, d_tw, key_grid, -1) + bias  # S Θᵀ + 1 b_Θᵀ
+        d_ph, d_pw = (
+            line_deviation(self.psi_h, query_grid[0]),
+            line_deviation(self.psi_w, query_grid[1]),
+        )
+        return _separable_mix(t, d_ph, d_pw, query_grid, -2)  # (B, H, N, N'): Ψ T
+
+    def resize_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Converts a dense-form checkpoint (``psi``/``theta``) to the nearest Kronecker factors."""
+        psi, theta = self._dense_state(state, prefix)
+        for value, grid, name in ((psi, self.query_grid, "psi"), (theta, self.key_grid, "theta")):
+            if value is not None:
+                a, b = nearest_kronecker(value, grid)
+                state[f"{prefix}{name}_h"], state[f"{prefix}{name}_w"] = a, b
+
+
+class PooledTokenMixing(_NativeGridMixing):
+    """``S' = Ψ̃(Θ̃(S) + 1 b_Θᵀ)`` with ``Ψ̃(x) = x + Up((Ψ − I)·Pool(x))`` (Θ̃ likewise)."""
+
+    form = "pooled"
+
+    def __init__(self, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"):
+        super().__init__(query_grid, key_grid)
+        n, k = self.query_grid[0] * self.query_grid[1], self.key_grid[0] * self.key_grid[1]
+        self.psi = nn.Parameter(torch.empty(n, n))  # on the native (pooled) query grid
+        self.theta = nn.Parameter(torch.empty(k, k))  # on the native (pooled) key grid
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: LessAttentionInit = "identity") -> None:
+        _init_square_(self.psi, init)
+        _init_square_(self.theta, init)
+        self._reset_bias(init)
+
+    def forward(self, scores: torch.Tensor, query_grid: Grid, key_grid: Grid) -> torch.Tensor:
+        bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)  # (N',)
+        d_theta = self.theta - torch.eye(
+            self.theta.shape[0], dtype=scores.dtype, device=scores.device
+        )
+        t = _pooled_mix(scores, d_theta, self.key_grid, key_grid, -1) + bias
+        d_psi = self.psi - torch.eye(self.psi.shape[0], dtype=scores.dtype, device=scores.device)
+        return _pooled_mix(t, d_psi, self.query_grid, query_grid, -2)  # (B, H, N, N')
+
+    def resize_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """A dense-form checkpoint's Ψ/Θ are this form's, resampled to the native grids if needed."""
+        psi, theta = self._dense_state(state, prefix)
+        if psi is not None:
+            state[prefix + "psi"] = psi
+        if theta is not None:
+            state[prefix + "theta"] = theta
+
+
+def make_token_mixing(
+    form: str, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"
+) -> TokenMixing:
+    """The ``la_mixing`` form of an LA layer, made for its native grids."""
+    forms = {
+        "dense": DenseTokenMixing,
+        "separable": SeparableTokenMixing,
+        "pooled": PooledTokenMixing,
+    }
+    if form not in forms:
+        raise ValueError(f"la_mixing must be one of {LA_MIXINGS}, got {form!r}")
+    return forms[form](query_grid, key_grid, init)

@@ -36,6 +36,7 @@ from lavit.errors import one_line
 
 __all__ = [
     "AspectRatioRange",
+    "AtLeastTwoInt",
     "AutoAugmentPolicy",
     "CropScale",
     "Folder",
@@ -62,6 +63,7 @@ UnitIntervalRightOpen = restricted_number_type(
 UnitIntervalLeftOpen = restricted_number_type(
     "UnitIntervalLeftOpen", float, [(">", 0), ("<=", 1)], join="and"
 )
+AtLeastTwoInt = restricted_number_type("AtLeastTwoInt", int, [(">=", 2)])  # e.g. classes of a mask
 
 
 class _CheckedValue:
@@ -155,6 +157,7 @@ RANGES: dict[str, tuple[type, str]] = {
     "ClosedUnitInterval": (float, "a probability in [0, 1]"),
     "UnitIntervalRightOpen": (float, "in [0, 1)"),
     "UnitIntervalLeftOpen": (float, "in (0, 1]"),
+    "AtLeastTwoInt": (int, ">= 2"),
     "PositiveSeconds": (float, PositiveSeconds.description),
     **{t.__name__: (list, t.description) for t in (CropScale, AspectRatioRange)},
     **{t.__name__: (str, t.description) for t in (Folder, AutoAugmentPolicy)},

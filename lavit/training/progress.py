@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lavit.analysis.flops import flop_counter
+from lavit.training.options import PositiveInt, check_arguments
 from lavit.units import format_duration, format_si
 
 __all__ = ["TrainingProgress", "training_macs_per_image"]
@@ -68,9 +69,8 @@ class TrainingProgress(Callback):
         count_macs: count the training MACs per image when fit starts (for ``train/macs_per_s``).
     """
 
-    def __init__(self, every_n_batches: int | None = None, count_macs: bool = True) -> None:
-        if every_n_batches is not None and every_n_batches < 1:
-            raise ValueError(f"every_n_batches must be ≥ 1, got {every_n_batches}")
+    def __init__(self, every_n_batches: PositiveInt | None = None, count_macs: bool = True) -> None:
+        check_arguments(TrainingProgress.__init__, locals())
         self.every_n_batches = every_n_batches
         self.count_macs = count_macs
         self.train_macs: int | None = None
