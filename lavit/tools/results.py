@@ -472,6 +472,12 @@ def render(root: Path, page_dir: Path = Path("."), write_files: bool = False) ->
         models.update(_model_phrase(i) for i in infos)
         if ablation.folder == "va_layers":
             va_layers = data
+    pilot = root / PILOT_DIR
+    for folder in sorted(pilot.iterdir()) if pilot.is_dir() else []:
+        if (folder / "sweep_state.json").is_file():
+            infos = _runs_info(folder)
+            cpus.update(_cost(infos)["cpu"])
+            models.update(_model_phrase(i) for i in infos)
     model = " / ".join(sorted(models)) or "the models of the sweeps"
     head = [
         "# Ablation results",
