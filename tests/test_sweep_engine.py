@@ -14,8 +14,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from lavit.tools import report, sweep
-from lavit.tools.sweep import load_state
+from lavit.tools import report, sweep, sweep_engine
+from lavit.tools.sweep_state import load_state
 from lavit.tools.sweep_status import LiveStatus, sweep_eta
 from lavit.units import format_duration
 
@@ -122,8 +122,10 @@ def test_without_the_sweep_extra_lavit_sweep_names_it(tmp_path, monkeypatch, cap
 
 def test_a_wandb_without_its_private_sweep_helpers_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb.sdk.launch.sweeps.utils", None)
-    with pytest.raises(sweep.SweepEngineError, match=r"wandb\.sdk\.launch\.sweeps\.utils.*wandb=="):
-        sweep.agent_command(["${args}"], {"model.x": {"value": 1}})
+    with pytest.raises(
+        sweep_engine.SweepEngineError, match=r"wandb\.sdk\.launch\.sweeps\.utils.*wandb=="
+    ):
+        sweep_engine.agent_command(["${args}"], {"model.x": {"value": 1}})
 
 
 def test_a_device_slot_can_hold_several_gpus(tmp_path):

@@ -36,7 +36,7 @@ from lavit.models import LAVIT_CONFIGS
 from lavit.models.attention import AttentionDownsample
 from lavit.models.lavit import LaViTBlock
 from lavit.models.token_mixing import DenseTokenMixing
-from lavit.tools.sweep import agent_command, load_sweep_config, replace_configs, run_values
+from lavit.tools.sweep_engine import agent_command, load_sweep_config, replace_configs, run_values
 from lavit.training.local_datasets import LOCAL_DATASETS_ENV
 from lavit.training.sources import embedded_dataset_dir
 

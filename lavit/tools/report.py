@@ -33,7 +33,8 @@ from lavit.errors import EXIT_FAILURE
 from lavit.models.factory import LAVIT_SWITCHES, create_model
 from lavit.tables import markdown_table, write_csv
 from lavit.tools._cli import fail, positive_int, say, tool_parser
-from lavit.tools.sweep import STATE_FILE, load_state, read_metric_history, run_values
+from lavit.tools.sweep_engine import run_values
+from lavit.tools.sweep_state import STATE_FILE, load_state, read_metric_history
 from lavit.tools.timing import inference_task, synchronizer, time_interleaved
 from lavit.training.wandb_runs import explicit_wandb_mode
 

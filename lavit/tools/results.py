@@ -47,7 +47,7 @@ from lavit.tools.report import (
     table_rows,
 )
 from lavit.tools.report import main as report_sweep
-from lavit.tools.sweep import load_state
+from lavit.tools.sweep_state import load_state
 
 __all__ = ["ABLATIONS", "critical_difference", "holm", "main", "pooled_std", "render"]
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import math
 import os
@@ -42,281 +41,44 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lavit.errors import EXIT_INTERRUPTED
 from lavit.tools._cli import fail, positive_int, tool_parser
+from lavit.tools.sweep_engine import (
+    SweepEngineError,
+    agent_command,
+    import_sweeps,
+    load_sweep_config,
+    override_args,
+    replace_configs,
+    run_values,
+)
+from lavit.tools.sweep_state import (
+    DONE_STATES,
+    RUN_LOG,
+    RUNS_DIR,
+    STATE_FILE,
+    STOPPED,
+    RunRecord,
+    SweepState,
+    load_state,
+    now,
+    read_metric_history,
+    save_state,
+    summarise,
+)
 from lavit.tools.sweep_status import LiveStatus, run_progress, sweep_eta
 from lavit.units import format_duration
 
-__all__ = [
-    "RunRecord",
-    "SweepEngineError",
-    "SweepState",
-    "agent_command",
-    "load_sweep_config",
-    "load_state",
-    "main",
-    "read_metric_history",
-    "replace_configs",
-    "run_sweep",
-]
+__all__ = ["SweepRunner", "main", "parse_devices", "run_sweep"]
 
-STATE_FILE = "sweep_state.json"
-RUNS_DIR = "runs"
-RUN_LOG = "run.log"
 DEFAULT_SWEEP_ROOT = Path("runs") / "sweeps"
-# What `wandb agent` puts in the command when the sweep file has none.
-DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 POLL_INTERVAL_S = 0.5
 EARLY_TERMINATE_INTERVAL_S = 10.0  # how often running runs' metrics go to the engine's stop_runs
 AFTER_RUN_TIMEOUT_S = 600  # an --after-run command (a git commit) that hangs longer is stopped
-# What the state file calls a run stopped by early termination; the engine's word for it.
-STOPPED = "stopped"
-DONE_STATES = ("finished", "failed", STOPPED)
-SWEEP_EXTRA_INSTALL = "pip install 'lavit[sweep]' (in a checkout: pip install -e '.[sweep]')"
-
-
-class SweepEngineError(RuntimeError):
-    """What ``lavit sweep`` needs from W&B's packages is not installed (the message says what)."""
-
-
-def _import_sweeps():
-    """The ``sweeps`` package, without the pydantic-v2 warning it triggers on import."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import sweeps
-    except ImportError as err:
-        problem = str(err)
-    else:
-        if hasattr(sweeps, "next_run"):
-            return sweeps
-        # Not installed, but run from the repository root: its sweeps/ folder of sweep files
-        # imports as an empty namespace package.
-        problem = f"`import sweeps` found only the folder {list(getattr(sweeps, '__path__', []))}"
-    raise SweepEngineError(
-        "lavit sweep needs W&B's sweep engine, the `sweeps` package of the optional extra "
-        f"`lavit[sweep]`: {SWEEP_EXTRA_INSTALL} ({problem})"
-    )
-
-
-def _wandb_command_helpers():
-    """W&B's own expansion of a sweep command (a private module: guarded, with what to do)."""
-    try:
-        from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
-    except ImportError as err:
-        import wandb
-
-        raise SweepEngineError(
-            f"wandb {getattr(wandb, '__version__', '?')} lacks wandb.sdk.launch.sweeps.utils, the "
-            "private W&B module lavit sweep uses to expand a sweep's command exactly as `wandb "
-            "agent` does; install the wandb version lavit is tested with: pip install "
-            f"'wandb==0.31.0' ({err})"
-        ) from err
-    return create_sweep_command, create_sweep_command_args
-
-
-# ---------------------------------------------------------------------------------------- config
-
-
-def load_sweep_config(path: str | Path) -> dict[str, Any]:
-    """Read a sweep file and validate it against W&B's sweep-config schema (raises if invalid)."""
-    sweeps = _import_sweeps()
-    with open(path, encoding="utf-8") as stream:
-        config = yaml.safe_load(stream)
-    if not isinstance(config, dict):
-        raise ValueError(
-            f"{path}: a sweep file must be a YAML mapping, got {type(config).__name__}"
-        )
-    violations = sweeps.schema_violations_from_proposed_config(config)
-    if violations:
-        raise ValueError(f"{path} is not a valid W&B sweep config:\n  " + "\n  ".join(violations))
-    return config
-
-
-def agent_command(
-    command_template: list[str] | None,
-    run_config: dict[str, dict[str, Any]],
-    program: str | None = None,
-    interpreter: str = "python",
-) -> list[str]:
-    """The command ``wandb agent`` runs for one proposed run, as a list of arguments.
-
-    Uses W&B's own helpers for the macro values, so ``${args}`` renders exactly as the agent does
-    (``--key=value``, with ``str()`` of the value: a list becomes ``[1, 2, 1, 1]``, a bool
-    ``True``). A token that is exactly ``${name}`` is replaced by that macro's list (dropped when
-    empty), ``${envvar:NAME}`` by the environment variable; anything else is kept verbatim.
-
-    Args:
-        command_template: the sweep file's ``command`` (W&B's default when ``None``).
-        run_config: the proposed run's config, ``{param: {"value": v}}``.
-        program: the sweep file's ``program`` (for ``${program}``).
-        interpreter: ``${interpreter}``; the agent uses ``python`` (the one on PATH).
-    """
-    create_sweep_command, create_sweep_command_args = _wandb_command_helpers()
-    template = create_sweep_command(list(command_template or DEFAULT_COMMAND))
-    macros: dict[str, Any] = create_sweep_command_args({"args": run_config})
-    macros["interpreter"] = [interpreter]
-    macros["program"] = [program] if program else []
-    macros["env"] = ["/usr/bin/env"] if os.name != "nt" else []
-    command: list[str] = []
-    for token in map(str, template):
-        if token.startswith("${") and token.endswith("}"):
-            command += macros.get(token[2:-1]) or []
-        else:
-            command.append(token)
-    return command
-
-
-def replace_configs(command: list[str], configs: list[str]) -> list[str]:
-    """``command`` with its ``--config FILE`` arguments replaced by ``--config`` each of ``configs``.
-
-    The new ones take the place of the first old one, so that later arguments still override them
-    (e.g. the sweep file's CIFAR-10 config swapped for ``experiments/base.yaml`` for a quick test).
-    """
-    result: list[str] = []
-    inserted = False
-    skip_next = False
-    for token in command:
-        if skip_next:
-            skip_next = False
-            continue
-        if token == "--config" or token.startswith("--config="):
-            skip_next = token == "--config"
-            if not inserted:
-                for config in configs:
-                    result += ["--config", config]
-                inserted = True
-            continue
-        result.append(token)
-    if not inserted:
-        raise ValueError(f"the command has no --config to replace: {command}")
-    return result
-
-
-def run_values(run_config: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``{param: value}`` from a W&B run config ``{param: {"value": value}}``."""
-    return {name: entry["value"] for name, entry in run_config.items()}
-
-
-def override_args(overrides: list[str]) -> list[str]:
-    """``key=value`` overrides as the CLI's ``--key=value`` arguments (a leading ``--`` is kept)."""
-    args = []
-    for override in overrides:
-        if "=" not in override.lstrip("-"):
-            raise ValueError(f"--override expects key=value, got {override!r}")
-        args.append(override if override.startswith("--") else f"--{override}")
-    return args
-
-
-# ----------------------------------------------------------------------------------------- state
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-@dataclass
-class RunRecord:
-    """One run of the sweep, as stored in the state file."""
-
-    name: str
-    config: dict[str, dict[str, Any]]  # W&B run config: {param: {"value": v}}
-    run_dir: str  # relative to the sweep dir
-    state: str = "pending"  # pending | running | finished | failed | stopped (early_terminate)
-    device: str | None = None
-    command: list[str] = field(default_factory=list)
-    exitcode: int | None = None
-    started_at: str | None = None
-    ended_at: str | None = None
-    duration_s: float | None = None
-    summary_metrics: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_sweep_run(self):
-        """This run as the engine's ``SweepRun`` (state and metrics included, for bayes)."""
-        sweeps = _import_sweeps()
-        return sweeps.SweepRun(
-            name=self.name,
-            config=self.config,
-            state="killed" if self.state == STOPPED else self.state,
-            summary_metrics=self.summary_metrics,
-            history=self.history,
-            exitcode=self.exitcode,
-        )
-
-
-@dataclass
-class SweepState:
-    """Everything a resumed sweep needs: the sweep config, the overrides and the runs so far."""
-
-    sweep_file: str
-    sweep_config: dict[str, Any]
-    overrides: list[str] = field(default_factory=list)
-    configs: list[str] = field(default_factory=list)  # replace the command's --config files
-    runs: list[RunRecord] = field(default_factory=list)
-    created_at: str = field(default_factory=_now)
-
-    @property
-    def metric_name(self) -> str | None:
-        return (self.sweep_config.get("metric") or {}).get("name")
-
-
-def load_state(sweep_dir: str | Path) -> SweepState:
-    """Read ``<sweep_dir>/sweep_state.json``."""
-    data = json.loads((Path(sweep_dir) / STATE_FILE).read_text(encoding="utf-8"))
-    runs = [RunRecord(**run) for run in data.pop("runs", [])]
-    return SweepState(**data, runs=runs)
-
-
-def save_state(state: SweepState, sweep_dir: Path) -> None:
-    """Write the state file atomically: a temporary file, flushed, then renamed over the old one."""
-    path = sweep_dir / STATE_FILE
-    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as stream:
-        json.dump(asdict(state), stream, indent=2, default=str)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------- metrics
-
-
-def _number(text: str) -> float | None:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def read_metric_history(run_dir: Path) -> list[dict[str, Any]]:
-    """Rows of the run's CSV log(s) (Lightning's ``metrics.csv``), numbers only, in log order."""
-    history: list[dict[str, Any]] = []
-    for path in sorted(run_dir.rglob("metrics.csv")):
-        with open(path, newline="", encoding="utf-8") as stream:
-            for row in csv.DictReader(stream):
-                values = {k: _number(v) for k, v in row.items() if k and v not in (None, "")}
-                values = {k: v for k, v in values.items() if v is not None}
-                if values:
-                    history.append(values)
-    return history
-
-
-def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """W&B-style summary: the last logged value of every metric."""
-    summary: dict[str, Any] = {}
-    for row in history:
-        summary.update(row)
-    return summary
 
 
 # ---------------------------------------------------------------------------------------- runner
@@ -356,7 +118,7 @@ class SweepRunner:
         config = load_sweep_config(sweep_file)
         if "early_terminate" in config:
             try:  # its settings, checked now rather than hours into the sweep
-                _import_sweeps().stop_runs(config, [])
+                import_sweeps().stop_runs(config, [])
             except ValueError as err:
                 raise ValueError(f"{sweep_file}: early_terminate: {err}") from None
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -413,7 +175,7 @@ class SweepRunner:
                 return run
         if self.exhausted or self._run_cap_reached():
             return None
-        sweeps = _import_sweeps()
+        sweeps = import_sweeps()
         proposal = sweeps.next_run(
             self.state.sweep_config, [run.to_sweep_run() for run in self.state.runs]
         )
@@ -452,7 +214,7 @@ class SweepRunner:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         record.command = self._command(record, run_dir)
-        record.state, record.device, record.started_at = "running", device, _now()
+        record.state, record.device, record.started_at = "running", device, now()
         record.exitcode = record.ended_at = record.duration_s = None
         record.summary_metrics, record.history = {}, []
         env = dict(os.environ)
@@ -486,7 +248,7 @@ class SweepRunner:
         record = active.record
         active.log.close()
         record.exitcode = exitcode
-        record.ended_at = _now()
+        record.ended_at = now()
         record.duration_s = round(time.monotonic() - active.started, 1)
         history = read_metric_history(self.sweep_dir / record.run_dir)
         record.summary_metrics = summarise(history)
@@ -561,7 +323,7 @@ class SweepRunner:
         ):
             return
         self._last_stop_check = now
-        sweeps = _import_sweeps()
+        sweeps = import_sweeps()
         running = {run.record.name: run for run in active.values() if not run.stop_requested}
         engine_runs = []
         for record in self.state.runs:
