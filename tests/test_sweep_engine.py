@@ -16,7 +16,7 @@ from conftest import REPO
 
 from lavit.tools import report, sweep, sweep_engine
 from lavit.tools.sweep_state import load_state
-from lavit.tools.sweep_status import LiveStatus, sweep_eta
+from lavit.tools.sweep_status import LiveStatus, run_progress, sweep_eta
 from lavit.units import format_duration
 
 # Stands in for `python -m lavit fit`: one val/top1 row per epoch, flushed as it goes, 0.2 s per
@@ -176,6 +176,20 @@ def test_status_block_is_redrawn_in_place_on_a_terminal():
     assert text.count("\x1b[2F") == 4  # up over the 2-line block: erase, then back; twice
     assert text.endswith("\x1b[2K[sweep] b\n")
     assert "\x1b[2K[sweep] run-000 finished\n\x1b[2K[sweep] a\n" in text
+
+
+def test_a_run_inside_a_long_epoch_reports_progress_from_its_own_eta(tmp_path):
+    # a one-epoch run (the CPU ablations): no validated epoch until it ends
+    history = [{"epoch": 0, "step": 9, "train/eta_s": 180.0}, {"epoch": 0, "step": 19, "train/eta_s": 150.0}]  # fmt: skip
+    progress = run_progress(history, tmp_path, "val/top1")
+    assert progress.fraction is None and progress.eta_s == 150.0
+    assert progress.fraction_at(50.0) == pytest.approx(0.25)  # 50 s done, 150 s to go
+    # ... which the sweep's ETA uses: 150 s left of this run, then one more run of 200 s
+    assert sweep_eta(3, 2, [200.0], [(50.0, progress.fraction_at(50.0))], 1) == pytest.approx(350.0)
+    # without train/eta_s: validated epochs, as before
+    assert (
+        run_progress([{"epoch": 0, "val/top1": 0.5}], tmp_path, "val/top1").fraction_at(9.0) is None
+    )
 
 
 def test_sweep_eta_and_durations():

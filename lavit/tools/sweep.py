@@ -387,13 +387,16 @@ class SweepRunner:
                 self.sweep_dir / record.run_dir,
                 metric,
             )
-            running.append((elapsed, progress.fraction))
+            fraction = progress.fraction_at(elapsed)
+            running.append((elapsed, fraction))
             index = int(record.name.rsplit("-", 1)[-1]) + 1
             epoch = (
                 "epoch ?"
                 if progress.epoch is None
                 else f"epoch {progress.epoch}/{progress.max_epochs or '?'}"
             )
+            if progress.eta_s is not None and fraction is not None:
+                epoch += f" ({fraction:.0%})"
             value = f"{progress.top1:.4f}" if progress.top1 is not None else "-"
             lines.append(
                 f"[sweep]   {device}: run {index} of {total or '?'} "

@@ -5,8 +5,10 @@ On a terminal the block is redrawn in place about once a second, and the runner'
 the same lines are printed as plain text every ``interval_s`` seconds (and when a run starts or
 ends), so a log shows how the sweep went without carriage returns or escape codes.
 
-The lines come from each run's own files: its CSV log (``metrics.csv``: the epoch reached and the
-latest ``val/top1``) and the ``config.yaml`` LightningCLI writes (``trainer.max_epochs``).
+The lines come from each run's own files: its CSV log (``metrics.csv``: the epoch reached, the
+latest ``val/top1`` and the run's own ``train/eta_s``) and the ``config.yaml`` LightningCLI writes
+(``trainer.max_epochs``). The ETA of a run inside a long epoch (a one-epoch run has no validated
+epoch until it ends) comes from its ``train/eta_s``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class RunProgress:
     max_epochs: int | None = None  # from the run's config.yaml
     top1: float | None = None  # the latest value of the sweep metric
     epochs_done: int = 0  # epochs with a logged value of the sweep metric
+    eta_s: float | None = None  # the run's own estimate of its remaining training time
 
     @property
     def fraction(self) -> float | None:
@@ -41,6 +44,13 @@ class RunProgress:
         if not self.max_epochs or self.max_epochs <= 0:
             return None
         return min(1.0, self.epochs_done / self.max_epochs)
+
+    def fraction_at(self, elapsed: float) -> float | None:
+        """Share done after ``elapsed`` seconds: from the run's ``train/eta_s`` when it logs one
+        (step-level, so it moves within an epoch), else from its validated epochs."""
+        if self.eta_s is None or elapsed + self.eta_s <= 0:
+            return self.fraction
+        return min(1.0, elapsed / (elapsed + self.eta_s))
 
 
 def _max_epochs(run_dir: Path) -> int | None:
@@ -65,6 +75,9 @@ def run_progress(history: list[dict[str, Any]], run_dir: Path, metric: str | Non
     if values:
         progress.top1 = values[-1][metric]
         progress.epochs_done = len({row.get("epoch", i) for i, row in enumerate(values)})
+    etas = [row["train/eta_s"] for row in history if "train/eta_s" in row]
+    if etas:
+        progress.eta_s = etas[-1]
     return progress
 
 
