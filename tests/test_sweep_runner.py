@@ -38,6 +38,8 @@ FAKE_TRAIN = textwrap.dedent(
         sys.exit("x = 0.9 diverges")
     run_dir = args["trainer.default_root_dir"]
     os.makedirs(run_dir + "/version_0")
+    os.makedirs(run_dir + "/checkpoints")
+    open(run_dir + "/checkpoints/last.ckpt", "wb").write(b"0" * 4096)
     top1 = 0.8 - (x - 0.3) ** 2 + 0.01 * seed
     with open(run_dir + "/version_0/metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -198,9 +200,15 @@ def test_after_run_commits_each_finished_run_and_a_failing_hook_does_not_stop_th
 
     # A hook that fails (here: every time) is reported, and every run still happens.
     other = tmp_path / "other"
-    assert sweep.main([str(sweep_file), "--sweep-dir", str(other), "--after-run", "exit 3"]) == 0
-    assert [r.state for r in load_state(other).runs] == ["finished", "failed", "finished"]
+    argv = [str(sweep_file), "--sweep-dir", str(other), "--after-run", "exit 3"]
+    assert sweep.main([*argv, "--delete-checkpoints"]) == 0
+    state = load_state(other)
+    assert [r.state for r in state.runs] == ["finished", "failed", "finished"]
     assert capsys.readouterr().out.count("--after-run exited with 3") == 3
+    # --delete-checkpoints: the finished runs' checkpoints are gone, their logs stay
+    assert not (other / state.runs[0].run_dir / "checkpoints").exists()
+    assert (other / state.runs[0].run_dir / "version_0" / "metrics.csv").is_file()
+    assert (sweep_dir / state.runs[0].run_dir / "checkpoints" / "last.ckpt").is_file()  # kept
 
 
 def test_bayes_sweep_feeds_metrics_back(tmp_path, fake_program):
