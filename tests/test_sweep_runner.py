@@ -187,16 +187,29 @@ def test_after_run_commits_each_finished_run_and_a_failing_hook_does_not_stop_th
         '-m "$LAVIT_SWEEP_RUN $LAVIT_SWEEP_RUN_STATE" -- "$LAVIT_SWEEP_DIR"'
     )
     args = [str(sweep_file), "--sweep-dir", str(sweep_dir)]
-    assert sweep.main([*args, "--after-run", commit]) == 0
+    assert sweep.main([*args, "--count", "2", "--after-run", commit]) == 0  # a session ends
     log = subprocess.run([*git, "log", "--format=%s"], capture_output=True, text=True, check=True)
-    assert log.stdout.split("\n")[:3] == ["run-002 finished", "run-001 failed", "run-000 finished"]
-    # Each commit holds the state as it was when its run ended: a fresh clone resumes from it.
+    assert log.stdout.split("\n")[:2] == ["run-001 failed", "run-000 finished"]
+    # Each commit holds the state as it was when its run ended.
     first = subprocess.run(
-        [*git, "show", f"HEAD~2:sweep/{STATE_FILE}"], capture_output=True, text=True, check=True
+        [*git, "show", f"HEAD~1:sweep/{STATE_FILE}"], capture_output=True, text=True, check=True
     )
     assert [r["state"] for r in json.loads(first.stdout)["runs"]] == ["finished"]
     tracked = subprocess.run([*git, "ls-files"], capture_output=True, text=True, check=True)
     assert "sweep/runs/run-000/version_0/metrics.csv" in tracked.stdout.split()
+
+    # The next session starts from a fresh clone: the same command resumes where the last ended.
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    capsys.readouterr()
+    in_clone = commit.replace(str(repo), str(clone))
+    assert sweep.main([str(sweep_file), "--sweep-dir", str(clone / "sweep"), "--after-run", in_clone]) == 0  # fmt: skip
+    assert "2 run(s) done, skipping them" in capsys.readouterr().out
+    resumed = load_state(clone / "sweep")
+    assert [r.state for r in resumed.runs] == ["finished", "failed", "finished"]
+    assert resumed.runs[0].started_at == load_state(sweep_dir).runs[0].started_at  # not redone
+    log = subprocess.run(["git", "-C", str(clone), "log", "-1", "--format=%s"], capture_output=True, text=True, check=True)  # fmt: skip
+    assert log.stdout.strip() == "run-002 finished"
 
     # A hook that fails (here: every time) is reported, and every run still happens.
     other = tmp_path / "other"
