@@ -352,7 +352,8 @@ def _verdict(ablation, rows, reference, comparisons, rejected, std, df, n) -> st
     resolved = [(r, d) for (r, d, _), sig in zip(comparisons, rejected, strict=True) if sig]
     largest_row, largest = max(((r, d) for r, d, _ in comparisons), key=lambda x: abs(x[1]))
     noise = (
-        f"with {n} seeds a side, differences under {cd:.2f} pp cannot reach significance here, "
+        f"with {n} seed{'s' * (n != 1)} a side, differences under {cd:.2f} pp cannot reach "
+        "significance here, "
         f"and a true difference needs about {mdd:.2f} pp to be found 4 times in 5"
     )
     if not resolved:
