@@ -136,8 +136,8 @@ ABLATIONS = (
             "top-1 of `CE + λ·DP` for λ = 0 (off) and λ over four decades, for the `corrected` "
             "variant (penalises off-diagonal mass exceeding the diagonal) and the `paper` variant "
             "(the printed sign, which lowers the diagonal). The two λ = 0 rows are the same model "
-            "(DP off): two estimates of the baseline, which show the seed noise the other rows "
-            "must beat."
+            "(DP off) with the same seeds: on a CPU they repeat each other exactly (a determinism "
+            "check), so the seed noise the other rows must beat is the ± std over seeds."
         ),
         description=(
             "DP loss weight λ (0 = off, 1e-3 … 1) × variant (corrected / paper), 3 seeds each"
