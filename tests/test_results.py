@@ -102,6 +102,12 @@ def test_the_page_states_what_the_seeds_resolve_and_what_they_cannot(tmp_path, m
     # the pilot: per-seed top-1 (final), CPU minutes (median of 2, 3, 4) and std·√(CPU h)
     assert "| candidate |" in text and "50.00, 51.00, 50.50" in text and "| 3.0 |" in text
     assert f"| {0.5 * math.sqrt(3 / 60):.3f} |" in text
+    # the pilot's runs are the all-VA row's (same model, seeds and numbers): said so
+    assert (
+        "**Determinism.** Runs of the same model, data and seeds in different sweeps gave the same"
+        " top-1 for every seed, to the last logged digit: va_layers (num_va_layers=[1, 2, 3, 2]) "
+        "= pilot/candidate (num_va_layers=[1, 2, 3, 2])." in text
+    )
     # saturation: the all-VA twin's consecutive maps against LaViT's LA layer
     assert "| 3 | 0→1 | va→la | 0.900 ± 0.000 | 0.610 ± 0.010 |" in text
     assert "cosine similarity 0.61–0.61" in text
