@@ -307,9 +307,9 @@ def _ablation_section(
     rejected = holm([p for _, _, p in comparisons])
     for (row, _, p), significant in zip(comparisons, rejected, strict=True):
         index = rows.index(row)
-        table[index]["p (Holm)"] = f"{p:.3f}" + (" *" if significant else "")
+        table[index]["p"] = f"{p:.3f}" + (" *" if significant else "")
     for entry in table:
-        entry.setdefault("p (Holm)", "")
+        entry.setdefault("p", "")
     report_dir = sweep_dir / "report"
     if write_files:
         write_csv(report_dir / "ablation.csv", csv_rows(parameters, rows, "final"))
