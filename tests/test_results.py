@@ -143,3 +143,16 @@ def test_results_md_is_current(monkeypatch):
     assert (
         results.main(["--results", "results/ablations", "--write", "RESULTS.md", "--check"]) == 0
     ), "RESULTS.md is stale: run `lavit report --results results/ablations` and commit it"
+
+
+def test_the_references_are_rows_of_their_sweeps_and_the_default_split_is_the_models():
+    from lavit.models.factory import create_model
+    from lavit.tools.sweep_engine import load_sweep_config
+
+    for ablation in results.ABLATIONS:
+        grid = load_sweep_config(REPO / "sweeps" / f"{ablation.folder}.yaml")["parameters"]
+        for name, value in ablation.reference.items():
+            assert value in grid[name]["values"], (ablation.folder, name)
+    model = create_model("lavit_cifar", 10, 32)
+    assert model.num_va_layers == results.LAVIT_DEFAULT_SPLIT
+    assert [len(stage.blocks) for stage in model.stages] == results.ALL_VA_SPLIT

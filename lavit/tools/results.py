@@ -69,26 +69,29 @@ class Ablation:
 # Order of the page; references as the sweep files' questions pose them.
 ABLATIONS = (
     Ablation(
-        "va_layers",
-        "Where to use Less-Attention layers",
-        {"model.num_va_layers": [1, 2, 3, 2]},
-        "all-VA",
-    ),  # fmt: skip
+        folder="va_layers",
+        title="Where to use Less-Attention layers",
+        reference={"model.num_va_layers": [1, 2, 3, 2]},
+        reference_label="all-VA",
+    ),
     Ablation(
-        "residual_downsample",
-        "Residual attention downsampling",
-        {"model.residual_attn_downsample": False},
-        "off",
-    ),  # fmt: skip
+        folder="residual_downsample",
+        title="Residual attention downsampling",
+        reference={"model.residual_attn_downsample": False},
+        reference_label="off",
+    ),
     Ablation(
-        "la_init_state",
-        "Initialisation of Ψ/Θ and the state they transform",
-        {"model.la_init": "identity", "model.attn_state": "scores"},
-        "identity, scores (the default)",
-    ),  # fmt: skip
+        folder="la_init_state",
+        title="Initialisation of Ψ/Θ and the state they transform",
+        reference={"model.la_init": "identity", "model.attn_state": "scores"},
+        reference_label="identity, scores (the default)",
+    ),
     Ablation(
-        "dp_loss", "Diagonality-preserving loss", {"model.dp_loss_weight": 0.0}, "DP off (λ = 0)"
-    ),  # fmt: skip
+        folder="dp_loss",
+        title="Diagonality-preserving loss",
+        reference={"model.dp_loss_weight": 0.0},
+        reference_label="DP off (λ = 0)",
+    ),
 )
 # Centred cosine similarity from which two layers' maps count as "much alike" in the sentence.
 SATURATED_CENTRED = 0.5
@@ -113,7 +116,9 @@ def critical_difference(std: float, df: int, n_a: int, n_b: int, alpha: float = 
     return stats.t.ppf(1 - alpha / 2, df) * std * math.sqrt(1 / n_a + 1 / n_b)
 
 
-def detectable_difference(std: float, df: int, n: int, alpha: float = 0.05, power: float = 0.8) -> float:  # fmt: skip
+def detectable_difference(
+    std: float, df: int, n: int, alpha: float = 0.05, power: float = 0.8
+) -> float:
     """The true difference that the test finds with probability ``power`` (n seeds a side)."""
     return (stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * std * math.sqrt(2 / n)
 
@@ -194,7 +199,11 @@ def _num(value: float | None, digits: int = 2) -> str:
 def _protocol_section(root: Path, used_configs: list[str]) -> list[str]:
     """The pilot: seed spread and cost of each candidate protocol, and which one ran."""
     pilot = root / PILOT_DIR
-    candidates = sorted(p for p in pilot.iterdir() if (p / "sweep_state.json").is_file()) if pilot.is_dir() else []  # fmt: skip
+    candidates = (
+        sorted(p for p in pilot.iterdir() if (p / "sweep_state.json").is_file())
+        if pilot.is_dir()
+        else []
+    )
     if not candidates:
         return []
     table, scores = [], {}
@@ -204,7 +213,9 @@ def _protocol_section(root: Path, used_configs: list[str]) -> list[str]:
         cost = _cost(_runs_info(folder))
         std = statistics.stdev(top1) if len(top1) >= 2 else None
         # The std of a mean bought with one CPU hour: std / √(runs per hour) = std·√(h per run).
-        per_hour = std * math.sqrt(cost["cpu_min"] / 60) if std is not None and cost["cpu_min"] else None  # fmt: skip
+        per_hour = (
+            std * math.sqrt(cost["cpu_min"] / 60) if std is not None and cost["cpu_min"] else None
+        )
         configs = load_state(folder).configs or ["(the sweep file's)"]
         scores[folder.name] = (per_hour, configs)
         table.append(
@@ -276,7 +287,9 @@ def measure_throughput(sweep_dir: Path, batch_size: int = 64) -> None:
 
 
 def _apply_throughput(rows: list[SettingRow], record: dict[str, Any]) -> None:
-    by_setting = {json.dumps(s["values"], sort_keys=True): s["img_s"] for s in record.get("settings", [])}  # fmt: skip
+    by_setting = {
+        json.dumps(s["values"], sort_keys=True): s["img_s"] for s in record.get("settings", [])
+    }
     for row in rows:
         row.throughput = by_setting.get(json.dumps(row.values, sort_keys=True))
 
@@ -284,6 +297,7 @@ def _apply_throughput(rows: list[SettingRow], record: dict[str, Any]) -> None:
 def _ablation_section(
     root: Path, ablation: Ablation, number: int, page_dir: Path, write_files: bool
 ) -> tuple[list[str], dict]:
+    """One sweep's section (question, runs, table with Δ and p, plot, answer) and its data."""
     sweep_dir = root / ablation.folder
     state = load_state(sweep_dir)
     results, metric = collect_local(sweep_dir)
@@ -291,7 +305,9 @@ def _ablation_section(
     throughput = _throughput(sweep_dir)
     _apply_throughput(rows, throughput)
     table = table_rows(parameters, rows, "final")
-    reference = next((r for r in rows if all(r.values.get(k) == v for k, v in ablation.reference.items())), None)  # fmt: skip
+    reference = next(
+        (r for r in rows if all(r.values.get(k) == v for k, v in ablation.reference.items())), None
+    )
     std, df = pooled_std([row.top1 for row in rows])
     comparisons = []  # (row, diff, p)
     for entry, row in zip(table, rows, strict=True):
@@ -303,7 +319,9 @@ def _ablation_section(
             diff = row.mean - reference.mean
             entry["Δ top-1 (pp)"] = f"{diff:+.2f}"
             if std is not None and len(row.top1) and len(reference.top1):
-                comparisons.append((row, diff, t_test_p(diff, std, df, len(row.top1), len(reference.top1))))  # fmt: skip
+                comparisons.append(
+                    (row, diff, t_test_p(diff, std, df, len(row.top1), len(reference.top1)))
+                )
     rejected = holm([p for _, _, p in comparisons])
     for (row, _, p), significant in zip(comparisons, rejected, strict=True):
         index = rows.index(row)
@@ -315,7 +333,9 @@ def _ablation_section(
         write_csv(report_dir / "ablation.csv", csv_rows(parameters, rows, "final"))
         plot(report_dir / "ablation.png", parameters, rows, "final", f"{ablation.title}: {metric}")
     title = f"{number}. {ablation.title}"
-    seeds = sorted({r.values.get("seed_everything") for r in results if r.state == "finished"}, key=str)  # fmt: skip
+    seeds = sorted(
+        {r.values.get("seed_everything") for r in results if r.state == "finished"}, key=str
+    )
     n = min((len(r.top1) for r in rows if r.top1), default=0)
     lines = [f"## {title}", ""]
     question = _question(Path(state.sweep_file))
@@ -401,7 +421,11 @@ def _saturation_section(root: Path, va_layers: dict) -> list[str]:
 
     def cell(values: list[tuple[float, float]], index: int) -> str:
         xs = [v[index] for v in values]
-        return f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) >= 2 else f"{xs[0]:.3f}"  # fmt: skip
+        return (
+            f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+            if len(xs) >= 2
+            else f"{xs[0]:.3f}"
+        )
 
     table = []
     va_by_pair = {(s, layers): v for (s, layers, _), v in all_va.items()}
@@ -421,8 +445,12 @@ def _saturation_section(root: Path, va_layers: dict) -> list[str]:
             }
         )
     la_pairs = [row for row in table if row["LaViT kinds"].endswith("la")]
-    va_twin = [statistics.fmean(v[0] for v in va_by_pair[(r["stage"], r["layers"])]) for r in la_pairs]  # fmt: skip
-    va_centred = [statistics.fmean(v[1] for v in va_by_pair[(r["stage"], r["layers"])]) for r in la_pairs]  # fmt: skip
+    va_twin = [
+        statistics.fmean(v[0] for v in va_by_pair[(r["stage"], r["layers"])]) for r in la_pairs
+    ]
+    va_centred = [
+        statistics.fmean(v[1] for v in va_by_pair[(r["stage"], r["layers"])]) for r in la_pairs
+    ]
     lines = [
         "## Attention saturation: trained LaViT against its all-VA twin",
         "",
