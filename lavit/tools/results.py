@@ -271,7 +271,7 @@ def measure_throughput(sweep_dir: Path, batch_size: int = 64) -> None:
     from lavit.runtime import cpu_model_name
 
     results, _ = collect_local(sweep_dir)
-    parameters, rows = summarise_runs(results, "final")
+    _, rows = summarise_runs(results, "final")
     configs = [next((r.model_config for r in row.runs if r.model_config), {}) for row in rows]
     values = bench_throughput(batch_size)(configs)
     record = {
@@ -408,12 +408,12 @@ def _saturation(run_dirs: list[Path]) -> dict[tuple, list[tuple[float, float]]]:
 def _saturation_section(root: Path, va_layers: dict) -> list[str]:
     """Trained LaViT (default split) against its all-VA twin, from the va_layers runs."""
     sweep_dir = root / "va_layers"
+    run_dirs = {record.name: sweep_dir / record.run_dir for record in load_state(sweep_dir).runs}
     by_split: dict[str, list[Path]] = {}
     for run in va_layers["results"]:
         if run.state == "finished":
-            split = run.values.get("model.num_va_layers")
-            record = next(r for r in load_state(sweep_dir).runs if r.name == run.name)
-            by_split.setdefault(json.dumps(split), []).append(sweep_dir / record.run_dir)
+            split = json.dumps(run.values.get("model.num_va_layers"))
+            by_split.setdefault(split, []).append(run_dirs[run.name])
     lavit = _saturation(by_split.get(json.dumps(LAVIT_DEFAULT_SPLIT), []))
     all_va = _saturation(by_split.get(json.dumps(ALL_VA_SPLIT), []))
     if not lavit or not all_va:
@@ -451,6 +451,10 @@ def _saturation_section(root: Path, va_layers: dict) -> list[str]:
     va_centred = [
         statistics.fmean(v[1] for v in va_by_pair[(r["stage"], r["layers"])]) for r in la_pairs
     ]
+    la_centred = [
+        statistics.fmean(v[1] for v in lavit[(r["stage"], r["layers"], r["LaViT kinds"])])
+        for r in la_pairs
+    ]
     lines = [
         "## Attention saturation: trained LaViT against its all-VA twin",
         "",
@@ -465,7 +469,6 @@ def _saturation_section(root: Path, va_layers: dict) -> list[str]:
         "",
     ]
     if la_pairs:
-        la_centred = [float(r["LaViT centred"].split(" ")[0]) for r in la_pairs]
         if max(va_centred) < SATURATED_CENTRED:
             verdict = (
                 f"below {SATURATED_CENTRED} centred, i.e. the all-VA layers there attend "
