@@ -96,6 +96,27 @@ class PatchEmbed(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over C
 
 
+class InferenceMlp(Mlp):
+    """timm's MLP (fc1 → GELU → fc2, the same parameters); without autograd the GELU runs in place.
+
+    fc1's output is the network's largest activation (B·N·4C); a second buffer that size for
+    the GELU output costs more on CPU (fresh pages) than the GELU itself.
+    ``scripts/bench_inplace_inference.py``, lavit_tiny at 224², batch 32, fp32, 2-core Xeon:
+    see BENCHMARKS.md, "In-place inference steps" (2026-12-02). ``torch.ops.aten.gelu_`` is the public
+    operator namespace; ``nn.GELU`` has no in-place form.
+    """
+
+    inplace_gelu = True  # class-level so the benchmark can switch it off
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        if self.inplace_gelu and not torch.is_grad_enabled() and isinstance(self.act, nn.GELU):
+            x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
+        else:
+            x = self.act(x)
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
 class LaViTBlock(nn.Module):
     """Pre-norm block, ``x + Attn(Norm(x))`` then ``x + MLP(Norm(x))``; the attention is VA or LA.
 
@@ -129,7 +150,7 @@ class LaViTBlock(nn.Module):
             self.attn = LessAttention(dim, num_heads, token_mixing, sr_ratio, qkv_bias)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = InferenceMlp(dim, int(dim * mlp_ratio))
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(

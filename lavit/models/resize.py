@@ -122,8 +122,8 @@ def token_mixing_deviation(weight: torch.Tensor, old_grid: Grid, new_grid: Grid)
     The form LA layers compute with (``S + (W − I) S``), so identity is exact reuse whatever the
     matmul precision (TF32, bf16): a zero deviation contributes exactly zero.
     """
-    eye = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
-    deviation = weight - eye  # (N_old, N_old)
+    deviation = weight.clone()  # (N_old, N_old); no N×N identity allocated per forward
+    deviation.diagonal().sub_(1.0)
     if _same(old_grid, new_grid):
         return deviation
     return _resize_deviation(deviation, old_grid, new_grid)
