@@ -5,11 +5,12 @@
 Without autograd (``torch.inference_mode``/``no_grad``: ``lavit bench``, validation, export),
 ``InferenceMlp`` runs its GELU in place on fc1's output and ``LaViTBlock.residual`` adds the
 residual into the branch's fresh output. Both give bit-identical outputs (checked here first) and
-save a buffer each. They matter most where freed memory goes back to the OS (every buffer then
-comes as fresh pages, ``--no-cpu-tuning``); with ``lavit``'s CPU tuning (the default, as in
-``lavit bench``) freed memory is reused and they save memory traffic. The four settings run round-robin on one model (``lavit.tools.timing``);
-the table gives each one's median milliseconds and its throughput relative to both steps on
-(paired per round).
+save a buffer each. They matter most where freed memory goes back to the OS, so that every
+buffer comes as fresh pages (``--no-cpu-tuning``: a plain ``timm.create_model`` user's process);
+with ``lavit``'s CPU tuning (the default, as in ``lavit bench``) freed memory is reused and they
+save memory traffic only. The four settings run round-robin on one model
+(``lavit.tools.timing``); the table gives each one's median milliseconds and its throughput
+relative to both steps on (paired per round).
 """
 
 from __future__ import annotations
@@ -20,21 +21,26 @@ import contextlib
 import torch
 
 from lavit.models.factory import create_model
-from lavit.models.lavit import InferenceMlp
+from lavit.models.lavit import InferenceMlp, LaViTBlock
 from lavit.runtime import cpu_model_name, cpu_tuning_state, tune_cpu_runtime
 from lavit.tools.timing import median, paired_speedup, time_interleaved
 
-SETTINGS = {"GELU in place": True, "GELU out of place": False}
+SETTINGS = {  # name → (in-place GELU, in-place residual)
+    "both in place (default)": (True, True),
+    "GELU out of place": (False, True),
+    "residual out of place": (True, False),
+    "neither in place": (False, False),
+}
 
 
 @contextlib.contextmanager
-def inplace(gelu: bool):
-    saved = InferenceMlp.inplace_gelu
-    InferenceMlp.inplace_gelu = gelu
+def inplace(gelu: bool, residual: bool):
+    saved = InferenceMlp.inplace_gelu, LaViTBlock.inplace_residual
+    InferenceMlp.inplace_gelu, LaViTBlock.inplace_residual = gelu, residual
     try:
         yield
     finally:
-        InferenceMlp.inplace_gelu = saved
+        InferenceMlp.inplace_gelu, LaViTBlock.inplace_residual = saved
 
 
 def main() -> None:
@@ -56,22 +62,22 @@ def main() -> None:
     model = create_model(args.model, img_size=args.img_size).eval()
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
 
-    def task(gelu: bool):
+    def task(gelu: bool, residual: bool):
         def run():
-            with torch.inference_mode(), inplace(gelu):
+            with torch.inference_mode(), inplace(gelu, residual):
                 return model(x)
 
         return run
 
-    tasks = {name: task(flag) for name, flag in SETTINGS.items()}
+    tasks = {name: task(*flags) for name, flags in SETTINGS.items()}
     outputs = {name: run() for name, run in tasks.items()}
-    reference = outputs["GELU out of place"]
+    reference = outputs["neither in place"]
     for name, out in outputs.items():
         if not torch.equal(out, reference):
             raise SystemExit(f"{name}: output differs from the out-of-place forward")
 
     times = time_interleaved(tasks, args.warmup, args.iters)
-    base = times["GELU in place"]
+    base = times["both in place (default)"]
     print(
         f"{args.model}, {args.img_size}², batch {args.batch_size}, fp32 inference, "
         f"{torch.get_num_threads()} thread(s), {cpu_model_name()}, torch {torch.__version__}, "

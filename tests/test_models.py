@@ -789,3 +789,28 @@ def test_dynamic_size_trains_after_an_inference_mode_forward_at_that_size():
         model.eval()(x)
     model.train()(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("gelu, residual", [(False, True), (True, False), (False, False)])
+def test_in_place_inference_steps_give_the_out_of_place_outputs_and_leave_inputs_alone(
+    gelu, residual, monkeypatch
+):
+    from lavit.models.lavit import InferenceMlp, LaViTBlock
+
+    torch.manual_seed(0)
+    model = small_model(la_init="random", residual_attn_downsample=True).eval()
+    x = torch.randn(2, 3, *to_2tuple(SMALL["img_size"]))
+    x_before = x.clone()
+    with torch.inference_mode():
+        in_place = model(x)  # both steps on (the default)
+        monkeypatch.setattr(InferenceMlp, "inplace_gelu", gelu)
+        monkeypatch.setattr(LaViTBlock, "inplace_residual", residual)
+        out_of_place = model(x)
+    assert torch.equal(in_place, out_of_place)
+    assert torch.equal(x, x_before)
+    # Under autograd both stay out of place: the backward of the same model works.
+    model.train()
+    monkeypatch.setattr(InferenceMlp, "inplace_gelu", True)
+    monkeypatch.setattr(LaViTBlock, "inplace_residual", True)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -146,9 +146,12 @@ class DenseTokenMixing(TokenMixing):
         bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)  # (N',)
         B, H, N, K = scores.shape
         s = scores.reshape(B * H * N, K)  # (B·H·N, N'): Θ on the key axis is one GEMM
-        t = torch.addmm(s + bias, s, d_theta.t()).reshape(B, H, N, K)  # S Θᵀ + 1 b_Θᵀ
-        # Ψ on the query axis: one (N, N) × (N, B·H·N') GEMM.
-        return t + torch.einsum("qn,bhnk->bhqk", d_psi, t)  # (B, H, N, N'): Ψ T
+        # The adds go in place into fresh GEMM outputs (autograd keeps a GEMM's inputs, not its
+        # output): one pass over the scores less each than ``t + GEMM``.
+        t = torch.addmm(bias, s, d_theta.t()).add_(s)  # T = S Θᵀ + 1 b_Θᵀ, as S + S (Θ − I)ᵀ + …
+        t = t.reshape(B, H, N, K)  # (B, H, N, N')
+        # Ψ on the query axis: matmul folds (N, N) × (B, H, N, N') into one GEMM over B·H·N'.
+        return torch.matmul(d_psi, t).add_(t)  # (B, H, N, N'): S' = Ψ T = T + (Ψ − I) T
 
     @torch.no_grad()
     def resize_(self, query_grid: Grid, key_grid: Grid) -> None:
