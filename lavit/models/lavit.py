@@ -24,9 +24,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from .attention import AttentionDownsample, LessAttention, VanillaAttention, upgrade_legacy_keys
-from .losses import DP_LOSS_VARIANTS, DPLossVariant, attention_dp_loss
+from .losses import DPLossVariant, attention_dp_loss
 from .resize import Grid, infer_grid, resize_pos_embed
 from .token_mixing import LA_MIXINGS, LAMixing, LessAttentionInit, TokenMixing, make_token_mixing
+from .validation import checked_input, input_size_problem, validate_config
 
 
 def take_indices(
@@ -290,131 +291,11 @@ class LaViTStage(nn.Module):
         return x, handed, records
 
 
-# --- input sizes --------------------------------------------------------------------------------
-
-
-def input_size_problem(img_size: Grid, stem_stride: int, sr_ratios) -> str | None:
-    """Why an H×W input cannot go through the pyramid, or ``None`` if it can."""
-    total_stride = stem_stride * 2 ** (len(sr_ratios) - 1)
-    for side in img_size:
-        if side < total_stride or side % total_stride != 0:
-            nearest = total_stride * max(1, round(side / total_stride))
-            return (
-                f"each side must be a positive multiple of {total_stride} (stem stride "
-                f"{stem_stride} × 2 per later stage), e.g. {nearest}"
-            )
-    for m, sr in enumerate(sr_ratios):
-        side = [s // (stem_stride * 2**m) for s in img_size]
-        if any(s % sr for s in side):
-            return (
-                f"it gives a {side[0]}×{side[1]} grid in stage {m + 1}, which sr_ratios[{m}] = "
-                f"{sr} does not divide; choose a size or sr_ratios that divide it"
-            )
-    return None
-
-
-def checked_input(
-    x: torch.Tensor, img_size: Grid, dynamic: bool, stem_stride: int, sr_ratios: tuple[int, ...]
-) -> torch.Tensor:
-    """``x`` itself, or a ValueError if the model cannot take its size.
-
-    An opaque call under torch.fx, so a traced model keeps the check (and this error).
-    """
-    size = (int(x.shape[-2]), int(x.shape[-1]))
-    if dynamic:
-        problem = input_size_problem(size, stem_stride, sr_ratios)
-        if problem:
-            raise ValueError(f"input size {size[0]}×{size[1]} is not allowed: {problem}")
-    elif size != tuple(img_size):
-        raise ValueError(
-            f"the model takes {img_size[0]}×{img_size[1]} inputs (its img_size) but got "
-            f"{size[0]}×{size[1]}: build it with img_size={size[0] if size[0] == size[1] else size}, "
-            "call model.set_input_size(...), or create it with dynamic_img_size=True"
-        )
-    return x
-
-
+# Shape logic runs as opaque calls under torch.fx (the wrap names this module's globals).
 for _fn in (checked_input, resize_pos_embed):
     register_notrace_function(_fn)
 torch.fx.wrap("checked_input")
 torch.fx.wrap("resize_pos_embed")
-
-
-def _validate_config(
-    img_size: Grid,
-    stem_stride: int,
-    embed_dims,
-    depths,
-    num_heads,
-    mlp_ratios,
-    sr_ratios,
-    num_va_layers,
-    drop_rate: float,
-    drop_path_rate: float,
-    la_init: str,
-    attn_state: str,
-    dp_loss_variant: str,
-    dp_loss_layers: str,
-    dp_loss_weight: float,
-    residual_attn_init: float,
-) -> None:
-    """Raise a ValueError naming the argument and what is allowed."""
-    num_stages = len(depths)
-    for name, value in (
-        ("embed_dims", embed_dims),
-        ("num_heads", num_heads),
-        ("mlp_ratios", mlp_ratios),
-        ("sr_ratios", sr_ratios),
-        ("num_va_layers", num_va_layers),
-    ):
-        if len(value) != num_stages:
-            raise ValueError(
-                f"{name} must have one entry per stage ({num_stages}, as depths), got {list(value)}"
-            )
-    if any(d < 1 for d in depths):
-        raise ValueError(f"depths must be ≥ 1 per stage, got {list(depths)}")
-    for m, (va, depth) in enumerate(zip(num_va_layers, depths, strict=True)):
-        if not 1 <= va <= depth:
-            raise ValueError(
-                f"num_va_layers[{m}] = {va} is not allowed: each stage needs 1 ≤ num_va_layers ≤ its depth "
-                f"({depth}); num_va_layers = depth means no LA layer in that stage"
-            )
-    for m, (dim, heads) in enumerate(zip(embed_dims, num_heads, strict=True)):
-        if heads < 1 or dim % heads != 0:
-            raise ValueError(
-                f"embed_dims[{m}] = {dim} must be divisible by num_heads[{m}] = {heads} (≥ 1)"
-            )
-    if any(r <= 0 for r in mlp_ratios):
-        raise ValueError(f"mlp_ratios must be > 0, got {list(mlp_ratios)}")
-    if any(r < 1 for r in sr_ratios):
-        raise ValueError(f"sr_ratios must be ≥ 1, got {list(sr_ratios)}")
-    if stem_stride < 1:
-        raise ValueError(f"stem_stride must be ≥ 1, got {stem_stride}")
-    problem = input_size_problem(img_size, stem_stride, sr_ratios)
-    if problem:
-        raise ValueError(f"img_size {tuple(img_size)} is not allowed: {problem}")
-    if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-    if not 0.0 <= drop_path_rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-    if la_init not in ("identity", "random"):
-        raise ValueError(f"la_init must be 'identity' or 'random', got {la_init!r}")
-    if attn_state not in ("scores", "probs"):
-        raise ValueError(f"attn_state must be 'scores' or 'probs', got {attn_state!r}")
-    if dp_loss_variant not in DP_LOSS_VARIANTS:
-        raise ValueError(
-            f"dp_loss_variant must be one of {DP_LOSS_VARIANTS}, got {dp_loss_variant!r}"
-        )
-    if dp_loss_layers not in ("la", "all"):
-        raise ValueError(f"dp_loss_layers must be 'la' or 'all', got {dp_loss_layers!r}")
-    if not (dp_loss_weight >= 0.0 and math.isfinite(dp_loss_weight)):
-        raise ValueError(
-            f"dp_loss_weight must be a finite number ≥ 0 (0 turns the DP loss off), got {dp_loss_weight}"
-        )
-    if not math.isfinite(residual_attn_init):
-        raise ValueError(
-            f"residual_attn_init must be a finite number (γ's starting value), got {residual_attn_init}"
-        )
 
 
 class LaViT(nn.Module):
@@ -483,7 +364,7 @@ class LaViT(nn.Module):
         img_size = to_2tuple(img_size)
         if la_mixing not in LA_MIXINGS:
             raise ValueError(f"la_mixing must be one of {LA_MIXINGS}, got {la_mixing!r}")
-        _validate_config(
+        validate_config(
             img_size, stem_stride, embed_dims, depths, num_heads, mlp_ratios, sr_ratios, num_va_layers,
             drop_rate, drop_path_rate, la_init, attn_state, dp_loss_variant, dp_loss_layers, dp_loss_weight,
             residual_attn_init,
