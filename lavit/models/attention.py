@@ -28,7 +28,6 @@ __all__ = [
     "LessAttentionInit",  # re-exported: the type of the la_init switch
     "SpatialReduction",
     "VanillaAttention",
-    "upgrade_legacy_keys",
 ]
 
 
@@ -131,7 +130,6 @@ class LessAttention(nn.Module):
         self.reduce = SpatialReduction(dim, sr_ratio)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.register_load_state_dict_pre_hook(upgrade_legacy_keys)
 
     def forward(
         self, x: torch.Tensor, grid: Grid, attn: torch.Tensor, explicit: bool = True
@@ -185,7 +183,6 @@ class AttentionDownsample(nn.Module):
         self.head_mix_weight = nn.Parameter(torch.empty(out_heads, in_heads))  # 1×1 conv
         self.gamma = nn.Parameter(torch.empty(()))
         self.reset_parameters()
-        self.register_load_state_dict_pre_hook(upgrade_legacy_keys)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -210,26 +207,3 @@ class AttentionDownsample(nn.Module):
             x = x.reshape(B, H, h * w, -1)  # (B, H, N_m, N'_m)
         x = torch.einsum("oh,bhnk->bonk", self.head_mix_weight, x)  # (B, H_m, N_m, N'_m)
         return self.gamma * x
-
-
-def upgrade_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Rename, in ``state_dict``, the keys of ``module`` (at ``prefix``) as older code wrote them.
-
-    A load-state-dict pre-hook of ``LessAttention`` (Ψ/Θ before they moved into ``token_mixing``)
-    and ``AttentionDownsample`` (``pool``/``head_mix`` convolutions before they became plain
-    weights; their biases, which cancel in the softmax, are dropped).
-    """
-    if isinstance(module, LessAttention):
-        for name in ("psi", "theta", "theta_bias"):
-            if prefix + name in state_dict:
-                state_dict[f"{prefix}token_mixing.{name}"] = state_dict.pop(prefix + name)
-    elif isinstance(module, AttentionDownsample):
-        if prefix + "pool.weight" in state_dict:  # (1, 1, 2, 2) conv weight
-            state_dict[prefix + "pool_weight"] = state_dict.pop(prefix + "pool.weight").reshape(
-                2, 2
-            )
-        if prefix + "head_mix.weight" in state_dict:  # (H_m, H_{m−1}, 1, 1) conv weight
-            weight = state_dict.pop(prefix + "head_mix.weight")
-            state_dict[prefix + "head_mix_weight"] = weight.reshape(weight.shape[0], -1)
-        for name in ("pool.bias", "head_mix.bias"):
-            state_dict.pop(prefix + name, None)
