@@ -63,8 +63,7 @@ class VanillaAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True) -> None:
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+        assert dim % num_heads == 0, f"embed dim {dim} is not divisible by num_heads {num_heads}"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -121,8 +120,7 @@ class LessAttention(nn.Module):
         qkv_bias: bool = True,
     ) -> None:
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+        assert dim % num_heads == 0, f"embed dim {dim} is not divisible by num_heads {num_heads}"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.sr_ratio = sr_ratio
@@ -139,9 +137,8 @@ class LessAttention(nn.Module):
         key_grid = (grid[0] // self.sr_ratio, grid[1] // self.sr_ratio)
         scores = self.token_mixing(attn, grid, key_grid)  # (B, H, N, N')
         probs = scores.softmax(dim=-1)
-        v_tokens = self.reduce(x, grid)  # (B, N', C)
-        v = self.v(v_tokens).reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        # v: (B, H, N', d)
+        v = self.v(self.reduce(x, grid))  # (B, N', C) from the reduced tokens
+        v = v.reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N', d)
         out = (probs @ v).transpose(1, 2).reshape(B, N, C)  # (B, H, N, d) → (B, N, C)
         return self.proj(out), scores, probs
 

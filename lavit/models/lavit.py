@@ -27,8 +27,8 @@ from torch import nn
 from .attention import AttentionDownsample, LessAttention, VanillaAttention
 from .losses import DPLossVariant, attention_dp_loss
 from .resize import Grid, infer_grid, resize_pos_embed
-from .token_mixing import LA_MIXINGS, LAMixing, LessAttentionInit, TokenMixing, make_token_mixing
-from .validation import checked_input, input_size_problem, validate_config
+from .token_mixing import LAMixing, LessAttentionInit, TokenMixing, make_token_mixing
+from .validation import check_choice, checked_input, input_size_problem, validate_config
 
 
 # timm's feature_take_indices lives in a private module (timm.models._features): the same rule here.
@@ -36,8 +36,7 @@ def take_indices(
     num_features: int, indices: int | list[int] | None = None
 ) -> tuple[list[int], int]:
     """Absolute stage indices (None: all, n: the last n, a list: negatives from the end), max."""
-    if indices is None:
-        indices = num_features
+    indices = num_features if indices is None else indices
     if isinstance(indices, int):
         if not 0 < indices <= num_features:
             raise ValueError(f"last-n ({indices}) is out of range (1 to {num_features})")
@@ -96,7 +95,7 @@ class PatchEmbed(nn.Module):
 class LaViTBlock(nn.Module):
     """Pre-norm block, ``x + Attn(Norm(x))`` then ``x + MLP(Norm(x))``; the attention is VA or LA.
 
-    ``kind="va"``: Vanilla Attention, which computes ``Q Kᵀ``; ``kind="la"``: Less-Attention,
+    Vanilla Attention, which computes ``Q Kᵀ``, or (given a ``token_mixing``) Less-Attention,
     which transforms the attention handed to it. ``hand_on`` is what the block passes to the
     layer after it: its pre-softmax ``"scores"``, its ``"probs"``, or nothing (``None``); a VA
     block that hands nothing on runs the fused attention kernel. Both are fixed at construction.
@@ -110,17 +109,14 @@ class LaViTBlock(nn.Module):
         mlp_ratio: float,
         drop_path: float,
         qkv_bias: bool,
-        kind: BlockKind,
         hand_on: HandOn,
         token_mixing: TokenMixing | None = None,
     ) -> None:
         super().__init__()
-        if (kind == "la") != (token_mixing is not None):
-            raise ValueError("an LA block needs a token_mixing, a VA block none")
-        self.kind = kind
+        self.kind: BlockKind = "va" if token_mixing is None else "la"
         self.hand_on = hand_on
         self.norm1 = nn.LayerNorm(dim)
-        if kind == "va":
+        if token_mixing is None:
             self.attn = VanillaAttention(dim, num_heads, sr_ratio, qkv_bias)
         else:
             self.attn = LessAttention(dim, num_heads, token_mixing, sr_ratio, qkv_bias)
@@ -195,25 +191,16 @@ class LaViTStage(nn.Module):
             if prev_heads is not None
             else None
         )
-        blocks = []
+        self.blocks = nn.ModuleList()
         for i in range(depth):
             la = i >= num_va_layers
-            blocks.append(
+            mixing = make_token_mixing(la_mixing, self.grid, self.key_grid, la_init) if la else None
+            hand_on = _hand_on(i, depth, num_va_layers, attn_state, hand_on_scores)
+            self.blocks.append(
                 LaViTBlock(
-                    dim,
-                    num_heads,
-                    sr_ratio,
-                    mlp_ratio,
-                    drop_path[i],
-                    qkv_bias,
-                    kind="la" if la else "va",
-                    hand_on=_hand_on(i, depth, num_va_layers, attn_state, hand_on_scores),
-                    token_mixing=make_token_mixing(la_mixing, self.grid, self.key_grid, la_init)
-                    if la
-                    else None,
-                )  # fmt: skip
+                    dim, num_heads, sr_ratio, mlp_ratio, drop_path[i], qkv_bias, hand_on, mixing
+                )
             )
-        self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(dim)
 
     @property
@@ -324,13 +311,16 @@ class LaViT(nn.Module):
     ) -> None:
         super().__init__()
         img_size = to_2tuple(img_size)
-        if la_mixing not in LA_MIXINGS:
-            raise ValueError(f"la_mixing must be one of {LA_MIXINGS}, got {la_mixing!r}")
         validate_config(
             img_size, stem_stride, embed_dims, depths, num_heads, mlp_ratios, sr_ratios, num_va_layers,
-            drop_rate, drop_path_rate, la_init, attn_state, dp_loss_variant, dp_loss_layers, dp_loss_weight,
-            residual_attn_init,
+            drop_rate, drop_path_rate, dp_loss_weight, residual_attn_init,
         )  # fmt: skip
+        for name, value, choices in (
+            ("la_init", la_init, LessAttentionInit), ("la_mixing", la_mixing, LAMixing),
+            ("attn_state", attn_state, AttnState), ("dp_loss_variant", dp_loss_variant, DPLossVariant),
+            ("dp_loss_layers", dp_loss_layers, DPLossLayers),
+        ):  # fmt: skip
+            check_choice(name, value, choices)
         _check_pool(global_pool, num_classes)
         self.img_size = tuple(img_size)
         self.dynamic_img_size = bool(dynamic_img_size)
@@ -543,16 +533,12 @@ class LaViT(nn.Module):
         logits = self.forward_head(features[-1])
         dp = None
         if want_dp:
-            covered = [r for r in records if self.dp_loss_layers == "all" or r.kind == "la"]
-            if covered:
-                dp = torch.stack(
-                    [
-                        attention_dp_loss(r.probs, r.query_grid, r.key_grid, self.dp_loss_variant)
-                        for r in covered
-                    ]
-                ).mean()
-            else:  # no LA layer (all-VA model): the DP loss is 0 but stays in the graph
-                dp = logits.new_zeros(())
+            losses = [
+                attention_dp_loss(r.probs, r.query_grid, r.key_grid, self.dp_loss_variant)
+                for r in records
+                if self.dp_loss_layers == "all" or r.kind == "la"
+            ]
+            dp = torch.stack(losses).mean() if losses else logits.new_zeros(())  # 0: no LA layer
         return LaViTOutput(logits, dp, records if collect_attn else [])
 
     @torch.no_grad()

@@ -40,7 +40,6 @@ from torch import nn
 from .resize import (
     Grid,
     infer_grid,
-    interpolation_matrix,
     resize_token_mixing,
     resize_token_vector,
     token_mixing_deviation,
@@ -49,20 +48,6 @@ from .resize import (
 LessAttentionInit = Literal["identity", "random"]
 LAMixing = Literal["dense", "separable", "pooled"]
 LA_MIXINGS: tuple[str, ...] = get_args(LAMixing)
-
-
-def line_deviation(weight: torch.Tensor, size: int) -> torch.Tensor:
-    """``W − I`` of an n×n mixing over a line of n tokens, for ``size`` tokens.
-
-    ``(n/size)·R (W − I) Rᵀ`` with R the 1-D bicubic resampling (antialiased when shrinking):
-    zero stays zero, so identity stays identity.
-    """
-    n = weight.shape[0]
-    deviation = weight - torch.eye(n, dtype=weight.dtype, device=weight.device)
-    if n == size:
-        return deviation
-    r = interpolation_matrix((n, 1), (size, 1), weight.device)  # (size, n)
-    return ((n / size) * (r @ deviation.float() @ r.t())).to(weight.dtype)
 
 
 def _separable_mix(
@@ -103,13 +88,7 @@ def _pooled_mix(x: torch.Tensor, deviation: torch.Tensor, native: Grid, grid: Gr
 
 # Shape logic runs as opaque calls under torch.fx (plain symbolic_trace and timm's tracer alike),
 # so a traced model adapts Ψ/Θ to whatever grid it is given.
-for _fn in (
-    token_mixing_deviation,
-    resize_token_vector,
-    line_deviation,
-    _separable_mix,
-    _pooled_mix,
-):
+for _fn in (token_mixing_deviation, resize_token_vector, _separable_mix, _pooled_mix):
     register_notrace_function(_fn)
     torch.fx.wrap(_fn.__name__)
 
@@ -238,15 +217,13 @@ class SeparableTokenMixing(TokenMixing):
 
     def forward(self, scores: torch.Tensor, query_grid: Grid, key_grid: Grid) -> torch.Tensor:
         bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)  # (N',)
-        d_th, d_tw = (
-            line_deviation(self.theta_h, key_grid[0]),
-            line_deviation(self.theta_w, key_grid[1]),
-        )
+        (qh, qw), (kh, kw) = self.query_grid, self.key_grid
+        # Each factor's W − I at this grid: a mixing over a line of tokens, as an (n, 1) grid.
+        d_th = token_mixing_deviation(self.theta_h, (kh, 1), (key_grid[0], 1))
+        d_tw = token_mixing_deviation(self.theta_w, (kw, 1), (key_grid[1], 1))
         t = _separable_mix(scores, d_th, d_tw, key_grid, -1) + bias  # S Θᵀ + 1 b_Θᵀ
-        d_ph, d_pw = (
-            line_deviation(self.psi_h, query_grid[0]),
-            line_deviation(self.psi_w, query_grid[1]),
-        )
+        d_ph = token_mixing_deviation(self.psi_h, (qh, 1), (query_grid[0], 1))
+        d_pw = token_mixing_deviation(self.psi_w, (qw, 1), (query_grid[1], 1))
         return _separable_mix(t, d_ph, d_pw, query_grid, -2)  # (B, H, N, N'): Ψ T
 
     def resize_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
