@@ -20,6 +20,7 @@ from torch import nn
 from lavit.errors import CheckpointError
 from lavit.models import checkpoint_filter_fn
 from lavit.training.checkpoint_io import load_checkpoint_file
+from lavit.training.module import LaViTModule
 
 __all__ = [
     "data_config",
@@ -58,8 +59,6 @@ def load_eval_model(checkpoint: dict[str, Any], ema: bool = True) -> tuple[nn.Mo
 
     Returns the model (in eval mode) and whether the weights are the EMA's.
     """
-    from lavit.training.module import LaViTModule  # here: pretrained.py may import this file
-
     accepted = inspect.signature(LaViTModule).parameters
     # Only the module's own arguments: LightningCLI also stores `_instantiator` and the like.
     hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
