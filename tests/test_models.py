@@ -751,10 +751,13 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(dp_loss_layers):
     for enable in (False, True):
         model = small_model(**kw).train()
         model.set_grad_checkpointing(enable)
+        block, calls = model.stages[1].blocks[1], []  # an LA block; its forward calls counted
+        block.forward = lambda *args, f=block.forward, c=calls: c.append(1) or f(*args)
         torch.manual_seed(1)
         out = model.forward_with_aux(x, dp_loss=True, collect_attn=True)
         loss = F.cross_entropy(out.logits, torch.tensor([0, 1])) + out.dp_loss
         loss.backward()
+        assert len(calls) == (2 if enable else 1)  # recomputed in the backward when enabled
         runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     (loss_off, grads_off), (loss_on, grads_on) = runs
     torch.testing.assert_close(loss_on, loss_off)
