@@ -44,9 +44,7 @@ def take_indices(
     else:
         taken = [num_features + i if i < 0 else i for i in indices]
         if any(not 0 <= i < num_features for i in taken):
-            raise ValueError(
-                f"feature indices {list(indices)} out of range ({num_features} stages)"
-            )
+            raise ValueError(f"indices {list(indices)} out of range ({num_features} stages)")
     return taken, max(taken)
 
 
