@@ -8,8 +8,9 @@ Separate ``lavit bench`` runs of two commits differ by the machine's drift betwe
 two versions of ``lavit/models`` live in one process: the other commit's package is extracted
 with ``git archive`` and imported under another name (``lavit.models`` imports only itself,
 torch and timm). Each model is built from the other commit (timm's registry then holds its
-variants); this tree's model loads its weights (older keys are mapped on load) and is checked
-to compute the same outputs. ``pvt_v2_b1`` runs twice as a control: two copies of
+variants); this tree's model loads its weights and is checked to compute the same outputs. The
+parameter names must match: commits before fddcca4 (Ψ/Θ outside ``token_mixing``,
+AttentionDownsample as convolutions) are refused by the strict load. ``pvt_v2_b1`` runs twice as a control: two copies of
 unchanged code show the noise floor of the ratios.
 
 The table: median milliseconds per batch of each side, and ``this ÷ that`` throughput, the

@@ -40,7 +40,7 @@ def test_separable_and_pooled_are_the_dense_form_on_the_native_grid():
     separable = SeparableTokenMixing(QUERY, KEY, "random")
     dense = DenseTokenMixing(QUERY, KEY)
     with torch.no_grad():
-        dense.psi.copy_(separable.dense())
+        dense.psi.copy_(torch.kron(separable.psi_h, separable.psi_w))
         dense.theta.copy_(torch.kron(separable.theta_h, separable.theta_w))
         dense.theta_bias.copy_(separable.theta_bias)
     scores = _scores(QUERY, KEY)

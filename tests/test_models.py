@@ -367,56 +367,6 @@ def test_forward_at_second_size_after_set_input_size():
         model(torch.randn(1, 3, 32, 32))
 
 
-def _as_older_code_wrote_it(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keys of checkpoints before Ψ/Θ moved into ``token_mixing`` and AttentionDownsample's
-    convolutions became plain weights (checked against that code's own state_dict)."""
-    old = {}
-    for key, value in state.items():
-        if key.endswith("attn_downsample.pool_weight"):
-            stem = key.removesuffix("pool_weight")
-            old[stem + "pool.weight"] = value.reshape(1, 1, 2, 2)
-            old[stem + "pool.bias"] = torch.zeros(1)
-        elif key.endswith("attn_downsample.head_mix_weight"):
-            stem = key.removesuffix("head_mix_weight")
-            old[stem + "head_mix.weight"] = value[:, :, None, None]
-            old[stem + "head_mix.bias"] = torch.zeros(value.shape[0])
-        else:
-            old[key.replace(".attn.token_mixing.", ".attn.")] = value
-    return old
-
-
-def test_checkpoints_written_by_older_code_still_load():
-    trained = small_model(la_init="random", residual_attn_init=0.5).eval()
-    old = _as_older_code_wrote_it(trained.state_dict())
-    assert "stages.1.attn_downsample.pool.weight" in old and "stages.2.blocks.1.attn.psi" in old
-    x = torch.randn(2, 3, 32, 32)
-    # plain load_state_dict (what Lightning does), also nested under a prefix like "model."
-    wrapper = torch.nn.ModuleDict({"model": small_model(la_init="identity")})
-    wrapper.load_state_dict({f"model.{k}": v for k, v in old.items()})  # strict
-    with torch.no_grad():
-        torch.testing.assert_close(wrapper["model"].eval()(x), trained(x), rtol=0, atol=0)
-    # and timm's pretrained filter
-    filtered = checkpoint_filter_fn(old, small_model())
-    assert filtered.keys() == trained.state_dict().keys()
-
-
-def test_the_cli_preflight_accepts_older_checkpoints_for_evaluation_only(tmp_path):
-    from conftest import TINY_LAVIT
-
-    from lavit.errors import ConfigError
-    from lavit.training.checkpointing import check_checkpoint
-    from lavit.training.module import LaViTModule
-
-    module = LaViTModule(model_kwargs=TINY_LAVIT)
-    path = tmp_path / "old.ckpt"
-    old = _as_older_code_wrote_it(module.state_dict())
-    torch.save({"state_dict": old, "optimizer_states": [{}]}, path)
-    check_checkpoint(str(path), module, fitting=False)  # validate / test / predict: it fits
-    with pytest.raises(ConfigError, match="older lavit.*cannot resume a fit.*pretrained_file"):
-        check_checkpoint(str(path), module, fitting=True)
-    module.load_state_dict(old)  # what Lightning then does, strict
-
-
 def test_checkpoint_at_another_size_loads_with_resizing():
     small = small_model()
     big = LaViT(**{**SMALL, "img_size": 64})
@@ -791,26 +741,42 @@ def test_dynamic_size_trains_after_an_inference_mode_forward_at_that_size():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("gelu, residual", [(False, True), (True, False), (False, False)])
-def test_in_place_inference_steps_give_the_out_of_place_outputs_and_leave_inputs_alone(
-    gelu, residual, monkeypatch
-):
-    from lavit.models.lavit import InferenceMlp, LaViTBlock
+@pytest.mark.parametrize("dp_loss_layers", ["la", "all"])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(dp_loss_layers):
+    """Per-block recomputation (timm's ``checkpoint``), LA blocks, the hand-on and the DP loss
+    included; stochastic depth draws the same paths in the recomputation."""
+    x = torch.randn(2, 3, 32, 32)
+    kw = dict(la_init="random", drop_path_rate=0.2, dp_loss_layers=dp_loss_layers)
+    runs = []
+    for enable in (False, True):
+        model = small_model(**kw).train()
+        model.set_grad_checkpointing(enable)
+        block, calls = model.stages[1].blocks[1], []  # an LA block; its forward calls counted
+        block.forward = lambda *args, f=block.forward, c=calls: c.append(1) or f(*args)
+        torch.manual_seed(1)
+        out = model.forward_with_aux(x, dp_loss=True, collect_attn=True)
+        loss = F.cross_entropy(out.logits, torch.tensor([0, 1])) + out.dp_loss
+        loss.backward()
+        assert len(calls) == (2 if enable else 1)  # recomputed in the backward when enabled
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_off, grads_off), (loss_on, grads_on) = runs
+    torch.testing.assert_close(loss_on, loss_off)
+    assert grads_on.keys() == grads_off.keys()
+    for name, grad in grads_off.items():
+        torch.testing.assert_close(grads_on[name], grad, msg=name)
 
-    torch.manual_seed(0)
-    model = small_model(la_init="random", residual_attn_downsample=True).eval()
-    x = torch.randn(2, 3, *to_2tuple(SMALL["img_size"]))
-    x_before = x.clone()
-    with torch.inference_mode():
-        in_place = model(x)  # both steps on (the default)
-        monkeypatch.setattr(InferenceMlp, "inplace_gelu", gelu)
-        monkeypatch.setattr(LaViTBlock, "inplace_residual", residual)
-        out_of_place = model(x)
-    assert torch.equal(in_place, out_of_place)
-    assert torch.equal(x, x_before)
-    # Under autograd both stay out of place: the backward of the same model works.
-    model.train()
-    monkeypatch.setattr(InferenceMlp, "inplace_gelu", True)
-    monkeypatch.setattr(LaViTBlock, "inplace_residual", True)
-    model(x).sum().backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+def test_load_checkpoint_resized_takes_the_weights_a_lightning_checkpoint_keeps():
+    """``model.*`` and the EMA's ``ema.module.*`` (preferred), whole or as its state_dict."""
+    from lavit.training.trained import load_checkpoint_resized
+
+    trained, other = small_model(la_init="random"), small_model(la_init="identity")
+    state = {f"ema.module.{k}": v for k, v in trained.state_dict().items()}
+    state.update({f"model.{k}": v for k, v in other.state_dict().items()})
+    x = torch.randn(1, 3, 32, 32)
+    for given in ({"state_dict": state, "epoch": 3}, state, trained.state_dict()):
+        model = small_model()
+        load_checkpoint_resized(model, given)  # strict
+        torch.testing.assert_close(model(x), trained(x), rtol=0, atol=0)
+    big = LaViT(**{**SMALL, "img_size": 64})
+    load_checkpoint_resized(big, {"state_dict": state})  # resampled to 64²

@@ -56,8 +56,11 @@ def test_identity_la_layers_repeat_their_predecessor_and_perturbed_ones_do_not()
 
 def test_timm_attention_is_captured_and_fused_attention_restored():
     import timm
+    from timm.utils import AttentionExtract
 
     model = timm.create_model("pvt_v2_b0").eval()
+    with pytest.raises(RuntimeError, match="No node names"):  # why we switch fused_attn off
+        AttentionExtract(model)
     maps = attention_maps(model, torch.randn(2, 3, 64, 64))
     assert [(m.stage, m.layer) for m in maps] == [(s, i) for s in range(4) for i in range(2)]
     assert [m.probs.shape[1] for m in maps[::2]] == [1, 2, 5, 8]  # heads per stage

@@ -2,44 +2,31 @@
 
 The paper's motivation: within a stage, later layers' attention maps look much like the earlier
 ones ("saturation"), so recomputing them is wasted work. For each stage this measures, per head and
-averaged over images, the cosine similarity of the flattened attention map (N×N') of
-
-* each layer and the layer before it (``consecutive``), and
-* each layer and the stage's first layer (``to_first``),
-
-and the same of the maps minus uniform attention (``centred_similarity``), which separates real
-reuse from the near-uniform maps of an untrained model. LaViT maps come from
-``forward_with_aux(collect_attn=True)``; timm attention modules (PVTv2, ViT) are switched to their
-explicit path and their ``attn_drop`` input is hooked.
-
-Used by the training callback (``lavit.training.saturation_callback``) and ``lavit analyze``
-(``lavit.tools.analyze``) alike.
+averaged over images, the cosine similarity of the flattened attention maps (N×N') of each layer
+and the layer before it (``consecutive``) and of each layer and the stage's first (``to_first``),
+also of the maps minus uniform attention (``centred_similarity``), which separates real reuse
+from the near-uniform maps of an untrained model. LaViT's maps come from
+``forward_with_aux(collect_attn=True)``, other timm models' (PVTv2, ViT) from
+``timm.utils.AttentionExtract``. Shared by the training callback and ``lavit analyze``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.utils import AttentionExtract
 from torch import nn
 
 from lavit.models import LaViT
 from lavit.tables import write_csv
 
-__all__ = [
-    "AttentionMap",
-    "SaturationAccumulator",
-    "attention_maps",
-    "head_means",
-    "plot_saturation",
-    "saturation_table",
-    "write_report",
-]
+__all__ = ["AttentionMap", "attention_maps", "head_means", "saturation_table", "write_report"]
 
 
 @dataclass
@@ -52,171 +39,101 @@ class AttentionMap:
     probs: torch.Tensor  # (B, H, N, N')
 
 
-# --- attention maps ------------------------------------------------------------------------------
+def _stage_and_layer(name: str) -> tuple[int, int]:
+    """``stages.2.blocks.1.attn.softmax`` → (2, 1); ``blocks.5.attn.softmax`` (a ViT) → (0, 5)."""
+    match = re.search(r"(?:stages\.(\d+)\.)?blocks\.(\d+)", name)
+    if not match:
+        raise ValueError(f"cannot tell the stage and layer of attention node {name!r}")
+    return int(match.group(1) or 0), int(match.group(2))
 
 
-def _stage_and_layer(module_name: str) -> tuple[int, int]:
-    """``stages.2.blocks.1.attn`` → (2, 1); ``blocks.5.attn`` (a ViT) → (0, 5)."""
-    match = re.search(r"stages\.(\d+)\.blocks\.(\d+)", module_name)
-    if match:
-        return int(match.group(1)), int(match.group(2))
-    match = re.search(r"blocks\.(\d+)", module_name)
-    if match:
-        return 0, int(match.group(1))
-    raise ValueError(f"cannot tell the stage and layer of attention module {module_name!r}")
+def attention_reader(model: nn.Module) -> Callable[[torch.Tensor], list[AttentionMap]]:
+    """A function giving every attention layer's probabilities for a batch, model in eval mode."""
+    model.eval()
+    if isinstance(model, LaViT):
+        return lambda images: [
+            AttentionMap(r.stage, r.layer, r.kind, r.probs)
+            for r in model.forward_with_aux(images, collect_attn=True).attentions
+        ]
+    # AttentionExtract finds no softmax in a fused attention: it traces the explicit path.
+    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
+    try:
+        for module in fused:
+            module.fused_attn = False
+        extract = AttentionExtract(model).eval()
+    except Exception as err:  # no softmax node, or a model torch.fx cannot trace
+        raise ValueError(f"{type(model).__name__}: no attention maps to read ({err})") from None
+    finally:
+        for module, value in fused.items():
+            module.fused_attn = value
+    return lambda images: [
+        AttentionMap(*_stage_and_layer(name), "attn", probs)
+        for name, probs in extract(images).items()
+    ]
 
 
 @torch.no_grad()
 def attention_maps(model: nn.Module, images: torch.Tensor) -> list[AttentionMap]:
-    """Every attention layer's probabilities for ``images`` (B, 3, H, W), model in eval mode.
-
-    LaViT: its own records. timm: attention modules with ``fused_attn`` and ``attn_drop`` are run
-    on their explicit path and the probabilities entering ``attn_drop`` are captured.
-    """
-    model.eval()
-    if isinstance(model, LaViT):
-        records = model.forward_with_aux(images, collect_attn=True).attentions
-        return [AttentionMap(r.stage, r.layer, r.kind, r.probs) for r in records]
-
-    maps: list[AttentionMap] = []
-    hooks, fused = [], []
-    for name, module in model.named_modules():
-        drop = getattr(module, "attn_drop", None)
-        if hasattr(module, "fused_attn") and isinstance(drop, nn.Module):
-            stage, layer = _stage_and_layer(name)
-            fused.append((module, module.fused_attn))
-            module.fused_attn = False  # the explicit path materialises softmax(QKᵀ)
-
-            def capture(_module, inputs, _output, stage=stage, layer=layer):
-                maps.append(AttentionMap(stage, layer, "attn", inputs[0].detach()))
-
-            hooks.append(drop.register_forward_hook(capture))
-    if not hooks:
-        raise ValueError(
-            f"{type(model).__name__} has no attention module this tool can read (one with "
-            "`fused_attn` and `attn_drop`, as timm's ViT and PVTv2 have)"
-        )
-    try:
-        model(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for module, value in fused:
-            module.fused_attn = value
-    return maps
-
-
-# --- similarity ----------------------------------------------------------------------------------
+    """Every attention layer's probabilities for ``images`` (B, 3, H, W), model in eval mode."""
+    return attention_reader(model)(images)
 
 
 def cosine_per_head(a: torch.Tensor, b: torch.Tensor, centred: bool = False) -> torch.Tensor:
-    """Cosine similarity of two (B, H, N, N') attention maps, per image and head → (B, H).
-
-    ``centred``: of the maps minus uniform attention (1/N'), i.e. of where they deviate from
-    "look everywhere"; near-uniform maps (an untrained model) are all alike otherwise.
-    """
+    """Cosine similarity of two (B, H, N, N') maps per image and head → (B, H); ``centred``: of
+    the maps minus uniform attention (1/N'), where they deviate from "look everywhere"."""
     if centred:
         a, b = a - 1.0 / a.shape[-1], b - 1.0 / b.shape[-1]
-    a, b = a.flatten(2).double(), b.flatten(2).double()
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return torch.cosine_similarity(a.flatten(2).double(), b.flatten(2).double(), dim=-1)
 
 
-def layer_pairs(maps: Sequence[AttentionMap]) -> Iterator[tuple[str, AttentionMap, AttentionMap]]:
-    """(comparison, earlier, later) for every layer after the first of each stage."""
-    by_stage: dict[int, list[AttentionMap]] = {}
-    for m in maps:
-        by_stage.setdefault(m.stage, []).append(m)
-    for stage_maps in by_stage.values():
-        stage_maps.sort(key=lambda m: m.layer)
-        for previous, current in zip(stage_maps[:-1], stage_maps[1:], strict=True):
-            yield "consecutive", previous, current
-            yield "to_first", stage_maps[0], current  # = consecutive for the second layer
-
-
-class SaturationAccumulator:
-    """Sums of per-image similarities over batches, so that no attention map is kept."""
-
-    def __init__(self) -> None:
-        self.sums: dict[tuple, torch.Tensor] = {}  # (stage, layer_a, layer_b, comparison) → (H,)
-        self.squares: dict[tuple, torch.Tensor] = {}
-        self.centred: dict[tuple, torch.Tensor] = {}
-        self.kinds: dict[tuple, tuple[str, str]] = {}
-        self.count = 0
-
-    def add(self, maps: Sequence[AttentionMap]) -> None:
-        batch = 0
-        for comparison, a, b in layer_pairs(maps):
-            if a.probs.shape != b.probs.shape:
-                continue  # not comparable (does not happen within a stage)
-            sim = cosine_per_head(a.probs, b.probs)  # (B, H)
-            key = (a.stage, a.layer, b.layer, comparison)
-            self.sums[key] = self.sums.get(key, 0) + sim.sum(0)
-            self.squares[key] = self.squares.get(key, 0) + sim.square().sum(0)
-            centred = cosine_per_head(a.probs, b.probs, centred=True).sum(0)
-            self.centred[key] = self.centred.get(key, 0) + centred
-            self.kinds[key] = (a.kind, b.kind)
-            batch = sim.shape[0]
-        self.count += batch
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per (stage, layer pair, comparison, head): mean and std over images."""
-        out = []
-        for key in sorted(self.sums):
-            stage, layer_a, layer_b, comparison = key
-            mean = self.sums[key] / self.count
-            std = (self.squares[key] / self.count - mean.square()).clamp_min(0).sqrt()
-            centred = self.centred[key] / self.count
-            for head, (m, sd, c) in enumerate(
-                zip(mean.tolist(), std.tolist(), centred.tolist(), strict=True)
-            ):
-                out.append(
-                    {
-                        "stage": stage + 1,
-                        "layer_a": layer_a,
-                        "layer_b": layer_b,
-                        "kind_a": self.kinds[key][0],
-                        "kind_b": self.kinds[key][1],
-                        "comparison": comparison,
-                        "head": head,
-                        "similarity": m,
-                        "std": sd,
-                        "centred_similarity": c,
-                        "images": self.count,
-                    }
-                )
-        return out
-
-
+@torch.no_grad()
 def saturation_table(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[dict[str, Any]]:
-    """Per-head similarity rows of ``model`` over image ``batches`` (see the module docstring)."""
-    accumulator = SaturationAccumulator()
+    """One row per (stage, layer pair, comparison, head): mean and std over the images of
+    ``batches``; only the per-image similarities outlive a batch, not its attention maps."""
+    read = attention_reader(model)
+    sims: dict[tuple, list[torch.Tensor]] = {}  # (stage, a, b, comparison, kinds) → [(B, H, 2)]
     for images in batches:
-        accumulator.add(attention_maps(model, images))
-    return accumulator.rows()
+        maps = sorted(read(images), key=lambda m: (m.stage, m.layer))
+        for prev, cur in zip(maps[:-1], maps[1:], strict=True):
+            if prev.stage != cur.stage:
+                continue
+            first = next(m for m in maps if m.stage == cur.stage)
+            for comparison, a in (("consecutive", prev), ("to_first", first)):
+                key = (a.stage, a.layer, cur.layer, comparison, a.kind, cur.kind)
+                raw, centred = (cosine_per_head(a.probs, cur.probs, c) for c in (False, True))
+                sims.setdefault(key, []).append(torch.stack([raw, centred], -1))
+    rows = []
+    for (stage, layer_a, layer_b, comparison, kind_a, kind_b), parts in sorted(sims.items()):
+        sim = torch.cat(parts)  # (images, H, 2): raw and centred
+        mean, std = sim.mean(0).tolist(), sim[..., 0].std(0, correction=0).tolist()
+        for head, ((m, c), sd) in enumerate(zip(mean, std, strict=True)):
+            rows.append(dict(
+                stage=stage + 1, layer_a=layer_a, layer_b=layer_b, kind_a=kind_a, kind_b=kind_b,
+                comparison=comparison, head=head, similarity=m, std=sd, centred_similarity=c,
+                images=len(sim),
+            ))  # fmt: skip
+    return rows
 
 
 def head_means(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows averaged over heads: one per (stage, layer pair, comparison), heads listed."""
     grouped: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        key = (row["stage"], row["layer_a"], row["layer_b"], row["comparison"])
-        grouped.setdefault(key, []).append(row)
-    out = []
-    for (stage, a, b, comparison), group in grouped.items():
-        sims = [r["similarity"] for r in group]
-        centred = [r["centred_similarity"] for r in group]
-        out.append(
-            {
-                "stage": stage,
-                "layers": f"{a}→{b}",
-                "kinds": f"{group[0]['kind_a']}→{group[0]['kind_b']}",
-                "comparison": comparison,
-                "mean": sum(sims) / len(sims),
-                "centred_mean": sum(centred) / len(centred),
-                "per_head": " ".join(f"{s:.4f}" for s in sims),
-            }
-        )
-    return out
+        grouped.setdefault(
+            (row["stage"], row["layer_a"], row["layer_b"], row["comparison"]), []
+        ).append(row)
+    return [
+        {
+            "stage": stage,
+            "layers": f"{a}→{b}",
+            "kinds": f"{group[0]['kind_a']}→{group[0]['kind_b']}",
+            "comparison": comparison,
+            "mean": sum(r["similarity"] for r in group) / len(group),
+            "centred_mean": sum(r["centred_similarity"] for r in group) / len(group),
+            "per_head": " ".join(f"{r['similarity']:.4f}" for r in group),
+        }
+        for (stage, a, b, comparison), group in grouped.items()
+    ]
 
 
 # --- outputs -------------------------------------------------------------------------------------

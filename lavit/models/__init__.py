@@ -11,8 +11,6 @@ from .lavit import (
     lavit_cifar,
     lavit_small,
     lavit_tiny,
-    load_checkpoint_resized,
-    upgrade_legacy_state_dict,
 )
 from .losses import attention_dp_loss, diagonality_preserving_loss
 
@@ -31,6 +29,4 @@ __all__ = [
     "lavit_cifar",
     "lavit_small",
     "lavit_tiny",
-    "load_checkpoint_resized",
-    "upgrade_legacy_state_dict",
 ]

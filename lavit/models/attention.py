@@ -28,7 +28,6 @@ __all__ = [
     "LessAttentionInit",  # re-exported: the type of the la_init switch
     "SpatialReduction",
     "VanillaAttention",
-    "upgrade_legacy_keys",
 ]
 
 
@@ -64,8 +63,7 @@ class VanillaAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True) -> None:
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+        assert dim % num_heads == 0, f"embed dim {dim} is not divisible by num_heads {num_heads}"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -122,8 +120,7 @@ class LessAttention(nn.Module):
         qkv_bias: bool = True,
     ) -> None:
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+        assert dim % num_heads == 0, f"embed dim {dim} is not divisible by num_heads {num_heads}"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.sr_ratio = sr_ratio
@@ -131,7 +128,6 @@ class LessAttention(nn.Module):
         self.reduce = SpatialReduction(dim, sr_ratio)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.register_load_state_dict_pre_hook(upgrade_legacy_keys)
 
     def forward(
         self, x: torch.Tensor, grid: Grid, attn: torch.Tensor, explicit: bool = True
@@ -141,9 +137,8 @@ class LessAttention(nn.Module):
         key_grid = (grid[0] // self.sr_ratio, grid[1] // self.sr_ratio)
         scores = self.token_mixing(attn, grid, key_grid)  # (B, H, N, N')
         probs = scores.softmax(dim=-1)
-        v_tokens = self.reduce(x, grid)  # (B, N', C)
-        v = self.v(v_tokens).reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        # v: (B, H, N', d)
+        v = self.v(self.reduce(x, grid))  # (B, N', C) from the reduced tokens
+        v = v.reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N', d)
         out = (probs @ v).transpose(1, 2).reshape(B, N, C)  # (B, H, N, d) → (B, N, C)
         return self.proj(out), scores, probs
 
@@ -185,7 +180,6 @@ class AttentionDownsample(nn.Module):
         self.head_mix_weight = nn.Parameter(torch.empty(out_heads, in_heads))  # 1×1 conv
         self.gamma = nn.Parameter(torch.empty(()))
         self.reset_parameters()
-        self.register_load_state_dict_pre_hook(upgrade_legacy_keys)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -210,26 +204,3 @@ class AttentionDownsample(nn.Module):
             x = x.reshape(B, H, h * w, -1)  # (B, H, N_m, N'_m)
         x = torch.einsum("oh,bhnk->bonk", self.head_mix_weight, x)  # (B, H_m, N_m, N'_m)
         return self.gamma * x
-
-
-def upgrade_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Rename, in ``state_dict``, the keys of ``module`` (at ``prefix``) as older code wrote them.
-
-    A load-state-dict pre-hook of ``LessAttention`` (Ψ/Θ before they moved into ``token_mixing``)
-    and ``AttentionDownsample`` (``pool``/``head_mix`` convolutions before they became plain
-    weights; their biases, which cancel in the softmax, are dropped).
-    """
-    if isinstance(module, LessAttention):
-        for name in ("psi", "theta", "theta_bias"):
-            if prefix + name in state_dict:
-                state_dict[f"{prefix}token_mixing.{name}"] = state_dict.pop(prefix + name)
-    elif isinstance(module, AttentionDownsample):
-        if prefix + "pool.weight" in state_dict:  # (1, 1, 2, 2) conv weight
-            state_dict[prefix + "pool_weight"] = state_dict.pop(prefix + "pool.weight").reshape(
-                2, 2
-            )
-        if prefix + "head_mix.weight" in state_dict:  # (H_m, H_{m−1}, 1, 1) conv weight
-            weight = state_dict.pop(prefix + "head_mix.weight")
-            state_dict[prefix + "head_mix_weight"] = weight.reshape(weight.shape[0], -1)
-        for name in ("pool.bias", "head_mix.bias"):
-            state_dict.pop(prefix + name, None)

@@ -15,27 +15,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
 import torch.fx
 from timm.layers import DropPath, Mlp, register_notrace_function, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from torch import nn
 
-from .attention import AttentionDownsample, LessAttention, VanillaAttention, upgrade_legacy_keys
+from .attention import AttentionDownsample, LessAttention, VanillaAttention
 from .losses import DPLossVariant, attention_dp_loss
 from .resize import Grid, infer_grid, resize_pos_embed
-from .token_mixing import LA_MIXINGS, LAMixing, LessAttentionInit, TokenMixing, make_token_mixing
-from .validation import checked_input, input_size_problem, validate_config
+from .token_mixing import LAMixing, LessAttentionInit, TokenMixing, make_token_mixing
+from .validation import check_choice, checked_input, input_size_problem, validate_config
 
 
+# timm's feature_take_indices lives in a private module (timm.models._features): the same rule here.
 def take_indices(
     num_features: int, indices: int | list[int] | None = None
 ) -> tuple[list[int], int]:
     """Absolute stage indices (None: all, n: the last n, a list: negatives from the end), max."""
-    if indices is None:
-        indices = num_features
+    indices = num_features if indices is None else indices
     if isinstance(indices, int):
         if not 0 < indices <= num_features:
             raise ValueError(f"last-n ({indices}) is out of range (1 to {num_features})")
@@ -43,16 +44,8 @@ def take_indices(
     else:
         taken = [num_features + i if i < 0 else i for i in indices]
         if any(not 0 <= i < num_features for i in taken):
-            raise ValueError(
-                f"feature indices {list(indices)} out of range for {num_features} stages"
-            )
+            raise ValueError(f"indices {list(indices)} out of range ({num_features} stages)")
     return taken, max(taken)
-
-
-try:  # timm's helper is private (timm.models._features); ours does the same if it moves
-    from timm.models._features import feature_take_indices
-except ImportError:  # pragma: no cover - depends on the timm version
-    feature_take_indices = take_indices
 
 
 __all__ = ["AttentionRecord", "LaViT", "LaViTOutput", "checkpoint_filter_fn"]
@@ -97,33 +90,10 @@ class PatchEmbed(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over C
 
 
-class InferenceMlp(Mlp):
-    """timm's MLP (fc1 → GELU → fc2, the same parameters); without autograd the GELU runs in place.
-
-    fc1's output is the network's largest activation (B·N·4C). Where freed memory goes back to
-    the OS (a plain timm user's process: ``lavit bench --no-cpu-tuning``), a second buffer that
-    size comes as fresh pages, which cost more than the GELU: in place, lavit_tiny infers 1.12×
-    as fast (224², batch 32, fp32, 2-core Xeon; ``scripts/bench_inplace_inference.py
-    --no-cpu-tuning``, BENCHMARKS.md "In-place inference steps"). With lavit's CPU tuning it is
-    within noise (±1 %). ``torch.ops.aten.gelu_`` is the public operator namespace; ``nn.GELU``
-    has no in-place form.
-    """
-
-    inplace_gelu = True  # class-level so the benchmark can switch it off
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
-        if self.inplace_gelu and not torch.is_grad_enabled() and isinstance(self.act, nn.GELU):
-            x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
-        else:
-            x = self.act(x)
-        return self.drop2(self.fc2(self.norm(self.drop1(x))))
-
-
 class LaViTBlock(nn.Module):
     """Pre-norm block, ``x + Attn(Norm(x))`` then ``x + MLP(Norm(x))``; the attention is VA or LA.
 
-    ``kind="va"``: Vanilla Attention, which computes ``Q Kᵀ``; ``kind="la"``: Less-Attention,
+    Vanilla Attention, which computes ``Q Kᵀ``, or (given a ``token_mixing``) Less-Attention,
     which transforms the attention handed to it. ``hand_on`` is what the block passes to the
     layer after it: its pre-softmax ``"scores"``, its ``"probs"``, or nothing (``None``); a VA
     block that hands nothing on runs the fused attention kernel. Both are fixed at construction.
@@ -137,23 +107,20 @@ class LaViTBlock(nn.Module):
         mlp_ratio: float,
         drop_path: float,
         qkv_bias: bool,
-        kind: BlockKind,
         hand_on: HandOn,
         token_mixing: TokenMixing | None = None,
     ) -> None:
         super().__init__()
-        if (kind == "la") != (token_mixing is not None):
-            raise ValueError("an LA block needs a token_mixing, a VA block none")
-        self.kind = kind
+        self.kind: BlockKind = "va" if token_mixing is None else "la"
         self.hand_on = hand_on
         self.norm1 = nn.LayerNorm(dim)
-        if kind == "va":
+        if token_mixing is None:
             self.attn = VanillaAttention(dim, num_heads, sr_ratio, qkv_bias)
         else:
             self.attn = LessAttention(dim, num_heads, token_mixing, sr_ratio, qkv_bias)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = InferenceMlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
@@ -169,23 +136,10 @@ class LaViTBlock(nn.Module):
         """
         explicit = return_probs or self.hand_on is not None
         out, scores, probs = self.attn(self.norm1(x), grid, handed, explicit)
-        x = self.residual(x, self.drop_path1(out))
-        x = self.residual(x, self.drop_path2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path1(out)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
         handed_on = probs if self.hand_on == "probs" else scores if self.hand_on else None
         return x, handed_on, probs
-
-    inplace_residual = True  # class-level so the benchmark can switch it off
-
-    def residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        """``x + branch``; without autograd summed into the branch's fresh output (one buffer less).
-
-        1.06× lavit_tiny's inference throughput without lavit's CPU tuning, within noise with it
-        (measured as for :class:`InferenceMlp`). Under autograd it stays out of place: an
-        in-place add on a Linear's output (a view) costs the backward more than it saves.
-        """
-        if self.inplace_residual and not torch.is_grad_enabled():
-            return branch.add_(x)
-        return x + branch
 
 
 def _hand_on(i: int, depth: int, num_va: int, attn_state: AttnState, to_next: bool) -> HandOn:
@@ -226,6 +180,7 @@ class LaViTStage(nn.Module):
         self.sr_ratio = sr_ratio
         self.attn_state = attn_state
         self.hand_on_scores = hand_on_scores  # the next stage downsamples our last attention
+        self.grad_checkpointing = False
         self.downsample = PatchEmbed(in_dim, dim, stride, overlapping=stage_index == 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
         trunc_normal_(self.pos_embed, std=0.02)
@@ -234,25 +189,16 @@ class LaViTStage(nn.Module):
             if prev_heads is not None
             else None
         )
-        blocks = []
+        self.blocks = nn.ModuleList()
         for i in range(depth):
             la = i >= num_va_layers
-            blocks.append(
+            mixing = make_token_mixing(la_mixing, self.grid, self.key_grid, la_init) if la else None
+            hand_on = _hand_on(i, depth, num_va_layers, attn_state, hand_on_scores)
+            self.blocks.append(
                 LaViTBlock(
-                    dim,
-                    num_heads,
-                    sr_ratio,
-                    mlp_ratio,
-                    drop_path[i],
-                    qkv_bias,
-                    kind="la" if la else "va",
-                    hand_on=_hand_on(i, depth, num_va_layers, attn_state, hand_on_scores),
-                    token_mixing=make_token_mixing(la_mixing, self.grid, self.key_grid, la_init)
-                    if la
-                    else None,
-                )  # fmt: skip
+                    dim, num_heads, sr_ratio, mlp_ratio, drop_path[i], qkv_bias, hand_on, mixing
+                )
             )
-        self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(dim)
 
     @property
@@ -281,7 +227,8 @@ class LaViTStage(nn.Module):
             handed = self.attn_downsample(prev_scores, grid)  # a residual for the first VA
         records: list[AttentionRecord] = []
         for i, block in enumerate(self.blocks):
-            x, handed, probs = block(x, grid, handed, return_probs=collect == "all")
+            run = partial(checkpoint, block) if self.grad_checkpointing else block
+            x, handed, probs = run(x, grid, handed, collect == "all")
             if probs is not None and collect in ("all", block.kind):
                 key_grid = (h // self.sr_ratio, w // self.sr_ratio)
                 records.append(
@@ -362,13 +309,16 @@ class LaViT(nn.Module):
     ) -> None:
         super().__init__()
         img_size = to_2tuple(img_size)
-        if la_mixing not in LA_MIXINGS:
-            raise ValueError(f"la_mixing must be one of {LA_MIXINGS}, got {la_mixing!r}")
         validate_config(
             img_size, stem_stride, embed_dims, depths, num_heads, mlp_ratios, sr_ratios, num_va_layers,
-            drop_rate, drop_path_rate, la_init, attn_state, dp_loss_variant, dp_loss_layers, dp_loss_weight,
-            residual_attn_init,
+            drop_rate, drop_path_rate, dp_loss_weight, residual_attn_init,
         )  # fmt: skip
+        for name, value, choices in (
+            ("la_init", la_init, LessAttentionInit), ("la_mixing", la_mixing, LAMixing),
+            ("attn_state", attn_state, AttnState), ("dp_loss_variant", dp_loss_variant, DPLossVariant),
+            ("dp_loss_layers", dp_loss_layers, DPLossLayers),
+        ):  # fmt: skip
+            check_choice(name, value, choices)
         _check_pool(global_pool, num_classes)
         self.img_size = tuple(img_size)
         self.dynamic_img_size = bool(dynamic_img_size)
@@ -473,8 +423,10 @@ class LaViT(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise NotImplementedError("gradient checkpointing is not supported by LaViT yet")
+        """Recompute each block's activations in the backward (timm's ``checkpoint``)."""
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -536,10 +488,10 @@ class LaViT(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        taken, max_index = take_indices(len(self.stages), indices)
         stages = self.stages[: max_index + 1] if stop_early else self.stages
         features, _ = self._forward_stages(x, stages=stages)
-        intermediates = [features[m] for m in take_indices]
+        intermediates = [features[m] for m in taken]
         if output_fmt == "NHWC":
             intermediates = [f.permute(0, 2, 3, 1) for f in intermediates]  # (B, h, w, C)
         return intermediates if intermediates_only else (features[-1], intermediates)
@@ -551,7 +503,7 @@ class LaViT(nn.Module):
 
         ``prune_norm`` changes nothing (each stage's norm belongs to its output).
         """
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        taken, max_index = take_indices(len(self.stages), indices)
         if max_index < len(self.stages) - 1:
             self.stages = self.stages[: max_index + 1]
             self.feature_info = self.feature_info[: max_index + 1]
@@ -561,7 +513,7 @@ class LaViT(nn.Module):
                 self.reset_classifier(self.num_classes)
         if prune_head:
             self.reset_classifier(0, "")
-        return take_indices
+        return taken
 
     # --- LaViT extras ---------------------------------------------------------------------------
     def forward_with_aux(
@@ -579,16 +531,12 @@ class LaViT(nn.Module):
         logits = self.forward_head(features[-1])
         dp = None
         if want_dp:
-            covered = [r for r in records if self.dp_loss_layers == "all" or r.kind == "la"]
-            if covered:
-                dp = torch.stack(
-                    [
-                        attention_dp_loss(r.probs, r.query_grid, r.key_grid, self.dp_loss_variant)
-                        for r in covered
-                    ]
-                ).mean()
-            else:  # no LA layer (all-VA model): the DP loss is 0 but stays in the graph
-                dp = logits.new_zeros(())
+            losses = [
+                attention_dp_loss(r.probs, r.query_grid, r.key_grid, self.dp_loss_variant)
+                for r in records
+                if self.dp_loss_layers == "all" or r.kind == "la"
+            ]
+            dp = torch.stack(losses).mean() if losses else logits.new_zeros(())  # 0: no LA layer
         return LaViTOutput(logits, dp, records if collect_attn else [])
 
     @torch.no_grad()
@@ -627,60 +575,26 @@ def _check_pool(global_pool: str, num_classes: int) -> None:
         )
 
 
-# --- checkpoints at another input size, or from older code ---------------------------------------
-
-
-# Where a LaViTModule keeps its model's tensors, in the order a checkpoint's are taken.
-LIGHTNING_PREFIXES = ("ema.module.", "model.")
-
-
-def upgrade_legacy_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict:
-    """A copy of ``state_dict`` with the keys older LaViT code wrote renamed to ``model``'s.
-
-    ``model``: a LaViT or anything holding LaViTs (a LightningModule, its EMA copy); the same
-    renaming ``load_state_dict`` does through the modules' pre-hooks, without loading.
-    """
-    state = dict(state_dict)
-    for name, module in model.named_modules():
-        if isinstance(module, (LessAttention, AttentionDownsample)):
-            upgrade_legacy_keys(module, state, f"{name}." if name else "")
-    return state
+# --- checkpoints at another input size ------------------------------------------------------------
 
 
 def checkpoint_filter_fn(
     state_dict: dict[str, torch.Tensor], model: LaViT
 ) -> dict[str, torch.Tensor]:
-    """Adapt a checkpoint to ``model``: keys of older code renamed, pos_embed and Ψ/Θ resampled.
-
-    Ψ/Θ are resampled as deviations from the identity (``resize.py``), so identity stays exact.
-    A ``lavit fit`` (Lightning) checkpoint, or its ``state_dict``, gives its model's weights: the
-    EMA copy's when it has one (``ema.module.*``, the weights it evaluates), else ``model.*``.
-    """
-    state = dict(state_dict.get("state_dict", state_dict.get("model", state_dict)))
-    for wrapper in LIGHTNING_PREFIXES:
-        unwrapped = {k[len(wrapper) :]: v for k, v in state.items() if k.startswith(wrapper)}
-        if unwrapped:
-            state = unwrapped
-            break
-    for name, module in model.named_modules():  # parents first: keys renamed, then resampled
+    """Adapt a state dict to ``model``: pos_embed and Ψ/Θ resampled to its size (and Ψ/Θ of the
+    dense form converted to its ``la_mixing`` form). Ψ/Θ are resampled as deviations from the
+    identity (``resize.py``), so identity stays exact."""
+    state = dict(state_dict)
+    for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, (LessAttention, AttentionDownsample)):
-            upgrade_legacy_keys(module, state, prefix)
-        elif isinstance(module, TokenMixing):
+        if isinstance(module, TokenMixing):
             module.resize_state(state, prefix)
         elif isinstance(module, LaViTStage):
             value = state.get(prefix + "pos_embed")
-            grid = module.grid
-            if value is not None and value.shape[1] != grid[0] * grid[1]:
-                old = infer_grid(value.shape[1], grid)
-                state[prefix + "pos_embed"] = resize_pos_embed(value, old, grid)
+            if value is not None and value.shape[1] != module.grid[0] * module.grid[1]:
+                old = infer_grid(value.shape[1], module.grid)
+                state[prefix + "pos_embed"] = resize_pos_embed(value, old, module.grid)
     return state
-
-
-def load_checkpoint_resized(model: LaViT, state_dict: dict[str, torch.Tensor], strict: bool = True):
-    """``model.load_state_dict`` after ``checkpoint_filter_fn`` (another size, older code, a
-    Lightning checkpoint of ``lavit fit`` or its ``state_dict``)."""
-    return model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=strict)
 
 
 # --- variants -----------------------------------------------------------------------------------

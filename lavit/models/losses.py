@@ -39,8 +39,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .validation import check_choice
+
 DPLossVariant = Literal["corrected", "paper"]
-DP_LOSS_VARIANTS: tuple[str, ...] = ("corrected", "paper")
 
 
 def diagonality_preserving_loss(
@@ -53,12 +54,11 @@ def diagonality_preserving_loss(
     asymmetry = (attn - attn.transpose(-2, -1)).abs().sum(dim=(-2, -1))  # (...)
     diag = attn.diagonal(dim1=-2, dim2=-1)  # (..., N)
     off_diag = attn.sum(dim=-1) - diag  # (..., N): Σ_{j≠i} A_ij
+    check_choice("dp_loss_variant", variant, DPLossVariant)
     if variant == "paper":
         diag_term = ((n - 1) * diag - off_diag).sum(dim=-1)
-    elif variant == "corrected":
-        diag_term = ((off_diag - (n - 1) * diag + (n - 1)) / n).sum(dim=-1)
     else:
-        raise ValueError(f"dp_loss_variant must be one of {DP_LOSS_VARIANTS}, got {variant!r}")
+        diag_term = ((off_diag - (n - 1) * diag + (n - 1)) / n).sum(dim=-1)
     return ((asymmetry + diag_term) / n).mean()
 
 

@@ -109,24 +109,20 @@ def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Grid, new_grid: Grid) ->
     return _resample_tokens(pos_embed[0], old_grid, new_grid).unsqueeze(0)  # (1, N_new, C)
 
 
-def _resize_deviation(deviation: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
-    """``(N_old/N_new) · R D Rᵀ`` for a deviation ``D = W − I`` (N_old × N_old)."""
-    r = interpolation_matrix(old_grid, new_grid, deviation.device)  # (N_new, N_old)
-    n_old, n_new = r.shape[1], r.shape[0]
-    return ((n_old / n_new) * (r @ deviation.float() @ r.t())).to(deviation.dtype)  # (N_new, N_new)
-
-
 def token_mixing_deviation(weight: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
     """``W − I`` of a token-mixing matrix learned on old_grid, at new_grid (N_new × N_new).
 
     The form LA layers compute with (``S + (W − I) S``), so identity is exact reuse whatever the
-    matmul precision (TF32, bf16): a zero deviation contributes exactly zero.
+    matmul precision (TF32, bf16): a zero deviation contributes exactly zero. At another grid,
+    ``(N_old/N_new) · R (W − I) Rᵀ``; a grid (n, 1) resamples a mixing over a line of tokens.
     """
     deviation = weight.clone()  # (N_old, N_old); no N×N identity allocated per forward
     deviation.diagonal().sub_(1.0)
     if _same(old_grid, new_grid):
         return deviation
-    return _resize_deviation(deviation, old_grid, new_grid)
+    r = interpolation_matrix(old_grid, new_grid, deviation.device)  # (N_new, N_old)
+    n_old, n_new = r.shape[1], r.shape[0]
+    return ((n_old / n_new) * (r @ deviation.float() @ r.t())).to(deviation.dtype)  # (N_new, N_new)
 
 
 def resize_token_mixing(weight: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:

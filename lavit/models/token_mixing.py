@@ -2,16 +2,12 @@
 
 A ``TokenMixing`` maps scores ``S`` (B, H, N, N') on an h×w query grid and an h'×w' key grid to
 transformed scores ``S'`` of the same shape. It owns the size-dependent parameters of an LA
-layer, so it also knows how to follow the input size: ``forward`` takes any grid (the
-``dynamic_img_size`` path), ``resize_`` moves its native grids (``set_input_size``) and
-``resize_state`` adapts a checkpoint's tensors (``checkpoint_filter_fn``).
+layer, so it also follows the input size: ``forward`` takes any grid (``dynamic_img_size``),
+``resize_`` moves its native grids (``set_input_size``) and ``resize_state`` adapts a
+checkpoint's tensors (``checkpoint_filter_fn``).
 
-``DenseTokenMixing`` is the paper's form, ``S' = Ψ(Θ(S)ᵀ)ᵀ`` with a dense Ψ (N×N) and Θ (N'×N').
-Other forms (pooled or separable Ψ/Θ for high-resolution grids, below) subclass
-``TokenMixing``; :func:`make_token_mixing` builds the one a ``la_mixing`` switch names.
-
-The resolution-independent forms. The paper's Ψ and Θ are N×N matrices over the tokens of one
-grid (``"dense"``). At dense-prediction sizes they explode:
+``"dense"`` is the paper's form, ``S' = Ψ(Θ(S)ᵀ)ᵀ`` with N×N matrices Ψ (N×N) and Θ (N'×N') over
+the tokens of one grid. At dense-prediction sizes they explode:
 N = 4,200 in LaViT-T's stage 3 at 800×1344, so one Ψ holds 17.6 M parameters and costs N²·N′
 multiply-adds per head. Two forms whose parameters stay those of the native (224²) grids, at any
 input size:
@@ -33,7 +29,7 @@ and in any matmul precision.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.fx
@@ -44,170 +40,14 @@ from torch import nn
 from .resize import (
     Grid,
     infer_grid,
-    interpolation_matrix,
     resize_token_mixing,
     resize_token_vector,
     token_mixing_deviation,
 )
 
-__all__ = [
-    "LA_MIXINGS",
-    "DenseTokenMixing",
-    "LAMixing",
-    "LessAttentionInit",
-    "line_deviation",
-    "make_token_mixing",
-    "nearest_kronecker",
-    "PooledTokenMixing",
-    "SeparableTokenMixing",
-    "TokenMixing",
-]
-
 LessAttentionInit = Literal["identity", "random"]
-
-# Shape logic runs as opaque calls under torch.fx (plain symbolic_trace and timm's tracer alike),
-# so a traced model adapts Ψ/Θ to whatever grid it is given.
-for _fn in (token_mixing_deviation, resize_token_vector):
-    register_notrace_function(_fn)
-torch.fx.wrap("token_mixing_deviation")
-torch.fx.wrap("resize_token_vector")
-
-
-class TokenMixing(nn.Module):
-    """Base of the LA token-mixing forms: ``forward(scores, query_grid, key_grid) → S'``.
-
-    ``query_grid`` / ``key_grid`` are the native grids the parameters were made for.
-    """
-
-    def __init__(self, query_grid: Grid, key_grid: Grid) -> None:
-        super().__init__()
-        self.query_grid = (int(query_grid[0]), int(query_grid[1]))
-        self.key_grid = (int(key_grid[0]), int(key_grid[1]))
-
-    def forward(self, scores: torch.Tensor, query_grid: Grid, key_grid: Grid) -> torch.Tensor:
-        raise NotImplementedError
-
-    def resize_(self, query_grid: Grid, key_grid: Grid) -> None:
-        """Resample the parameters in place to new native grids."""
-        raise NotImplementedError
-
-    def resize_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
-        """Resample this module's entries of a checkpoint (``prefix`` + name) to the native grids."""
-        raise NotImplementedError
-
-
-class DenseTokenMixing(TokenMixing):
-    """``S' = W_Ψ · S · W_Θᵀ + (W_Ψ 1) b_Θᵀ``: Ψ mixes the query axis, Θ the key axis.
-
-    One pair per LA layer, shared across heads (the paper's ``R^{N×N}`` linear layers, applied
-    as ``Ψ(Θ(S)ᵀ)ᵀ``). Computed as deviations from the identity, ``T = S + S (Θ−I)ᵀ + 1 b_Θᵀ``,
-    ``S' = T + (Ψ−I) T``: the same products, but with ``init="identity"`` the layer reproduces
-    the attention it is given exactly in any matmul precision (TF32 and bf16 included), since a
-    zero deviation contributes an exact zero.
-
-    Ψ has no bias. Its ``b_Ψ 1ᵀ`` is constant along keys, so it cancels in this layer's
-    softmax; it would act only through the scores handed to a following LA layer, as
-    ``(W_Ψ' b_Ψ)(W_Θ' 1)ᵀ``, which is again constant along keys while Θ' keeps equal row sums
-    (at identity init: exactly), so it would start without gradient and could only ever add a
-    rank-one term. Θ's bias ``(W_Ψ 1) b_Θᵀ`` varies along keys and is kept.
-
-    With ``init="identity"`` the layer starts as exact reuse; ``"random"`` is ``nn.Linear``'s
-    initialisation (uniform ±1/√fan_in).
-    """
-
-    def __init__(self, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"):
-        super().__init__(query_grid, key_grid)
-        num_queries = self.query_grid[0] * self.query_grid[1]
-        num_keys = self.key_grid[0] * self.key_grid[1]
-        self.psi = nn.Parameter(torch.empty(num_queries, num_queries))  # W_Ψ, query axis
-        self.theta = nn.Parameter(torch.empty(num_keys, num_keys))  # W_Θ, key axis
-        self.theta_bias = nn.Parameter(torch.empty(num_keys))  # b_Θ
-        self.reset_parameters(init)
-
-    @torch.no_grad()
-    def reset_parameters(self, init: LessAttentionInit = "identity") -> None:
-        if init == "identity":
-            nn.init.eye_(self.psi)
-            nn.init.eye_(self.theta)
-            nn.init.zeros_(self.theta_bias)
-        elif init == "random":
-            for weight in (self.psi, self.theta):
-                bound = 1.0 / math.sqrt(weight.shape[1])
-                nn.init.uniform_(weight, -bound, bound)
-            bound = 1.0 / math.sqrt(self.theta.shape[1])
-            nn.init.uniform_(self.theta_bias, -bound, bound)
-        else:
-            raise ValueError(f"la_init must be 'identity' or 'random', got {init!r}")
-
-    def forward(self, scores: torch.Tensor, query_grid: Grid, key_grid: Grid) -> torch.Tensor:
-        # Ψ − I and Θ − I at this grid (resampled from the native grids when they differ).
-        d_psi = token_mixing_deviation(self.psi, self.query_grid, query_grid)  # (N, N)
-        d_theta = token_mixing_deviation(self.theta, self.key_grid, key_grid)  # (N', N')
-        bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)  # (N',)
-        B, H, N, K = scores.shape
-        s = scores.reshape(B * H * N, K)  # (B·H·N, N'): Θ on the key axis is one GEMM
-        # The adds go in place into fresh GEMM outputs (autograd keeps a GEMM's inputs, not its
-        # output): one pass over the scores less each than ``t + GEMM``.
-        t = torch.addmm(bias, s, d_theta.t()).add_(s)  # T = S Θᵀ + 1 b_Θᵀ, as S + S (Θ − I)ᵀ + …
-        t = t.reshape(B, H, N, K)  # (B, H, N, N')
-        # Ψ on the query axis: matmul folds (N, N) × (B, H, N, N') into one GEMM over B·H·N'.
-        return torch.matmul(d_psi, t).add_(t)  # (B, H, N, N'): S' = Ψ T = T + (Ψ − I) T
-
-    @torch.no_grad()
-    def resize_(self, query_grid: Grid, key_grid: Grid) -> None:
-        query_grid, key_grid = tuple(query_grid), tuple(key_grid)
-        self.psi = nn.Parameter(resize_token_mixing(self.psi, self.query_grid, query_grid))
-        self.theta = nn.Parameter(resize_token_mixing(self.theta, self.key_grid, key_grid))
-        self.theta_bias = nn.Parameter(
-            resize_token_vector(self.theta_bias, self.key_grid, key_grid).clone()
-        )
-        self.query_grid, self.key_grid = query_grid, key_grid
-
-    def resize_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
-        for name, grid, resize in (
-            ("psi", self.query_grid, resize_token_mixing),
-            ("theta", self.key_grid, resize_token_mixing),
-            ("theta_bias", self.key_grid, resize_token_vector),
-        ):
-            value = state.get(prefix + name)
-            if value is not None and value.shape[0] != grid[0] * grid[1]:
-                state[prefix + name] = resize(value, infer_grid(value.shape[0], grid), grid)
-
-
-# --- resolution-independent forms (la_mixing = separable / pooled) -------------------------------
-
 LAMixing = Literal["dense", "separable", "pooled"]
-LA_MIXINGS: tuple[str, ...] = ("dense", "separable", "pooled")
-
-
-def line_deviation(weight: torch.Tensor, size: int) -> torch.Tensor:
-    """``W − I`` of an n×n mixing over a line of n tokens, for ``size`` tokens.
-
-    ``(n/size)·R (W − I) Rᵀ`` with R the 1-D bicubic resampling (antialiased when shrinking):
-    zero stays zero, so identity stays identity.
-    """
-    n = weight.shape[0]
-    deviation = weight - torch.eye(n, dtype=weight.dtype, device=weight.device)
-    if n == size:
-        return deviation
-    r = interpolation_matrix((n, 1), (size, 1), weight.device)  # (size, n)
-    return ((n / size) * (r @ deviation.float() @ r.t())).to(weight.dtype)
-
-
-def nearest_kronecker(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` minimising ‖W − A ⊗ B‖_F for an N×N W over an h×w grid (A: h×h, B: w×w).
-
-    Van Loan–Pitsianis: rearrange W to R[(i, i'), (j, j')] = W[(i, j), (i', j')] and take its
-    best rank-1 approximation σ·u·vᵀ. The product fixes A and B up to c ↔ 1/c: A gets a mean
-    diagonal of 1 (the identity gives I_h and I_w), or an even split when its trace is ~0.
-    """
-    h, w = grid
-    r = weight.double().reshape(h, w, h, w).permute(0, 2, 1, 3).reshape(h * h, w * w)
-    u, s, vh = torch.linalg.svd(r, full_matrices=False)
-    a, b = u[:, 0].reshape(h, h), vh[0].reshape(w, w) * s[0]
-    trace = torch.trace(a)
-    scale = h / trace if trace.abs() > 1e-6 * a.abs().sum() else s[0].sqrt()
-    return (a * scale).to(weight.dtype), (b / scale).to(weight.dtype)
+LA_MIXINGS: tuple[str, ...] = get_args(LAMixing)
 
 
 def _separable_mix(
@@ -246,147 +86,178 @@ def _pooled_mix(x: torch.Tensor, deviation: torch.Tensor, native: Grid, grid: Gr
     return x + up.reshape(B, H, N, K)
 
 
-# Shape logic as opaque calls under torch.fx, as the dense form's.
-for _fn in (line_deviation, _separable_mix, _pooled_mix):
+# Shape logic runs as opaque calls under torch.fx (plain symbolic_trace and timm's tracer alike),
+# so a traced model adapts Ψ/Θ to whatever grid it is given.
+for _fn in (token_mixing_deviation, resize_token_vector, _separable_mix, _pooled_mix):
     register_notrace_function(_fn)
-torch.fx.wrap("line_deviation")
-torch.fx.wrap("_separable_mix")
-torch.fx.wrap("_pooled_mix")
+    torch.fx.wrap(_fn.__name__)
 
 
-def _init_square_(weight: torch.Tensor, init: str) -> None:
-    if init == "identity":
-        nn.init.eye_(weight)
-    elif init == "random":  # nn.Linear's own initialisation
-        bound = 1.0 / math.sqrt(weight.shape[1])
-        nn.init.uniform_(weight, -bound, bound)
-    else:
+def nearest_kronecker(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` minimising ‖W − A ⊗ B‖_F for an N×N W over an h×w grid (A: h×h, B: w×w).
+
+    Van Loan–Pitsianis: rearrange W to R[(i, i'), (j, j')] = W[(i, j), (i', j')] and take its
+    best rank-1 approximation σ·u·vᵀ. The product fixes A and B up to c ↔ 1/c: A gets a mean
+    diagonal of 1 (the identity gives I_h and I_w), or an even split when its trace is ~0.
+    """
+    h, w = grid
+    r = weight.double().reshape(h, w, h, w).permute(0, 2, 1, 3).reshape(h * h, w * w)
+    u, s, vh = torch.linalg.svd(r, full_matrices=False)
+    a, b = u[:, 0].reshape(h, h), vh[0].reshape(w, w) * s[0]
+    trace = torch.trace(a)
+    scale = h / trace if trace.abs() > 1e-6 * a.abs().sum() else s[0].sqrt()
+    return (a * scale).to(weight.dtype), (b / scale).to(weight.dtype)
+
+
+@torch.no_grad()
+def init_mixing_(init: LessAttentionInit, *weights: nn.Parameter) -> None:
+    """``"identity"``: matrices I, vectors (Θ's bias) 0; ``"random"``: ``nn.Linear``'s uniform
+    ±1/√fan_in."""
+    if init not in get_args(LessAttentionInit):
         raise ValueError(f"la_init must be 'identity' or 'random', got {init!r}")
+    for weight in weights:
+        if init == "random":
+            bound = 1.0 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+        elif weight.ndim == 2:
+            nn.init.eye_(weight)
+        else:
+            nn.init.zeros_(weight)
 
 
-class _NativeGridMixing(TokenMixing):
-    """Shared by the forms whose parameters stay on the native grids: Θ's bias, init, resizing.
+class TokenMixing(nn.Module):
+    """Base of the forms: ``forward(scores, query_grid, key_grid) → S'``.
 
-    ``resize_`` (``set_input_size``) keeps the parameters where they are: they do not depend on
-    the input size, and any grid is handled in ``forward``.
+    ``query_grid`` / ``key_grid`` are the native grids the parameters were made for. Every form
+    has Θ's bias ``b_Θ`` (one value per key token), and loads the paper's dense Ψ/Θ.
     """
 
     def __init__(self, query_grid: Grid, key_grid: Grid) -> None:
-        super().__init__(query_grid, key_grid)
-        self.theta_bias = nn.Parameter(torch.empty(self.key_grid[0] * self.key_grid[1]))  # b_Θ
-
-    def _reset_bias(self, init: str) -> None:
-        if init == "identity":
-            nn.init.zeros_(self.theta_bias)
-        else:
-            bound = 1.0 / math.sqrt(self.theta_bias.shape[0])
-            nn.init.uniform_(self.theta_bias, -bound, bound)
+        super().__init__()
+        self.query_grid = (int(query_grid[0]), int(query_grid[1]))
+        self.key_grid = (int(key_grid[0]), int(key_grid[1]))
 
     def resize_(self, query_grid: Grid, key_grid: Grid) -> None:
-        pass  # size-independent: the native grids stay
+        """Resample the parameters in place to new native grids (nothing to do for the forms
+        whose parameters do not depend on the input size)."""
 
-    def _dense_state(self, state: dict[str, torch.Tensor], prefix: str):
-        """A dense-form checkpoint's Ψ, Θ, b_Θ (removed from ``state``) on our native grids."""
-        psi, theta = state.pop(prefix + "psi", None), state.pop(prefix + "theta", None)
-        bias = state.get(prefix + "theta_bias")
-        out = []
-        for value, grid in ((psi, self.query_grid), (theta, self.key_grid)):
+    def resize_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Resample a checkpoint's dense-form entries (``prefix`` + name) to the native grids."""
+        for name, grid, resize in (
+            ("psi", self.query_grid, resize_token_mixing),
+            ("theta", self.key_grid, resize_token_mixing),
+            ("theta_bias", self.key_grid, resize_token_vector),
+        ):
+            value = state.get(prefix + name)
             if value is not None and value.shape[0] != grid[0] * grid[1]:
-                value = resize_token_mixing(value, infer_grid(value.shape[0], grid), grid)
-            out.append(value)
-        if bias is not None and bias.shape[0] != self.key_grid[0] * self.key_grid[1]:
-            old = infer_grid(bias.shape[0], self.key_grid)
-            state[prefix + "theta_bias"] = resize_token_vector(bias, old, self.key_grid)
-        return out
+                state[prefix + name] = resize(value, infer_grid(value.shape[0], grid), grid)
 
 
-class SeparableTokenMixing(_NativeGridMixing):
+class DenseTokenMixing(TokenMixing):
+    """``S' = W_Ψ · S · W_Θᵀ + (W_Ψ 1) b_Θᵀ``: Ψ mixes the query axis, Θ the key axis.
+
+    One pair per LA layer, shared across heads (the paper's ``R^{N×N}`` linear layers, applied
+    as ``Ψ(Θ(S)ᵀ)ᵀ``). Computed as deviations from the identity, ``T = S + S (Θ−I)ᵀ + 1 b_Θᵀ``,
+    ``S' = T + (Ψ−I) T``: the same products, but with ``init="identity"`` the layer reproduces
+    the attention it is given exactly in any matmul precision (TF32 and bf16 included), since a
+    zero deviation contributes an exact zero.
+
+    Ψ has no bias. Its ``b_Ψ 1ᵀ`` is constant along keys, so it cancels in this layer's
+    softmax; it would act only through the scores handed to a following LA layer, as
+    ``(W_Ψ' b_Ψ)(W_Θ' 1)ᵀ``, which is again constant along keys while Θ' keeps equal row sums
+    (at identity init: exactly), so it would start without gradient and could only ever add a
+    rank-one term. Θ's bias ``(W_Ψ 1) b_Θᵀ`` varies along keys and is kept.
+    """
+
+    def __init__(self, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"):
+        super().__init__(query_grid, key_grid)
+        num_queries = self.query_grid[0] * self.query_grid[1]
+        num_keys = self.key_grid[0] * self.key_grid[1]
+        self.psi = nn.Parameter(torch.empty(num_queries, num_queries))  # W_Ψ, query axis
+        self.theta = nn.Parameter(torch.empty(num_keys, num_keys))  # W_Θ, key axis
+        self.theta_bias = nn.Parameter(torch.empty(num_keys))  # b_Θ
+        init_mixing_(init, self.psi, self.theta, self.theta_bias)
+
+    def forward(self, scores: torch.Tensor, query_grid: Grid, key_grid: Grid) -> torch.Tensor:
+        # Ψ − I and Θ − I at this grid (resampled from the native grids when they differ).
+        d_psi = token_mixing_deviation(self.psi, self.query_grid, query_grid)  # (N, N)
+        d_theta = token_mixing_deviation(self.theta, self.key_grid, key_grid)  # (N', N')
+        bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)  # (N',)
+        B, H, N, K = scores.shape
+        s = scores.reshape(B * H * N, K)  # (B·H·N, N'): Θ on the key axis is one GEMM
+        # The adds go in place into fresh GEMM outputs (autograd keeps a GEMM's inputs, not its
+        # output): one pass over the scores less each than ``t + GEMM``.
+        t = torch.addmm(bias, s, d_theta.t()).add_(s)  # T = S Θᵀ + 1 b_Θᵀ, as S + S (Θ − I)ᵀ + …
+        t = t.reshape(B, H, N, K)  # (B, H, N, N')
+        # Ψ on the query axis: matmul folds (N, N) × (B, H, N, N') into one GEMM over B·H·N'.
+        return torch.matmul(d_psi, t).add_(t)  # (B, H, N, N'): S' = Ψ T = T + (Ψ − I) T
+
+    @torch.no_grad()
+    def resize_(self, query_grid: Grid, key_grid: Grid) -> None:
+        query_grid, key_grid = tuple(query_grid), tuple(key_grid)
+        self.psi = nn.Parameter(resize_token_mixing(self.psi, self.query_grid, query_grid))
+        self.theta = nn.Parameter(resize_token_mixing(self.theta, self.key_grid, key_grid))
+        bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)
+        self.theta_bias = nn.Parameter(bias.clone())
+        self.query_grid, self.key_grid = query_grid, key_grid
+
+
+class SeparableTokenMixing(TokenMixing):
     """``S' = (Ψ_h ⊗ Ψ_w) · (S (Θ_h ⊗ Θ_w)ᵀ + 1 b_Θᵀ)``, each factor resampled per grid."""
-
-    form = "separable"
 
     def __init__(self, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"):
         super().__init__(query_grid, key_grid)
         (qh, qw), (kh, kw) = self.query_grid, self.key_grid
+        self.theta_bias = nn.Parameter(torch.empty(kh * kw))  # b_Θ
         self.psi_h = nn.Parameter(torch.empty(qh, qh))
         self.psi_w = nn.Parameter(torch.empty(qw, qw))
         self.theta_h = nn.Parameter(torch.empty(kh, kh))
         self.theta_w = nn.Parameter(torch.empty(kw, kw))
-        self.reset_parameters(init)
-
-    @torch.no_grad()
-    def reset_parameters(self, init: LessAttentionInit = "identity") -> None:
-        for weight in (self.psi_h, self.psi_w, self.theta_h, self.theta_w):
-            _init_square_(weight, init)
-        self._reset_bias(init)
-
-    def dense(self, query_grid: Grid | None = None) -> torch.Tensor:
-        """The N×N Ψ this form stands for at ``query_grid`` (tests, analysis)."""
-        h, w = query_grid or self.query_grid
-        eye = torch.eye(h * w, dtype=self.psi_h.dtype).reshape(1, 1, h * w, h * w)
-        d_rows, d_cols = line_deviation(self.psi_h, h), line_deviation(self.psi_w, w)
-        return _separable_mix(eye, d_rows, d_cols, (h, w), -2)[0, 0]
+        init_mixing_(init, self.psi_h, self.psi_w, self.theta_h, self.theta_w, self.theta_bias)
 
     def forward(self, scores: torch.Tensor, query_grid: Grid, key_grid: Grid) -> torch.Tensor:
         bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)  # (N',)
-        d_th, d_tw = (
-            line_deviation(self.theta_h, key_grid[0]),
-            line_deviation(self.theta_w, key_grid[1]),
-        )
+        (qh, qw), (kh, kw) = self.query_grid, self.key_grid
+        # Each factor's W − I at this grid: a mixing over a line of tokens, as an (n, 1) grid.
+        d_th = token_mixing_deviation(self.theta_h, (kh, 1), (key_grid[0], 1))
+        d_tw = token_mixing_deviation(self.theta_w, (kw, 1), (key_grid[1], 1))
         t = _separable_mix(scores, d_th, d_tw, key_grid, -1) + bias  # S Θᵀ + 1 b_Θᵀ
-        d_ph, d_pw = (
-            line_deviation(self.psi_h, query_grid[0]),
-            line_deviation(self.psi_w, query_grid[1]),
-        )
+        d_ph = token_mixing_deviation(self.psi_h, (qh, 1), (query_grid[0], 1))
+        d_pw = token_mixing_deviation(self.psi_w, (qw, 1), (query_grid[1], 1))
         return _separable_mix(t, d_ph, d_pw, query_grid, -2)  # (B, H, N, N'): Ψ T
 
     def resize_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
-        """Converts a dense-form checkpoint (``psi``/``theta``) to the nearest Kronecker factors."""
-        psi, theta = self._dense_state(state, prefix)
-        for value, grid, name in ((psi, self.query_grid, "psi"), (theta, self.key_grid, "theta")):
+        """A dense-form checkpoint's Ψ/Θ become their nearest Kronecker factors."""
+        super().resize_state(state, prefix)
+        for name, grid in (("psi", self.query_grid), ("theta", self.key_grid)):
+            value = state.pop(prefix + name, None)
             if value is not None:
-                a, b = nearest_kronecker(value, grid)
-                state[f"{prefix}{name}_h"], state[f"{prefix}{name}_w"] = a, b
+                state[f"{prefix}{name}_h"], state[f"{prefix}{name}_w"] = nearest_kronecker(
+                    value, grid
+                )
 
 
-class PooledTokenMixing(_NativeGridMixing):
+class PooledTokenMixing(TokenMixing):
     """``S' = Ψ̃(Θ̃(S) + 1 b_Θᵀ)`` with ``Ψ̃(x) = x + Up((Ψ − I)·Pool(x))`` (Θ̃ likewise)."""
-
-    form = "pooled"
 
     def __init__(self, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"):
         super().__init__(query_grid, key_grid)
         n, k = self.query_grid[0] * self.query_grid[1], self.key_grid[0] * self.key_grid[1]
+        self.theta_bias = nn.Parameter(torch.empty(k))  # b_Θ
         self.psi = nn.Parameter(torch.empty(n, n))  # on the native (pooled) query grid
         self.theta = nn.Parameter(torch.empty(k, k))  # on the native (pooled) key grid
-        self.reset_parameters(init)
-
-    @torch.no_grad()
-    def reset_parameters(self, init: LessAttentionInit = "identity") -> None:
-        _init_square_(self.psi, init)
-        _init_square_(self.theta, init)
-        self._reset_bias(init)
+        init_mixing_(init, self.psi, self.theta, self.theta_bias)
 
     def forward(self, scores: torch.Tensor, query_grid: Grid, key_grid: Grid) -> torch.Tensor:
         bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)  # (N',)
-        d_theta = self.theta - torch.eye(
-            self.theta.shape[0], dtype=scores.dtype, device=scores.device
-        )
-        t = _pooled_mix(scores, d_theta, self.key_grid, key_grid, -1) + bias
-        d_psi = self.psi - torch.eye(self.psi.shape[0], dtype=scores.dtype, device=scores.device)
-        return _pooled_mix(t, d_psi, self.query_grid, query_grid, -2)  # (B, H, N, N')
-
-    def resize_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
-        """A dense-form checkpoint's Ψ/Θ are this form's, resampled to the native grids if needed."""
-        psi, theta = self._dense_state(state, prefix)
-        if psi is not None:
-            state[prefix + "psi"] = psi
-        if theta is not None:
-            state[prefix + "theta"] = theta
+        eye = torch.eye(self.theta.shape[0], dtype=scores.dtype, device=scores.device)
+        t = _pooled_mix(scores, self.theta - eye, self.key_grid, key_grid, -1) + bias
+        eye = torch.eye(self.psi.shape[0], dtype=scores.dtype, device=scores.device)
+        return _pooled_mix(t, self.psi - eye, self.query_grid, query_grid, -2)  # (B, H, N, N')
 
 
 def make_token_mixing(
-    form: str, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"
+    form: LAMixing, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"
 ) -> TokenMixing:
     """The ``la_mixing`` form of an LA layer, made for its native grids."""
     forms = {

@@ -8,13 +8,19 @@ torch.fx so that a traced model keeps it).
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 
-from .losses import DP_LOSS_VARIANTS
 from .resize import Grid
 
-__all__ = ["checked_input", "input_size_problem", "validate_config"]
+__all__ = ["check_choice", "checked_input", "input_size_problem", "validate_config"]
+
+
+def check_choice(name: str, value, choices) -> None:
+    """A ValueError unless ``value`` is one of the ``Literal`` type ``choices``."""
+    if value not in get_args(choices):
+        raise ValueError(f"{name} must be one of {get_args(choices)}, got {value!r}")
 
 
 def input_size_problem(img_size: Grid, stem_stride: int, sr_ratios) -> str | None:
@@ -40,10 +46,7 @@ def input_size_problem(img_size: Grid, stem_stride: int, sr_ratios) -> str | Non
 def checked_input(
     x: torch.Tensor, img_size: Grid, dynamic: bool, stem_stride: int, sr_ratios: tuple[int, ...]
 ) -> torch.Tensor:
-    """``x`` itself, or a ValueError if the model cannot take its size.
-
-    An opaque call under torch.fx, so a traced model keeps the check (and this error).
-    """
+    """``x`` itself, or a ValueError if the model cannot take its size."""
     size = (int(x.shape[-2]), int(x.shape[-1]))
     if dynamic:
         problem = input_size_problem(size, stem_stride, sr_ratios)
@@ -59,43 +62,27 @@ def checked_input(
 
 
 def validate_config(
-    img_size: Grid,
-    stem_stride: int,
-    embed_dims,
-    depths,
-    num_heads,
-    mlp_ratios,
-    sr_ratios,
-    num_va_layers,
-    drop_rate: float,
-    drop_path_rate: float,
-    la_init: str,
-    attn_state: str,
-    dp_loss_variant: str,
-    dp_loss_layers: str,
-    dp_loss_weight: float,
+    img_size: Grid, stem_stride: int, embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
+    num_va_layers, drop_rate: float, drop_path_rate: float, dp_loss_weight: float,
     residual_attn_init: float,
-) -> None:
-    """Raise a ValueError naming the argument and what is allowed."""
-    num_stages = len(depths)
-    for name, value in (
-        ("embed_dims", embed_dims),
-        ("num_heads", num_heads),
-        ("mlp_ratios", mlp_ratios),
-        ("sr_ratios", sr_ratios),
-        ("num_va_layers", num_va_layers),
-    ):
-        if len(value) != num_stages:
+) -> None:  # fmt: skip
+    """Raise a ValueError naming the argument and what is allowed (the shapes and numbers; the
+    string choices are checked by :func:`check_choice`)."""
+    per_stage = dict(embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios,
+                     sr_ratios=sr_ratios, num_va_layers=num_va_layers)  # fmt: skip
+    for name, value in per_stage.items():
+        if len(value) != len(depths):
             raise ValueError(
-                f"{name} must have one entry per stage ({num_stages}, as depths), got {list(value)}"
+                f"{name} must have one entry per stage ({len(depths)}, as depths), got {list(value)}"
             )
-    if any(d < 1 for d in depths):
-        raise ValueError(f"depths must be ≥ 1 per stage, got {list(depths)}")
+    for name, value, low in (("depths", depths, 1), ("sr_ratios", sr_ratios, 1)):
+        if any(v < low for v in value):
+            raise ValueError(f"{name} must be ≥ {low} per stage, got {list(value)}")
     for m, (va, depth) in enumerate(zip(num_va_layers, depths, strict=True)):
         if not 1 <= va <= depth:
             raise ValueError(
-                f"num_va_layers[{m}] = {va} is not allowed: each stage needs 1 ≤ num_va_layers ≤ its depth "
-                f"({depth}); num_va_layers = depth means no LA layer in that stage"
+                f"num_va_layers[{m}] = {va} is not allowed: each stage needs 1 ≤ num_va_layers ≤ "
+                f"its depth ({depth}); num_va_layers = depth means no LA layer in that stage"
             )
     for m, (dim, heads) in enumerate(zip(embed_dims, num_heads, strict=True)):
         if heads < 1 or dim % heads != 0:
@@ -104,27 +91,14 @@ def validate_config(
             )
     if any(r <= 0 for r in mlp_ratios):
         raise ValueError(f"mlp_ratios must be > 0, got {list(mlp_ratios)}")
-    if any(r < 1 for r in sr_ratios):
-        raise ValueError(f"sr_ratios must be ≥ 1, got {list(sr_ratios)}")
     if stem_stride < 1:
         raise ValueError(f"stem_stride must be ≥ 1, got {stem_stride}")
     problem = input_size_problem(img_size, stem_stride, sr_ratios)
     if problem:
         raise ValueError(f"img_size {tuple(img_size)} is not allowed: {problem}")
-    if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-    if not 0.0 <= drop_path_rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-    if la_init not in ("identity", "random"):
-        raise ValueError(f"la_init must be 'identity' or 'random', got {la_init!r}")
-    if attn_state not in ("scores", "probs"):
-        raise ValueError(f"attn_state must be 'scores' or 'probs', got {attn_state!r}")
-    if dp_loss_variant not in DP_LOSS_VARIANTS:
-        raise ValueError(
-            f"dp_loss_variant must be one of {DP_LOSS_VARIANTS}, got {dp_loss_variant!r}"
-        )
-    if dp_loss_layers not in ("la", "all"):
-        raise ValueError(f"dp_loss_layers must be 'la' or 'all', got {dp_loss_layers!r}")
+    for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {rate}")
     if not (dp_loss_weight >= 0.0 and math.isfinite(dp_loss_weight)):
         raise ValueError(
             f"dp_loss_weight must be a finite number ≥ 0 (0 turns the DP loss off), got {dp_loss_weight}"

@@ -4,6 +4,7 @@ What ``lavit export`` and ``lavit analyze`` need from a checkpoint that ``lavit 
 model the run validated (its EMA weights when it kept one), rebuilt from the checkpoint's
 hyper-parameters, and the run's evaluation preprocessing (input size, mean, std, crop). Nothing
 in the file is unpickled as code (:func:`~lavit.training.checkpoint_io.load_checkpoint_file`).
+:func:`load_checkpoint_resized` puts its weights into a model of another input size.
 """
 
 from __future__ import annotations
@@ -12,14 +13,45 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+import torch
 from timm.data import create_transform
 from torch import nn
 
 from lavit.errors import CheckpointError
+from lavit.models import checkpoint_filter_fn
 from lavit.training.checkpoint_io import load_checkpoint_file
 from lavit.training.module import LaViTModule
 
-__all__ = ["data_config", "eval_transform", "load_eval_model", "load_trained"]
+__all__ = [
+    "data_config",
+    "eval_transform",
+    "load_checkpoint_resized",
+    "load_eval_model",
+    "load_trained",
+    "model_state_dict",
+]
+
+# Where a LaViTModule keeps its model's tensors, in the order they are preferred: the EMA copy
+# (the weights the run evaluated), then the trained model.
+MODEL_PREFIXES = ("ema.module.", "model.")
+
+
+def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's weights (timm's keys) from a ``lavit fit`` checkpoint, its ``state_dict``,
+    or a plain state dict (returned as is): the EMA's when the run kept one."""
+    state = checkpoint.get("state_dict", checkpoint)
+    for prefix in MODEL_PREFIXES:
+        inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if inner:
+            return inner
+    return dict(state)
+
+
+def load_checkpoint_resized(model: nn.Module, checkpoint: dict[str, Any], strict: bool = True):
+    """``model.load_state_dict`` of a ``lavit fit`` checkpoint (or state dict) at any input size:
+    position embeddings and Ψ/Θ resampled by the model's ``checkpoint_filter_fn``."""
+    state = checkpoint_filter_fn(model_state_dict(checkpoint), model)
+    return model.load_state_dict(state, strict=strict)
 
 
 def load_eval_model(checkpoint: dict[str, Any], ema: bool = True) -> tuple[nn.Module, bool]:
