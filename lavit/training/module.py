@@ -1,15 +1,10 @@
 """The LightningModule: a LaViT (or any timm classifier) trained with the DeiT/PVT recipe.
 
-``loss = CE + λ·DP`` (λ = the model's ``dp_loss_weight``), top-1/top-5 accuracy per split, any
-timm optimizer and schedule (AdamW and per-step warm-up then cosine by default, layer-wise lr
-decay on request), Mixup/CutMix and label smoothing on the training batch, an optional EMA of the
-weights that is validated instead of the raw weights and travels in the checkpoint, and
-fine-tuning: from weights (a file of ``lavit export`` or ``lavit fit``, or timm's), at another
-input size or class count, with parts of the model frozen.
-
-The model's own arguments (``num_va_layers``, ``la_init``, ...) are not restated here: they reach
-the module as keyword arguments, and the CLI offers them as ``--model.<name>`` with the types of
-the LaViT signature (:func:`add_model_arguments`).
+``loss = CE + λ·DP`` (λ = the model's ``dp_loss_weight``), top-1/top-5 accuracy per split, timm's
+optimizers and schedules, Mixup/CutMix and label smoothing, an optional EMA of the weights (what
+is evaluated; saved in checkpoints), and fine-tuning: from weights, at another size or class count,
+with parts frozen. The model's own arguments (``num_va_layers``, ``la_init``, ...) are not restated
+here: they arrive as keyword arguments; the CLI reads their types from LaViT's signature.
 """
 
 from __future__ import annotations
@@ -72,38 +67,33 @@ class LaViTModule(L.LightningModule):
     """Image classification with a LaViT or a timm baseline (the recipe of docs/spec.md §5).
 
     Args:
-        arch: a model name of :mod:`lavit.models.factory`: ``lavit_cifar``, ``lavit_tiny``,
-            ``lavit_small``, ``lavit_base`` (``/all-va`` for the all-VA twin), or any timm
-            classifier as a baseline (e.g. ``pvt_v2_b1``).
+        arch: a model name of :mod:`lavit.models.factory` (``lavit_tiny``, ``lavit_cifar/all-va``,
+            ...) or any timm classifier as a baseline (``pvt_v2_b1``).
         num_classes: classifier outputs (linked from the data module by the CLI).
         img_size: input side; ``None``: the variant's default (linked from the data by the CLI).
         drop_path_rate: stochastic depth rate (linear over blocks).
         drop_rate: dropout before the classifier.
         model_kwargs: other model arguments, for any arch (``embed_dims``, ``depths``, ...).
-        pretrained: start from timm's published weights of ``arch`` (a baseline to fine-tune):
-            from the Hugging Face cache, else the Hub; the classifier is new when ``num_classes``
-            differs. The CLI then takes the data's preprocessing from the weights' config.
-        pretrained_file: start from this weights file instead (any arch): a ``.safetensors`` /
-            ``.pth`` state dict (e.g. the ``model.safetensors`` of ``lavit export``) or a
-            ``lavit fit`` checkpoint (its EMA weights when it has them); position embeddings and
-            Ψ/Θ are resampled to ``img_size``, a classifier of another size starts afresh.
+        pretrained: start from timm's published weights of ``arch`` (the Hugging Face cache, else
+            the Hub); the data's preprocessing then follows the weights' config.
+        pretrained_file: start from this weights file instead: a state dict (``lavit export``'s
+            ``model.safetensors``) or a ``lavit fit`` checkpoint (its EMA weights if any); position
+            embeddings and Ψ/Θ are resampled, a classifier of another size starts afresh.
         freeze: submodules of the model whose parameters do not train (``stages.0``, ...), or
             ``backbone``: all but the classifier (a linear probe).
-        opt: any timm optimizer (``adamw``, ``sgd``, ``lamb``, ...; ``timm.optim.list_optimizers()``);
-            no weight decay on norms, biases, position embeddings and Ψ/Θ.
+        opt: a timm optimizer (``adamw``, ``sgd``, ``lamb``, ...; ``timm.optim.list_optimizers()``).
         lr: peak learning rate, for a global batch of 512 when ``scale_lr_by_batch``.
         scale_lr_by_batch: use ``lr × global batch / 512`` (batch × devices × accumulation).
-        weight_decay: the optimizer's weight decay.
+        weight_decay: weight decay (none on norms, biases, position embeddings and Ψ/Θ).
         momentum: momentum, for the optimizers that have one (SGD).
         betas: Adam-family betas; ``None``: the optimizer's default ((0.9, 0.999) for AdamW).
         eps: the optimizer's epsilon; ``None``: its default (1e-8 for AdamW).
-        layer_decay: layer-wise lr decay: the lr of each block group is ``lr × layer_decay^depth
-            from the head`` (timm's ``param_groups_layer_decay`` over the model's ``group_matcher``).
+        layer_decay: layer-wise lr decay, ``lr × layer_decay^(groups from the head)`` (timm's
+            ``param_groups_layer_decay`` over the model's ``group_matcher``).
         sched: timm schedule, stepped per optimizer update: ``cosine`` (to ``min_lr``), ``step``
             (× ``decay_rate`` every ``decay_epochs``), ``multistep`` (at ``decay_milestones``),
             ``poly`` (power ``decay_rate``), ``tanh`` or ``constant``.
-        warmup_epochs: linear warm-up length in epochs (fractions allowed; stepped per update);
-            the schedule's decay starts after it.
+        warmup_epochs: linear warm-up in epochs (fractions allowed); the decay starts after it.
         warmup_lr: learning rate at the start of the warm-up.
         min_lr: learning rate at the end of the schedule (cosine, poly, tanh).
         decay_epochs: ``step``: epochs between two decays.
@@ -119,11 +109,9 @@ class LaViTModule(L.LightningModule):
             instead of the raw weights and saved in checkpoints; ``None`` disables it.
         channels_last: run the model in channels-last memory format.
         compile: ``torch.compile`` the training forward.
-        reseed_every_epoch: reseed the RNGs from (global seed, epoch, rank) at each epoch start,
-            so that a resumed run draws the same data order and augmentations as an
-            uninterrupted one (exactly so with ``num_workers=0``).
-        **model_args: the model's own arguments (LaViT's ``num_va_layers``, ``la_init``,
-            ``attn_state``, ``dp_loss_weight``, ...; ``None``: the variant's default).
+        reseed_every_epoch: reseed the RNGs from (global seed, epoch, rank) each epoch, so that a
+            resumed run draws what an uninterrupted one would (exactly with ``num_workers=0``).
+        **model_args: the model's own arguments (LaViT's ``num_va_layers``, ``dp_loss_weight``...).
     """
 
     def __init__(
@@ -182,19 +170,11 @@ class LaViTModule(L.LightningModule):
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
 
-        self.mixup = (
-            Mixup(
-                mixup_alpha=mixup_alpha,
-                cutmix_alpha=cutmix_alpha,
-                prob=mixup_prob,
-                switch_prob=mixup_switch_prob,
-                mode=mixup_mode,
-                label_smoothing=label_smoothing,
-                num_classes=num_classes,
-            )
-            if (mixup_alpha > 0 or cutmix_alpha > 0) and mixup_prob > 0
-            else None
-        )
+        self.mixup = None
+        if (mixup_alpha > 0 or cutmix_alpha > 0) and mixup_prob > 0:
+            self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mixup_prob,
+                               switch_prob=mixup_switch_prob, mode=mixup_mode,
+                               label_smoothing=label_smoothing, num_classes=num_classes)  # fmt: skip
         # Mixup already smooths its soft targets; without it, CE smooths the hard ones.
         self.train_criterion = (
             SoftTargetCrossEntropy()
@@ -333,13 +313,20 @@ class LaViTModule(L.LightningModule):
         return {"probs": probs, "pred": probs.argmax(dim=-1)}
 
     # ------------------------------------------------------------------------------ checkpoints
+    def _attached_trainer(self) -> L.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer (a module loaded on its own)
+            return None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._attached_trainer()
         # The class names travel with the weights (`lavit export` writes them as label names).
-        names = getattr(self._trainer and self.trainer.datamodule, "class_names", None)
+        names = getattr(trainer and trainer.datamodule, "class_names", None)
         if names:
             checkpoint["class_names"] = list(names)
         # Mid-epoch, the RNG states too: resuming continues the epoch's draws exactly.
-        if mid_epoch(self._trainer):
+        if mid_epoch(trainer):
             checkpoint[RNG_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -347,10 +334,14 @@ class LaViTModule(L.LightningModule):
         # A resumed fit creates its first DataLoader iterator before on_train_epoch_start (in
         # configure_optimizers' estimated_stepping_batches): seed the coming epoch now. An
         # end-of-epoch checkpoint stores the finished epoch, so the next one is epoch + 1.
-        if self._trainer is not None and self.trainer.state.fn == "fit":
+        trainer = self._attached_trainer()
+        if trainer is not None and trainer.state.fn == "fit":
             self._resumed_rng = checkpoint.get(RNG_KEY)  # a mid-epoch checkpoint
             if self._resumed_rng is None:
                 self._reseed(checkpoint.get("epoch", -1) + 1)
+            # timm's schedule is a function of the update count: a resumed run follows the one
+            # it is configured with now (e.g. more epochs), not the saved one.
+            checkpoint["lr_schedulers"] = []
         state = checkpoint["state_dict"]
         ema_keys = [k for k in state if k.startswith("ema.")]
         if self.ema is not None and not ema_keys:  # turning EMA on: start from the weights
@@ -364,9 +355,9 @@ class LaViTModule(L.LightningModule):
     # ------------------------------------------------------------------------------ optimizer
     def _global_batch_size(self) -> int:
         trainer = self.trainer
-        per_device = getattr(trainer.datamodule, "batch_size", None)
-        if per_device is None:
-            per_device = getattr(trainer.train_dataloader, "batch_size", None)
+        per_device = getattr(trainer.datamodule, "batch_size", None) or getattr(
+            trainer.train_dataloader, "batch_size", None
+        )
         if per_device is None:
             raise ValueError(
                 "scale_lr_by_batch needs the batch size (a `batch_size` on the datamodule or the "

@@ -1,16 +1,10 @@
-"""Pretrained weights for fine-tuning: timm's published weights (the Hugging Face cache or the Hub)
-or a local weights file, checked before the model is built so that a missing file fails at once.
-
-* ``pretrained=True`` with a timm architecture (``pvt_v2_b1``, ``resnet50``...) loads timm's
-  default weights for it: from the Hugging Face cache when they are there (no network needed),
-  else downloaded from the Hub; offline (``HF_HUB_OFFLINE=1``, or no network) and not cached is a
-  ``ValueError`` saying how to get them.
-* ``pretrained_file=PATH`` loads a ``.safetensors`` / ``.pth`` state dict instead (any arch,
-  LaViT included, e.g. the ``model.safetensors`` of ``lavit export``).
-* A classifier whose size differs from ``num_classes`` starts afresh (timm's rule); the rest is
-  loaded, resampled to the input size where the model knows how (position embeddings, Ψ/Θ).
-* The data's preprocessing follows the weights' (``pretrained_data_config``): the CLI applies it to
-  every data option left at its default.
+"""Pretrained weights for fine-tuning, checked before the model is built (a missing file fails at
+once), then loaded by timm: the architecture's published weights (``pretrained=True``: the Hugging
+Face cache, else the Hub; offline and not cached is a ``ValueError`` saying how to get them), or a
+weights file (``pretrained_file``: a state dict, ``lavit export``'s ``model.safetensors``, or a
+``lavit fit`` checkpoint). A classifier of another size starts afresh (timm's rule); position
+embeddings and Ψ/Θ are resampled to the input size. With published weights, the data options left
+at their defaults follow the weights' preprocessing (:func:`apply_pretrained_data_config`).
 """
 
 from __future__ import annotations
@@ -138,11 +132,8 @@ def pretrained_data_config(arch: str) -> dict[str, Any]:
 
 
 def _same(value: Any, default: Any) -> bool:
-    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
-        return len(value) == len(default) and all(
-            _same(a, b) for a, b in zip(value, default, strict=True)
-        )
-    return value == default
+    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return as_list(value) == as_list(default)
 
 
 def apply_pretrained_data_config(config: Any) -> list[str]:
@@ -158,7 +149,7 @@ def apply_pretrained_data_config(config: Any) -> list[str]:
     model, data = config.get("model"), config.get("data")
     if model is None or data is None:
         return []
-    if not (model.get("pretrained") or model.get("pretrained_file")):
+    if not model.get("pretrained") or model.get("pretrained_file"):  # timm's published weights
         return []
     defaults = {k: p.default for k, p in inspect.signature(ImageDataModule).parameters.items()}
     changed = []
