@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
+from timm.optim import list_optimizers
 from timm.utils import ModelEmaV3, freeze
 from torch import nn
 from torchmetrics import MetricCollection
@@ -154,6 +155,8 @@ class LaViTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         check_arguments(LaViTModule.__init__, locals())
+        if opt.lower().split("_")[-1] not in list_optimizers():  # as timm reads lookahead_adamw
+            raise ValueError(f"opt={opt!r}: not a timm optimizer (timm.optim.list_optimizers())")
         self.save_hyperparameters()
         weights = pretrained_kwargs(arch, pretrained, pretrained_file)  # checked before building
         self.model = create_model(
