@@ -30,25 +30,12 @@ from jsonargparse.typing import (
 
 from lavit.errors import one_line
 
-__all__ = [
-    "AspectRatioRange",
-    "AtLeastTwoInt",
-    "AutoAugmentPolicy",
-    "CropScale",
-    "Folder",
-    "NonNegativeFloat",
-    "NonNegativeInt",
-    "OpenUnitInterval",
-    "PositiveFloat",
-    "PositiveInt",
-    "PositiveSeconds",
-    "Probability",
-    "UnitIntervalLeftOpen",
-    "UnitIntervalRightOpen",
-    "check_arguments",
-    "describe_parse_error",
-    "plain",
-]
+__all__ = [  # noqa: RUF022 (grouped: the types, then the functions)
+    "AspectRatioRange", "AtLeastTwoInt", "AutoAugmentPolicy", "CropScale", "Folder",
+    "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat", "PositiveInt",
+    "PositiveSeconds", "Probability", "UnitIntervalLeftOpen", "UnitIntervalRightOpen",
+    "check_arguments", "describe_parse_error", "plain",
+]  # fmt: skip
 
 # jsonargparse registers one type per restriction: [0, 1] is its ClosedUnitInterval.
 Probability = ClosedUnitInterval
@@ -77,7 +64,7 @@ def _checked_type(name: str, base: type, description: str, convert: Callable, va
 
 
 def _pair(value: Sequence[float]) -> tuple[float, float]:
-    low, high = (float(v) for v in value)
+    low, high = (float(v) for v in value)  # exactly two
     return low, high
 
 
@@ -203,8 +190,10 @@ def describe_parse_error(message: str, args: Sequence[str] = ()) -> str:
     if constrained and constrained.group(1) in RANGES:
         name = constrained.group(1)
         value = _given_value(key, args, name)
-        if value is None:
-            value = _message_value(detail, constrained.group(2), name)
+        if value is None:  # not on the command line: the value the message names
+            given = re.search(r"Given value: (.*)$", detail, re.M)
+            text = given.group(1) if given else constrained.group(2).split(" does not conform")[0]
+            value = _cast(text.strip(), name)
         return f"--{key}: invalid value {value} (must be {_allowed(name, value)})"
     expected = [
         _readable_type(t)
@@ -242,12 +231,6 @@ def _given_value(key: str, args: Sequence[str], type_name: str) -> Any:
     except yaml.YAMLError:
         value = raw
     return _cast(value, type_name)
-
-
-def _message_value(detail: str, reason: str, type_name: str) -> Any:
-    given = re.search(r"Given value: (.*)$", detail, re.M)
-    text = given.group(1) if given else reason.split(" does not conform")[0]
-    return _cast(text.strip(), type_name)
 
 
 def _readable_type(text: str) -> str:

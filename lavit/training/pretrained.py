@@ -16,16 +16,10 @@ from typing import Any
 import timm
 from timm.models import get_pretrained_cfg
 
-__all__ = [
-    "PRETRAINED_DATA_KEYS",
-    "apply_pretrained_data_config",
-    "pretrained_data_config",
-    "pretrained_kwargs",
-]
+__all__ = ["apply_pretrained_data_config", "pretrained_data_config", "pretrained_kwargs"]
 
 HUB_PROBE_TIMEOUT_S = 5.0
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for, in order
-PRETRAINED_DATA_KEYS = ("img_size", "mean", "std", "crop_pct", "interpolation")
 
 
 def _cfg(arch: str):
