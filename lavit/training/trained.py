@@ -16,6 +16,7 @@ from timm.data import create_transform
 from torch import nn
 
 from lavit.errors import CheckpointError
+from lavit.models.factory import LAVIT_SWITCHES
 from lavit.training.checkpoint_io import load_checkpoint_file
 from lavit.training.module import LaViTModule
 
@@ -27,7 +28,7 @@ def load_eval_model(checkpoint: dict[str, Any], ema: bool = True) -> tuple[nn.Mo
 
     Returns the model (in eval mode) and whether the weights are the EMA's.
     """
-    accepted = inspect.signature(LaViTModule).parameters
+    accepted = {*inspect.signature(LaViTModule).parameters, *LAVIT_SWITCHES}  # h2: + the model's
     # Only the module's own arguments: LightningCLI also stores `_instantiator` and the like.
     hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
     if "arch" not in hparams:
