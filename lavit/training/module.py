@@ -159,14 +159,9 @@ class LaViTModule(L.LightningModule):
             raise ValueError(f"opt={opt!r}: not a timm optimizer (timm.optim.list_optimizers())")
         self.save_hyperparameters()
         weights = pretrained_kwargs(arch, pretrained, pretrained_file)  # checked before building
+        kwargs = {**(model_kwargs or {}), **weights}
         self.model = create_model(
-            arch,
-            num_classes,
-            img_size,
-            drop_rate,
-            drop_path_rate,
-            model_args,
-            {**(model_kwargs or {}), **weights},
+            arch, num_classes, img_size, drop_rate, drop_path_rate, model_args, kwargs
         )
         if freeze:
             self._freeze([freeze] if isinstance(freeze, str) else list(freeze))
@@ -179,11 +174,8 @@ class LaViTModule(L.LightningModule):
                                switch_prob=mixup_switch_prob, mode=mixup_mode,
                                label_smoothing=label_smoothing, num_classes=num_classes)  # fmt: skip
         # Mixup already smooths its soft targets; without it, CE smooths the hard ones.
-        self.train_criterion = (
-            SoftTargetCrossEntropy()
-            if self.mixup is not None
-            else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        )
+        smoothed = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_criterion = smoothed if self.mixup is None else SoftTargetCrossEntropy()
         # Separate metric objects per split: their states must not mix. No train accuracy under
         # Mixup, whose targets are not classes.
         self.train_metrics = _accuracy(num_classes, "train/", top5=False)

@@ -3,8 +3,8 @@
 ``create_optimizer_v2`` builds any timm optimizer with its parameter groups: no weight decay on
 norms, biases and the model's ``no_weight_decay()`` (position embeddings, Ψ/Θ), and layer-wise lr
 decay from the model's ``group_matcher``. ``create_scheduler_v2`` builds the schedule, counted in
-optimizer updates (Lightning calls :func:`step_schedule` after each) so that warm-up and decay
-follow the updates, not the epochs; its state travels in the checkpoint.
+optimizer updates (Lightning calls :func:`step_schedule` after each): the lr is a function of the
+update count, so a resumed run continues it exactly from the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-__all__ = ["Schedule", "optimizer_and_schedule", "steps_per_epoch"]
+__all__ = ["Schedule", "optimizer_and_schedule", "step_schedule", "steps_per_epoch"]
 
 Schedule = Literal["cosine", "tanh", "step", "multistep", "poly", "constant"]
 
