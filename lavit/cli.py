@@ -57,7 +57,7 @@ from lavit.training.data import ImageDataModule, too_few_batches
 from lavit.training.distributed import DDPOptions, StopOtherRanks, ddp_strategy, distributed_failure
 from lavit.training.guards import NonFiniteGuard
 from lavit.training.logging import WandbOptions, default_loggers, sweep_run_dir
-from lavit.training.module import LaViTModule
+from lavit.training.module import LaViTModule, add_model_arguments
 from lavit.training.options import PositiveInt, describe_parse_error, plain
 from lavit.training.predictions import PredictionWriter
 from lavit.training.pretrained import apply_pretrained_data_config
@@ -151,6 +151,7 @@ class LaViTCLI(LightningCLI):
         self._add_task_arguments(parser)
 
     def _add_task_arguments(self, parser: LightningArgumentParser) -> None:
+        add_model_arguments(parser)  # h2-module: --model.num_va_layers, ... from LaViT's signature
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.img_size", "model.img_size")
 

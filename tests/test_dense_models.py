@@ -10,7 +10,6 @@ from torchvision.models.detection import RetinaNet
 from lavit.dense.backbone import DenseBackbone, classifier_state_dict
 from lavit.dense.detection import RetinaNetModule
 from lavit.dense.segmentation import SemanticFPNModule, sliding_windows
-from lavit.dense.task import dense_lr_factor
 from lavit.errors import CheckpointError
 from lavit.models import LaViT
 
@@ -185,16 +184,22 @@ def test_sliding_windows_cover_the_image_and_match_one_window():
 
 
 def test_step_and_poly_schedules():
-    step = dict(schedule="step", warmup_iters=10, warmup_ratio=0.001, milestones=(80, 110),
-                gamma=0.1, total_steps=120, power=0.9, min_factor=0.0)  # fmt: skip
-    assert dense_lr_factor(0, **step) == pytest.approx(0.001)
-    assert dense_lr_factor(10, **step) == 1.0
-    assert dense_lr_factor(80, **step) == pytest.approx(0.1)
-    assert dense_lr_factor(119, **step) == pytest.approx(0.01)
-    poly = {**step, "schedule": "poly", "warmup_iters": 0}
-    assert dense_lr_factor(0, **poly) == 1.0
-    assert dense_lr_factor(60, **poly) == pytest.approx(0.5**0.9)
-    assert dense_lr_factor(120, **poly) == 0.0
+    from types import SimpleNamespace
+
+    def lrs(module, steps):  # timm's schedule over 120 updates of 10 an epoch, lr 1
+        module.trainer = SimpleNamespace(estimated_stepping_batches=120, num_training_batches=10,
+                                         accumulate_grad_batches=1, max_epochs=12)  # fmt: skip
+        config = module.configure_optimizers()
+        optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        assert {g["name"] for g in optimizer.param_groups} == {"decay", "no_decay"}
+        return [scheduler.step_update(s) or optimizer.param_groups[0]["lr"] for s in steps]
+
+    step = dict(
+        lr=1.0, lr_schedule="step", warmup_iters=10, warmup_ratio=0.001, lr_milestones=(8, 11)
+    )
+    assert lrs(_segmenter(**step), [0, 10, 80, 119]) == pytest.approx([0.001, 1.0, 0.1, 0.01])
+    poly = dict(lr=1.0, lr_schedule="poly", warmup_iters=0, poly_power=0.9)
+    assert lrs(_segmenter(**poly), [0, 60, 120]) == pytest.approx([1.0, 0.5**0.9, 0.0])
 
 
 # ------------------------------------------------------------------------------------ backbone

@@ -156,7 +156,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
 def test_load_checkpoint_resized_takes_a_lightning_checkpoint(trained_run):
     """The whole `lavit fit` checkpoint or its state_dict: the EMA weights, at any input size;
     and the same file as --model.pretrained_file of a new run."""
-    from lavit.models import load_checkpoint_resized
+    from lavit.training.trained import load_checkpoint_resized
 
     last = trained_run / "checkpoints" / "last.ckpt"
     checkpoint = load_checkpoint_file(last)

@@ -27,8 +27,26 @@ def test_names_build_the_models_training_and_the_tools_share():
     assert any(isinstance(m, LessAttention) for m in create_model("lavit_cifar").modules())
     # a size-agnostic timm model is built without the img_size it does not take
     assert create_model("pvt_v2_b0", num_classes=3, img_size=64).num_classes == 3
-    with pytest.raises(ValueError, match="la_init: LaViT-only switch"):
+    with pytest.raises(ValueError, match="pvt_v2_b0.*unexpected keyword argument 'la_init'"):
         create_model("pvt_v2_b0", switches={"la_init": "random"})
+    # None: the variant's default, even over model_kwargs
+    built = create_model(
+        "lavit_cifar", 3, switches={"mlp_ratios": None}, model_kwargs={"mlp_ratios": (2,) * 4}
+    )
+    assert built.stages[0].blocks[0].mlp.fc1.out_features == 2 * 32
+
+
+def test_the_switches_are_lavits_own_arguments():
+    import inspect
+
+    from lavit.models import LaViT
+    from lavit.models.factory import LAVIT_SWITCHES
+
+    names = set(inspect.signature(LaViT).parameters)
+    assert {"num_va_layers", "la_init", "attn_state", "dp_loss_weight", "la_mixing"} <= set(
+        LAVIT_SWITCHES
+    )
+    assert set(LAVIT_SWITCHES) == names - {"img_size", "num_classes", "drop_rate", "drop_path_rate"}
     with pytest.raises(ValueError, match="only '/all-va' exists"):
         parse_model_name("lavit_tiny/all-la")
     with pytest.raises(ValueError, match="only LaViT variants"):

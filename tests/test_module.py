@@ -10,7 +10,7 @@ from conftest import SMALL_DATA, TINY_LAVIT
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lavit.training.data import ImageDataModule
-from lavit.training.module import LaViTModule, warmup_cosine
+from lavit.training.module import LaViTModule
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +137,7 @@ def test_timm_baseline_trains_a_step(small_data):
     trainer.fit(module, small_data)
     assert trainer.global_step == 1
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
-    with pytest.raises(ValueError, match="la_init.*pvt_v2_b0"):
+    with pytest.raises(ValueError, match="pvt_v2_b0.*la_init"):
         LaViTModule(arch="pvt_v2_b0", la_init="random")
     with pytest.raises(ValueError, match="dp_loss_weight"):
         LaViTModule(arch="pvt_v2_b0", dp_loss_weight=0.1)
@@ -155,19 +155,37 @@ def test_mixed_precision_clipping_mixup_and_predict(small_data):
     torch.testing.assert_close(out["probs"].sum(-1), torch.ones(16))
 
 
-def test_optimizer_groups_lr_scaling_and_schedule():
-    module = tiny_module(lr=5e-4, scale_lr_by_batch=True, warmup_epochs=2, min_lr=1e-5)
-    module.trainer = SimpleNamespace(  # what configure_optimizers reads from the Trainer
-        estimated_stepping_batches=100,
-        num_training_batches=20,
-        accumulate_grad_batches=2,
-        world_size=4,
-        max_epochs=10,
-        datamodule=SimpleNamespace(batch_size=32),
+def configured(module: LaViTModule, **trainer):
+    """``configure_optimizers`` with what it reads from a Trainer: 20 batches an epoch,
+    accumulation 2 (10 updates), 4 devices × 32, 100 updates in all."""
+    module.trainer = SimpleNamespace(
+        **{
+            "estimated_stepping_batches": 100,
+            "num_training_batches": 20,
+            "accumulate_grad_batches": 2,
+            "world_size": 4,
+            "max_epochs": 10,
+            "datamodule": SimpleNamespace(batch_size=32),
+            **trainer,
+        }
     )
     config = module.configure_optimizers()
-    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
-    assert config["lr_scheduler"]["interval"] == "step"
+    return config["optimizer"], config["lr_scheduler"]["scheduler"]
+
+
+def lrs(optimizer, scheduler, steps) -> list[float]:
+    """The lr of the first group at each update in ``steps`` (as Lightning steps it)."""
+    out = []
+    for step in steps:
+        scheduler.step_update(step)
+        out.append(optimizer.param_groups[0]["lr"])
+    return out
+
+
+def test_optimizer_groups_lr_scaling_and_schedule():
+    module = tiny_module(lr=5e-4, scale_lr_by_batch=True, warmup_epochs=2, min_lr=1e-5)
+    optimizer, scheduler = configured(module)
+    assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["betas"] == (0.9, 0.999)
     groups = {g["name"]: g for g in optimizer.param_groups}
     no_decay = {id(p) for p in groups["no_decay"]["params"]}
     names = dict(module.model.named_parameters())
@@ -178,10 +196,54 @@ def test_optimizer_groups_lr_scaling_and_schedule():
     assert groups["decay"]["weight_decay"] == 0.05 and groups["no_decay"]["weight_decay"] == 0.0
     peak = 5e-4 * (32 * 4 * 2) / 512  # lr × global batch / 512
     assert groups["decay"]["initial_lr"] == pytest.approx(peak)
-    # Warm-up: 2 epochs × 10 optimizer steps per epoch (20 batches, accumulation 2).
-    factors = [scheduler.lr_lambdas[0](s) for s in (0, 10, 20, 60, 100)]
-    assert factors[0] == pytest.approx(1e-6 / peak)
-    assert factors[1] == pytest.approx((1 + 1e-6 / peak) / 2, rel=1e-3)
-    assert factors[2] == pytest.approx(1.0)
-    assert factors[3] == pytest.approx(warmup_cosine(60, 20, 100, 0, 1e-5 / peak))
-    assert factors[4] == pytest.approx(1e-5 / peak)
+
+    # What the hand-written schedule before timm's gave: linear warm-up from warmup_lr over
+    # 2 epochs × 10 updates, then cosine to min_lr at update 100.
+    def before(step, warmup=20, total=100, low=1e-6, end=1e-5):
+        if step < warmup:
+            return low + (peak - low) * step / warmup
+        progress = (step - warmup) / (total - warmup)
+        return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-6)  # the first update's
+    steps = [0, 1, 10, 20, 60, 99, 100]
+    assert lrs(optimizer, scheduler, steps) == pytest.approx([before(s) for s in steps])
+    assert lrs(optimizer, scheduler, [100])[0] == pytest.approx(1e-5)  # the end lr
+
+
+def test_any_timm_optimizer_layer_decay_and_schedule():
+    from timm.optim import param_groups_layer_decay
+
+    module = tiny_module(opt="sgd", momentum=0.8, layer_decay=0.75, sched="step", warmup_epochs=0)
+    module.hparams.decay_epochs, module.hparams.decay_rate = 3, 0.5
+    optimizer, scheduler = configured(module, world_size=1, accumulate_grad_batches=1)
+    assert type(optimizer).__name__ == "SGD" and optimizer.defaults["momentum"] == 0.8
+    expected = param_groups_layer_decay(
+        module.model, 0.05, module.model.no_weight_decay(), layer_decay=0.75
+    )
+    strip = lambda g: {k: v for k, v in g.items() if k in ("lr_scale", "weight_decay")}  # noqa: E731
+    assert [strip(g) for g in optimizer.param_groups] == [strip(g) for g in expected]
+    for group, want in zip(optimizer.param_groups, expected, strict=True):
+        assert [id(p) for p in group["params"]] == [id(p) for p in want["params"]]
+    assert len({g["lr_scale"] for g in expected}) > 2  # stem, blocks, head: decayed lrs
+    peak = 3e-3  # step: × 0.5 every 3 epochs of 20 updates; each group at its lr_scale
+    scales = [g["lr_scale"] for g in optimizer.param_groups]
+    for step, factor in ((0, 1.0), (59, 1.0), (60, 0.5), (125, 0.25)):
+        scheduler.step_update(step)
+        got = [g["lr"] for g in optimizer.param_groups]
+        assert got == pytest.approx([peak * factor * s for s in scales])
+
+
+def test_a_linear_probe_trains_only_the_classifier(small_data):
+    L.seed_everything(0)
+    module = tiny_module(freeze="backbone", ema_decay=0.9)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    cpu_trainer(max_steps=3, limit_val_batches=0).fit(module, small_data)
+    for name, param in module.model.named_parameters():
+        if name.startswith("head."):
+            assert param.requires_grad and not torch.equal(param, before[name]), name
+        else:
+            assert not param.requires_grad and param.grad is None, name
+            assert torch.equal(param, before[name]), name
+    with pytest.raises(ValueError, match="freeze=.*stages"):
+        tiny_module(freeze=["no_such_part"])

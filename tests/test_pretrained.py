@@ -140,3 +140,30 @@ def test_the_data_follows_the_weights_config_unless_set(hf_cache, tmp_path):
     assert cli.config.data.img_size == 64 and cli.model.model.patch_embed.img_size == (64, 64)
     # From scratch, the defaults stay.
     assert tuple(parse().config.data.mean) == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_a_lavit_fit_checkpoint_fine_tunes_at_another_size_and_class_count(tmp_path, small_data):
+    import lightning as L
+    from conftest import TINY_LAVIT
+
+    torch.manual_seed(0)
+    trained = LaViTModule(model_kwargs=TINY_LAVIT, img_size=32, ema_decay=0.5, lr=1e-2)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(trained, small_data)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    tuned = LaViTModule(
+        model_kwargs=TINY_LAVIT,
+        pretrained_file=str(tmp_path / "last.ckpt"),
+        img_size=64,
+        num_classes=2,
+    )
+    ema = trained.ema.module.state_dict()  # the weights the checkpoint evaluates with
+    for key, value in tuned.model.state_dict().items():
+        if key.startswith("head."):
+            assert value.shape[0] == 2, key  # a new classifier for the new classes
+        elif value.shape == ema[key].shape:
+            torch.testing.assert_close(value, ema[key], rtol=0, atol=0, msg=key)
+        else:  # position embeddings and Ψ/Θ, resampled to 64²
+            assert "pos_embed" in key or "psi" in key or "theta" in key, key
+    assert tuned.model.stages[0].pos_embed.shape[1] == 4 * ema["stages.0.pos_embed"].shape[1]

@@ -736,13 +736,21 @@ BAD_ARGUMENTS = [
     ("--model.attn_state=x", "--model.attn_state: invalid value x (expected one of"),
     ("--model.dp_loss_variant=x", "--model.dp_loss_variant: invalid value x"),
     ("--model.dp_loss_layers=x", "--model.dp_loss_layers: invalid value x"),
-    ("--model.dp_loss_weight=-1", "--model.dp_loss_weight: invalid value -1.0 (must be >= 0"),
+    ("--model.dp_loss_weight=-1", "dp_loss_weight must be a finite number ≥ 0"),  # LaViT's check
     ("--model.drop_path_rate=1.5", "--model.drop_path_rate: invalid value 1.5 (must be in [0, 1)"),
     ("--model.drop_rate=-0.1", "--model.drop_rate: invalid value -0.1"),
     ("--model.model_kwargs={nope: 1}", "model_kwargs do not fit arch='lavit_cifar'"),
     ("--model.pretrained=maybe", "--model.pretrained: invalid value"),
     ("--model.pretrained=true", "LaViT has no published weights: pass pretrained_file"),
     ("--model.pretrained_file=nowhere.pth", "pretrained_file='nowhere.pth': no such file"),
+    ("--model.freeze=nope", "freeze=['nope']: "),
+    ("--model.opt=nope", "opt='nope': not a timm optimizer"),
+    ("--model.momentum=1", "--model.momentum: invalid value 1.0 (must be in [0, 1)"),
+    ("--model.layer_decay=0", "--model.layer_decay: invalid value 0.0 (must be in (0, 1]"),
+    ("--model.sched=x", "--model.sched: invalid value x (expected one of"),
+    ("--model.decay_epochs=0", "--model.decay_epochs: invalid value 0.0 (must be > 0)"),
+    ("--model.decay_milestones=[-1]", "--model.decay_milestones: invalid value"),
+    ("--model.decay_rate=0", "--model.decay_rate: invalid value 0.0 (must be > 0)"),
     ("--model.lr=-1", "--model.lr: invalid value -1.0 (must be > 0)"),
     ("--model.scale_lr_by_batch=maybe", "--model.scale_lr_by_batch: invalid value maybe"),
     ("--model.weight_decay=-1", "--model.weight_decay: invalid value -1.0 (must be >= 0)"),
@@ -827,7 +835,8 @@ def test_every_model_and_data_switch_has_a_bad_argument_case():
     """
     tried = {a.split("=")[0].removeprefix("--") for a, _ in BAD_ARGUMENTS}
     for prefix, cls in (("model", LaViTModule), ("data", ImageDataModule)):
-        params = list(inspect.signature(cls.__init__).parameters)[1:]
+        signature = inspect.signature(cls.__init__).parameters.values()
+        params = [p.name for p in list(signature)[1:] if p.kind is not p.VAR_KEYWORD]
         missing = [p for p in params if f"{prefix}.{p}" not in tried]
         assert not missing, f"no bad-value case for --{prefix}.{missing}"
 

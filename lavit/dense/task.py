@@ -1,55 +1,31 @@
-"""What the detection and segmentation modules share: backbone set-up, AdamW and LR schedules.
+"""What the detection and segmentation modules share: backbone set-up, optimizer and LR schedule.
 
-Schedules, stepped per optimizer step:
+The optimizer and schedule come from timm's factories (:mod:`lavit.training.optim`), stepped per
+optimizer update:
 
 * ``step`` (mmdetection's 1×): linear warm-up from ``warmup_ratio × lr`` over ``warmup_iters``,
-  then × ``lr_gamma`` at each epoch of ``lr_milestones`` (8 and 11 of 12).
-* ``poly`` (mmsegmentation's): ``(lr − min_lr)·(1 − t/T)^power + min_lr`` over all steps, after
-  the optional warm-up.
+  then × ``lr_gamma`` at each epoch of ``lr_milestones`` (8 and 11 of 12): timm's ``multistep``.
+* ``poly`` (mmsegmentation's): ``(lr − min_lr)·(1 − t/T)^power + min_lr`` over all updates, the
+  optional warm-up replacing its start: timm's ``poly``.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from timm.optim import param_groups_weight_decay
-from torch.optim.lr_scheduler import LambdaLR
 
 from lavit.dense.backbone import DenseBackbone
 from lavit.errors import CheckpointError
+from lavit.training.optim import optimizer_and_schedule, step_schedule, steps_per_epoch
 
-__all__ = ["DenseTaskModule", "LRSchedule", "dense_lr_factor"]
+__all__ = ["DenseTaskModule", "LRSchedule"]
 
 LRSchedule = Literal["step", "poly"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def dense_lr_factor(
-    step: int,
-    schedule: str,
-    warmup_iters: int,
-    warmup_ratio: float,
-    milestones: tuple[int, ...],
-    gamma: float,
-    total_steps: int,
-    power: float,
-    min_factor: float,
-) -> float:
-    """LR multiplier at optimizer step ``step`` (``milestones`` already in steps)."""
-    if schedule == "step":
-        factor = gamma ** sum(step >= m for m in milestones)
-    else:
-        progress = min(1.0, step / max(1, total_steps))
-        factor = (1.0 - min_factor) * (1.0 - progress) ** power + min_factor
-    if step < warmup_iters:  # mmcv's linear warm-up: scales the regular factor
-        factor *= 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
-    return factor
 
 
 class DenseTaskModule(L.LightningModule):
@@ -87,40 +63,32 @@ class DenseTaskModule(L.LightningModule):
             )
         return backbone
 
-    def _no_weight_decay(self) -> set[str]:
-        """Parameter names (relative to ``self``) AdamW does not decay, besides norms/biases."""
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to ``self``) not decayed besides norms and biases (timm's
+        optimizer factory asks the module it is given)."""
         prefix = next(name for name, m in self.named_modules() if m is self.backbone)
         return {f"{prefix}.{n}" for n in self.backbone.no_weight_decay()}
 
     def configure_optimizers(self):
         hp = self.hparams
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        groups = param_groups_weight_decay(
-            self, hp.weight_decay, no_weight_decay_list=self._no_weight_decay()
+        per_epoch = steps_per_epoch(self.trainer)
+        return optimizer_and_schedule(
+            self,
+            self.trainer,
+            opt="adamw",
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            sched="multistep" if hp.lr_schedule == "step" else "poly",
+            warmup_steps=hp.warmup_iters,
+            warmup_lr=hp.warmup_ratio * hp.lr,
+            warmup_prefix=False,
+            min_lr=hp.min_lr,
+            milestone_steps=[round(e * per_epoch) for e in hp.lr_milestones],
+            decay_rate=hp.lr_gamma if hp.lr_schedule == "step" else hp.poly_power,
         )
-        for group in groups:  # LearningRateMonitor logs lr/decay and lr/no_decay
-            group["name"] = "decay" if group["weight_decay"] else "no_decay"
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        batches = self.trainer.num_training_batches
-        if math.isfinite(batches) and batches > 0:
-            steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
-        else:
-            steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        schedule = functools.partial(
-            dense_lr_factor,
-            schedule=hp.lr_schedule,
-            warmup_iters=min(hp.warmup_iters, total_steps - 1),
-            warmup_ratio=hp.warmup_ratio,
-            milestones=tuple(round(e * steps_per_epoch) for e in hp.lr_milestones),
-            gamma=hp.lr_gamma,
-            total_steps=total_steps,
-            power=hp.poly_power,
-            min_factor=min(1.0, hp.min_lr / hp.lr),
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},
-        }
+
+    lr_scheduler_step = step_schedule  # a timm scheduler, stepped per update
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -4,18 +4,21 @@ ablation report and the scripts build it.
 A name is any timm model (``pvt_v2_b1``, ``resnet50``), a LaViT variant (``lavit_tiny``), or a
 LaViT variant with every Less-Attention layer switched to Vanilla Attention
 (``lavit_tiny/all-va``: ``num_va_layers`` = the variant's depths, the paper's all-attention
-baseline). Every mistake is a ``ValueError`` that names the argument and what is allowed.
+baseline), or with another Ψ/Θ form (``lavit_tiny/separable``). The model's own constructor
+checks its arguments; every mistake is a ``ValueError`` that names the argument.
 """
 
 from __future__ import annotations
 
+import inspect
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import timm
 from torch import nn
 
-from .lavit import LAVIT_CONFIGS
+from .lavit import LAVIT_CONFIGS, LaViT
 from .token_mixing import LA_MIXINGS
 
 __all__ = [
@@ -28,16 +31,13 @@ __all__ = [
 ]
 
 ALL_VA = "all-va"
-# Arguments that only a LaViT model understands (dp_loss_weight too, when it is not 0).
-LAVIT_SWITCHES = (
-    "num_va_layers",
-    "residual_attn_downsample",
-    "la_init",
-    "attn_state",
-    "dp_loss_variant",
-    "dp_loss_layers",
-    "la_mixing",
-)
+# LaViT's own constructor arguments (name → type), beyond what every timm classifier takes: read
+# from its signature, so that each switch is declared (and checked, by LaViT) in one place.
+LAVIT_SWITCHES: dict[str, Any] = {
+    name: typing.get_type_hints(LaViT.__init__)[name]
+    for name in inspect.signature(LaViT).parameters
+    if name not in ("img_size", "num_classes", "drop_rate", "drop_path_rate")
+}
 
 
 def is_lavit_arch(arch: str) -> bool:
@@ -95,38 +95,25 @@ def create_model(
 ) -> nn.Module:
     """``timm.create_model`` of a model name (see the module docstring).
 
-    Args:
-        name: a model name or a :class:`ModelSpec`.
-        num_classes: classifier outputs.
-        img_size: input side; ``None``: the model's default. Size-agnostic models (CNNs,
-            PVTv2) take no ``img_size`` and get none.
-        drop_rate: dropout before the classifier; ``None``: the model's default.
-        drop_path_rate: stochastic depth rate; ``None``: the model's default.
-        switches: LaViT switches (``LAVIT_SWITCHES`` and ``dp_loss_weight``; ``None`` values
-            mean "the variant's default"); on top of the name's own (``/all-va``).
-        model_kwargs: other constructor arguments, passed unchanged (widths, depths, ...).
+    ``None`` (for ``img_size``, the drop rates and any switch) means the model's default.
+    ``switches`` and ``model_kwargs`` are both constructor arguments (e.g. ``num_va_layers``,
+    ``embed_dims``); the switches win. Size-agnostic models (CNNs, PVTv2) get no ``img_size``.
     """
     spec = name if isinstance(name, ModelSpec) else parse_model_name(name)
-    given = {k: v for k, v in (switches or {}).items() if v is not None}
-    if not spec.is_lavit:
-        lavit_only = [k for k, v in given.items() if k != "dp_loss_weight" or v != 0]
-        if lavit_only:
-            raise ValueError(
-                f"{', '.join(lavit_only)}: LaViT-only switch{'es' if len(lavit_only) > 1 else ''}, "
-                f"which arch={spec.arch!r} does not have (LaViT archs are named lavit_*)"
-            )
-        given = {}
-    kwargs = {**(model_kwargs or {}), **spec.switches, **given, "num_classes": num_classes}
-    optional = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate, "img_size": img_size}
-    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    given = {"img_size": img_size, "drop_rate": drop_rate, "drop_path_rate": drop_path_rate}
+    kwargs = {**(model_kwargs or {}), **spec.switches}
+    kwargs.update({k: v for k, v in {**given, **(switches or {})}.items() if v is not None})
     try:
-        return timm.create_model(spec.arch, **kwargs)
-    except TypeError as err:
-        if spec.is_lavit or "img_size" not in kwargs or "img_size" not in str(err):
-            raise ValueError(f"model_kwargs do not fit arch={spec.arch!r}: {err}") from None
-    # A size-agnostic model takes no img_size: the data decides the size.
-    kwargs.pop("img_size")
+        return _timm(spec.arch, num_classes=num_classes, **kwargs)
+    except ValueError as err:
+        if "img_size" not in kwargs or "argument 'img_size'" not in str(err):
+            raise
+    kwargs.pop("img_size")  # a size-agnostic model takes none: the data decides the size
+    return _timm(spec.arch, num_classes=num_classes, **kwargs)
+
+
+def _timm(arch: str, **kwargs: Any) -> nn.Module:
     try:
-        return timm.create_model(spec.arch, **kwargs)
-    except TypeError as err:
-        raise ValueError(f"model_kwargs do not fit arch={spec.arch!r}: {err}") from None
+        return timm.create_model(arch, **kwargs)
+    except TypeError as err:  # an argument the model does not take
+        raise ValueError(f"model_kwargs do not fit arch={arch!r}: {err}") from None

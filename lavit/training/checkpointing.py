@@ -26,7 +26,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lavit.errors import CheckpointError, ConfigError
-from lavit.models import upgrade_legacy_state_dict
 from lavit.training.checkpoint_io import load_checkpoint_file, state_dict_mismatch
 
 __all__ = [
@@ -177,15 +176,7 @@ def check_checkpoint(path: str | None, model: L.LightningModule, fitting: bool) 
             f"--ckpt_path: {path}: holds weights only (no optimizer or loop state), so it "
             "cannot resume a fit"
         )
-    found = upgrade_legacy_state_dict(model, checkpoint["state_dict"])  # keys of older lavit
-    if fitting and len(found) < len(checkpoint["state_dict"]):  # it dropped old parameters
-        raise ConfigError(
-            f"--ckpt_path: {path}: written by an older lavit, whose model had parameters this "
-            "one has not (AttentionDownsample's biases): its weights load for validate/test/"
-            "predict, but its optimizer state cannot resume a fit; start a new fit from its "
-            "weights with --model.pretrained_file instead"
-        )
-    problem = state_dict_mismatch(model.state_dict(), found)
+    problem = state_dict_mismatch(model.state_dict(), checkpoint["state_dict"])
     if problem:
         trained = (checkpoint.get("hyper_parameters") or {}).get("arch")
         arch = getattr(model.hparams, "arch", None)

@@ -1,15 +1,14 @@
 """The LightningModule: a LaViT (or any timm classifier) trained with the DeiT/PVT recipe.
 
-``loss = CE + λ·DP`` (λ = the model's ``dp_loss_weight``), top-1/top-5 accuracy per split,
-AdamW without decay on norms, biases, position embeddings and Ψ/Θ, per-step linear warm-up then
-cosine, Mixup/CutMix and label smoothing on the training batch, and an optional EMA of the weights
-that is validated instead of the raw weights and travels in the checkpoint.
+``loss = CE + λ·DP`` (λ = the model's ``dp_loss_weight``), top-1/top-5 accuracy per split, timm's
+optimizers and schedules, Mixup/CutMix and label smoothing, an optional EMA of the weights (what
+is evaluated; saved in checkpoints), and fine-tuning: from weights, at another size or class count,
+with parts frozen. The model's own arguments (``num_va_layers``, ``la_init``, ...) are not restated
+here: they arrive as keyword arguments; the CLI reads their types from LaViT's signature.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 import random
 from typing import Any, Literal
@@ -20,41 +19,42 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import param_groups_weight_decay
-from timm.utils import ModelEmaV3
+from timm.optim import list_optimizers
+from timm.utils import ModelEmaV3, freeze
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lavit.models.attention import LessAttentionInit
-from lavit.models.factory import create_model, parse_model_name
-from lavit.models.lavit import AttnState, DPLossLayers
-from lavit.models.losses import DPLossVariant
+from lavit.models.factory import LAVIT_SWITCHES, create_model
+from lavit.training.optim import Schedule, optimizer_and_schedule, step_schedule, steps_per_epoch
 from lavit.training.options import (
     NonNegativeFloat,
     OpenUnitInterval,
     PositiveFloat,
     Probability,
+    UnitIntervalLeftOpen,
     UnitIntervalRightOpen,
     check_arguments,
 )
 from lavit.training.pretrained import pretrained_kwargs
 from lavit.training.resumable import mid_epoch, rng_states, set_rng_states
 
-__all__ = ["LaViTModule", "warmup_cosine"]
+__all__ = ["LaViTModule", "add_model_arguments"]
 
 RNG_KEY = "lavit_rng_states"  # the global RNG states of a mid-epoch checkpoint
+BACKBONE = "backbone"  # freeze=backbone: everything but the classifier (a linear probe)
 
 
-def warmup_cosine(
-    step: int, warmup_steps: int, total_steps: int, start_factor: float, end_factor: float
-) -> float:
-    """LR factor at ``step``: linear ``start_factor → 1`` over the warm-up, then cosine to ``end_factor``."""
-    if step < warmup_steps:
-        return start_factor + (1.0 - start_factor) * step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return end_factor + (1.0 - end_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def add_model_arguments(parser, group: str = "model") -> None:
+    """LaViT's constructor arguments as ``--model.<name>`` options (``null``: the variant's
+    default), with the types of its signature; LaViT itself checks the values."""
+    for name, hint in LAVIT_SWITCHES.items():
+        parser.add_argument(
+            f"--{group}.{name}",
+            type=hint | None,
+            default=None,
+            help=f"LaViT's {name} (see lavit.models.LaViT; null: the variant's default)",
+        )
 
 
 def _accuracy(num_classes: int, prefix: str, top5: bool = True) -> MetricCollection:
@@ -68,37 +68,38 @@ class LaViTModule(L.LightningModule):
     """Image classification with a LaViT or a timm baseline (the recipe of docs/spec.md §5).
 
     Args:
-        arch: a model name of :mod:`lavit.models.factory`: ``lavit_cifar``, ``lavit_tiny``,
-            ``lavit_small``, ``lavit_base`` (``/all-va`` for the all-VA twin), or any timm
-            classifier as a baseline (e.g. ``pvt_v2_b1``).
+        arch: a model name of :mod:`lavit.models.factory` (``lavit_tiny``, ``lavit_cifar/all-va``,
+            ...) or any timm classifier as a baseline (``pvt_v2_b1``).
         num_classes: classifier outputs (linked from the data module by the CLI).
         img_size: input side; ``None``: the variant's default (linked from the data by the CLI).
-        num_va_layers: LaViT: Vanilla Attention layers per stage (the rest are Less-Attention);
-            a stage's depth means no LA layer there. ``None``: the variant's default.
-        residual_attn_downsample: LaViT: add the previous stage's downsampled attention to each
-            stage's first attention. ``None``: the variant's default.
-        la_init: LaViT: Ψ/Θ initialisation. ``None``: the variant's default (identity).
-        attn_state: LaViT: what VA hands to the first LA layer, pre-softmax scores or
-            probabilities. ``None``: the variant's default (scores).
-        dp_loss_variant: LaViT: diagonality-preserving loss variant. ``None``: default (corrected).
-        dp_loss_layers: LaViT: attentions the DP loss covers. ``None``: default (la).
-        dp_loss_weight: λ of ``CE + λ·DP``; 0 turns the DP loss off. LaViT only when > 0.
         drop_path_rate: stochastic depth rate (linear over blocks).
         drop_rate: dropout before the classifier.
-        model_kwargs: other model arguments (``embed_dims``, ``depths``, ``num_heads``, ...).
-        pretrained: start from timm's published weights of ``arch`` (a baseline to fine-tune):
-            from the Hugging Face cache, else the Hub; the classifier is new when ``num_classes``
-            differs. The CLI then takes the data's preprocessing from the weights' config.
-        pretrained_file: start from this ``.safetensors`` / ``.pth`` state dict instead (any arch,
-            e.g. the ``model.safetensors`` of ``lavit export``).
+        model_kwargs: other model arguments, for any arch (``embed_dims``, ``depths``, ...).
+        pretrained: start from timm's published weights of ``arch`` (the Hugging Face cache, else
+            the Hub); the data's preprocessing then follows the weights' config.
+        pretrained_file: start from this weights file instead: a state dict (``lavit export``'s
+            ``model.safetensors``) or a ``lavit fit`` checkpoint (its EMA weights if any); position
+            embeddings and Ψ/Θ are resampled, a classifier of another size starts afresh.
+        freeze: submodules of the model whose parameters do not train (``stages.0``, ...), or
+            ``backbone``: all but the classifier (a linear probe).
+        opt: a timm optimizer (``adamw``, ``sgd``, ``lamb``, ...; ``timm.optim.list_optimizers()``).
         lr: peak learning rate, for a global batch of 512 when ``scale_lr_by_batch``.
         scale_lr_by_batch: use ``lr × global batch / 512`` (batch × devices × accumulation).
-        weight_decay: AdamW weight decay (not on norms, biases, position embeddings, Ψ/Θ).
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_epochs: linear warm-up length in epochs (fractions allowed; stepped per batch).
+        weight_decay: weight decay (none on norms, biases, position embeddings and Ψ/Θ).
+        momentum: momentum, for the optimizers that have one (SGD).
+        betas: Adam-family betas; ``None``: the optimizer's default ((0.9, 0.999) for AdamW).
+        eps: the optimizer's epsilon; ``None``: its default (1e-8 for AdamW).
+        layer_decay: layer-wise lr decay, ``lr × layer_decay^(groups from the head)`` (timm's
+            ``param_groups_layer_decay`` over the model's ``group_matcher``).
+        sched: timm schedule, stepped per optimizer update: ``cosine`` (to ``min_lr``), ``step``
+            (× ``decay_rate`` every ``decay_epochs``), ``multistep`` (at ``decay_milestones``),
+            ``poly`` (power ``decay_rate``), ``tanh`` or ``constant``.
+        warmup_epochs: linear warm-up in epochs (fractions allowed); the decay starts after it.
         warmup_lr: learning rate at the start of the warm-up.
-        min_lr: learning rate at the end of the cosine schedule.
+        min_lr: learning rate at the end of the schedule (cosine, poly, tanh).
+        decay_epochs: ``step``: epochs between two decays.
+        decay_milestones: ``multistep``: the epochs at which the lr decays.
+        decay_rate: ``step``/``multistep``: the factor at each decay; ``poly``: the power.
         label_smoothing: label smoothing of the cross-entropy (also inside Mixup targets).
         mixup_alpha: Mixup Beta(α, α); 0 disables Mixup.
         cutmix_alpha: CutMix Beta(α, α); 0 disables CutMix.
@@ -109,9 +110,9 @@ class LaViTModule(L.LightningModule):
             instead of the raw weights and saved in checkpoints; ``None`` disables it.
         channels_last: run the model in channels-last memory format.
         compile: ``torch.compile`` the training forward.
-        reseed_every_epoch: reseed the RNGs from (global seed, epoch, rank) at each epoch start,
-            so that a resumed run draws the same data order and augmentations as an
-            uninterrupted one (exactly so with ``num_workers=0``).
+        reseed_every_epoch: reseed the RNGs from (global seed, epoch, rank) each epoch, so that a
+            resumed run draws what an uninterrupted one would (exactly with ``num_workers=0``).
+        **model_args: the model's own arguments (LaViT's ``num_va_layers``, ``dp_loss_weight``...).
     """
 
     def __init__(
@@ -119,26 +120,27 @@ class LaViTModule(L.LightningModule):
         arch: str = "lavit_cifar",
         num_classes: int = 10,
         img_size: int | None = None,
-        num_va_layers: list[int] | None = None,
-        residual_attn_downsample: bool | None = None,
-        la_init: LessAttentionInit | None = None,
-        attn_state: AttnState | None = None,
-        dp_loss_variant: DPLossVariant | None = None,
-        dp_loss_layers: DPLossLayers | None = None,
-        dp_loss_weight: NonNegativeFloat = 0.0,
         drop_path_rate: UnitIntervalRightOpen = 0.1,
         drop_rate: UnitIntervalRightOpen = 0.0,
         model_kwargs: dict[str, Any] | None = None,
         pretrained: bool = False,
         pretrained_file: str | None = None,
+        freeze: str | list[str] | None = None,
+        opt: str = "adamw",
         lr: PositiveFloat = 5e-4,
         scale_lr_by_batch: bool = True,
         weight_decay: NonNegativeFloat = 0.05,
-        betas: tuple[UnitIntervalRightOpen, UnitIntervalRightOpen] = (0.9, 0.999),
-        eps: NonNegativeFloat = 1e-8,
+        momentum: UnitIntervalRightOpen = 0.9,
+        betas: tuple[UnitIntervalRightOpen, UnitIntervalRightOpen] | None = None,
+        eps: NonNegativeFloat | None = None,
+        layer_decay: UnitIntervalLeftOpen | None = None,
+        sched: Schedule = "cosine",
         warmup_epochs: NonNegativeFloat = 5.0,
         warmup_lr: NonNegativeFloat = 1e-6,
         min_lr: NonNegativeFloat = 1e-5,
+        decay_epochs: PositiveFloat = 30.0,
+        decay_milestones: list[NonNegativeFloat] | None = None,
+        decay_rate: PositiveFloat = 0.1,
         label_smoothing: UnitIntervalRightOpen = 0.1,
         mixup_alpha: NonNegativeFloat = 0.0,
         cutmix_alpha: NonNegativeFloat = 0.0,
@@ -149,52 +151,32 @@ class LaViTModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         reseed_every_epoch: bool = True,
+        **model_args: Any,
     ) -> None:
         super().__init__()
         check_arguments(LaViTModule.__init__, locals())
+        if opt.lower().split("_")[-1] not in list_optimizers():  # as timm reads lookahead_adamw
+            raise ValueError(f"opt={opt!r}: not a timm optimizer (timm.optim.list_optimizers())")
         self.save_hyperparameters()
-        switches = dict(
-            num_va_layers=num_va_layers,
-            residual_attn_downsample=residual_attn_downsample,
-            la_init=la_init,
-            attn_state=attn_state,
-            dp_loss_variant=dp_loss_variant,
-            dp_loss_layers=dp_loss_layers,
-            dp_loss_weight=dp_loss_weight,
-        )
         weights = pretrained_kwargs(arch, pretrained, pretrained_file)  # checked before building
+        kwargs = {**(model_kwargs or {}), **weights}
         self.model = create_model(
-            arch,
-            num_classes,
-            img_size,
-            drop_rate,
-            drop_path_rate,
-            switches,
-            {**(model_kwargs or {}), **weights},
+            arch, num_classes, img_size, drop_rate, drop_path_rate, model_args, kwargs
         )
-        self.is_lavit = parse_model_name(arch).is_lavit
+        getattr(self.model, "pretrained_cfg", {}).pop("state_dict", None)  # loaded: no second copy
+        if freeze:
+            self._freeze([freeze] if isinstance(freeze, str) else list(freeze))
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
 
-        self.mixup = (
-            Mixup(
-                mixup_alpha=mixup_alpha,
-                cutmix_alpha=cutmix_alpha,
-                prob=mixup_prob,
-                switch_prob=mixup_switch_prob,
-                mode=mixup_mode,
-                label_smoothing=label_smoothing,
-                num_classes=num_classes,
-            )
-            if (mixup_alpha > 0 or cutmix_alpha > 0) and mixup_prob > 0
-            else None
-        )
+        self.mixup = None
+        if (mixup_alpha > 0 or cutmix_alpha > 0) and mixup_prob > 0:
+            self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mixup_prob,
+                               switch_prob=mixup_switch_prob, mode=mixup_mode,
+                               label_smoothing=label_smoothing, num_classes=num_classes)  # fmt: skip
         # Mixup already smooths its soft targets; without it, CE smooths the hard ones.
-        self.train_criterion = (
-            SoftTargetCrossEntropy()
-            if self.mixup is not None
-            else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        )
+        smoothed = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_criterion = smoothed if self.mixup is None else SoftTargetCrossEntropy()
         # Separate metric objects per split: their states must not mix. No train accuracy under
         # Mixup, whose targets are not classes.
         self.train_metrics = _accuracy(num_classes, "train/", top5=False)
@@ -217,7 +199,23 @@ class LaViTModule(L.LightningModule):
         if compile:
             self._train_forward = torch.compile(self._forward_with_dp)
 
+    def _freeze(self, names: list[str]) -> None:
+        """No gradient for these submodules of the model (``backbone``: all but the classifier)."""
+        if BACKBONE in names:
+            classifier = self.model.get_classifier()
+            names = [n for n, m in self.model.named_children() if m is not classifier]
+        try:
+            freeze(self.model, names)  # timm's: no grad, and BatchNorm statistics frozen
+        except AttributeError as err:  # a name the model has no submodule for
+            children = ", ".join(n for n, _ in self.model.named_children())
+            raise ValueError(f"freeze={names}: {err} (the model's parts: {children})") from None
+
     # --------------------------------------------------------------------------------- forward
+    @property
+    def is_lavit(self) -> bool:
+        """Whether the model is a LaViT (which has a DP loss)."""
+        return hasattr(self.model, "forward_with_aux")
+
     @property
     def eval_model(self) -> nn.Module:
         """The weights used for validation, test and prediction: the EMA when it is on."""
@@ -311,13 +309,20 @@ class LaViTModule(L.LightningModule):
         return {"probs": probs, "pred": probs.argmax(dim=-1)}
 
     # ------------------------------------------------------------------------------ checkpoints
+    def _attached_trainer(self) -> L.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer (a module loaded on its own)
+            return None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._attached_trainer()
         # The class names travel with the weights (`lavit export` writes them as label names).
-        names = getattr(self._trainer and self.trainer.datamodule, "class_names", None)
+        names = getattr(trainer and trainer.datamodule, "class_names", None)
         if names:
             checkpoint["class_names"] = list(names)
         # Mid-epoch, the RNG states too: resuming continues the epoch's draws exactly.
-        if mid_epoch(self._trainer):
+        if mid_epoch(trainer):
             checkpoint[RNG_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -325,10 +330,14 @@ class LaViTModule(L.LightningModule):
         # A resumed fit creates its first DataLoader iterator before on_train_epoch_start (in
         # configure_optimizers' estimated_stepping_batches): seed the coming epoch now. An
         # end-of-epoch checkpoint stores the finished epoch, so the next one is epoch + 1.
-        if self._trainer is not None and self.trainer.state.fn == "fit":
+        trainer = self._attached_trainer()
+        if trainer is not None and trainer.state.fn == "fit":
             self._resumed_rng = checkpoint.get(RNG_KEY)  # a mid-epoch checkpoint
             if self._resumed_rng is None:
                 self._reseed(checkpoint.get("epoch", -1) + 1)
+            # timm's schedule is a function of the update count: a resumed run follows the one
+            # it is configured with now (e.g. more epochs), not the saved one.
+            checkpoint["lr_schedulers"] = []
         state = checkpoint["state_dict"]
         ema_keys = [k for k in state if k.startswith("ema.")]
         if self.ema is not None and not ema_keys:  # turning EMA on: start from the weights
@@ -342,9 +351,9 @@ class LaViTModule(L.LightningModule):
     # ------------------------------------------------------------------------------ optimizer
     def _global_batch_size(self) -> int:
         trainer = self.trainer
-        per_device = getattr(trainer.datamodule, "batch_size", None)
-        if per_device is None:
-            per_device = getattr(trainer.train_dataloader, "batch_size", None)
+        per_device = getattr(trainer.datamodule, "batch_size", None) or getattr(
+            trainer.train_dataloader, "batch_size", None
+        )
         if per_device is None:
             raise ValueError(
                 "scale_lr_by_batch needs the batch size (a `batch_size` on the datamodule or the "
@@ -354,34 +363,25 @@ class LaViTModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))  # sets up the data
         lr = hp.lr * (self._global_batch_size() / 512 if hp.scale_lr_by_batch else 1.0)
-        no_decay = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
-        groups = param_groups_weight_decay(
-            self.model, hp.weight_decay, no_weight_decay_list=no_decay
+        per_epoch = steps_per_epoch(self.trainer)
+        given = {"betas": hp.betas, "eps": hp.eps}  # None: the optimizer's own default
+        return optimizer_and_schedule(
+            self.model,
+            self.trainer,
+            opt=hp.opt,
+            lr=lr,
+            weight_decay=hp.weight_decay,
+            momentum=hp.momentum,
+            layer_decay=hp.layer_decay,
+            sched=hp.sched,
+            warmup_steps=round(hp.warmup_epochs * per_epoch),
+            warmup_lr=hp.warmup_lr,
+            min_lr=hp.min_lr,
+            decay_steps=hp.decay_epochs * per_epoch,
+            milestone_steps=[round(e * per_epoch) for e in hp.decay_milestones or ()],
+            decay_rate=hp.decay_rate,
+            **{k: tuple(v) if k == "betas" else v for k, v in given.items() if v is not None},
         )
-        for group in groups:  # LearningRateMonitor logs lr/decay and lr/no_decay
-            group["name"] = "decay" if group["weight_decay"] else "no_decay"
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas), eps=hp.eps)
 
-        batches = self.trainer.num_training_batches
-        accumulate = self.trainer.accumulate_grad_batches
-        if math.isfinite(batches) and batches > 0:
-            steps_per_epoch = math.ceil(batches / accumulate)
-        else:  # iterable data of unknown length
-            steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = min(round(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
-        # A partial, not a closure: LambdaLR then saves no schedule state, so a resumed run
-        # follows the schedule of its own (possibly longer) configuration from the saved step.
-        schedule = functools.partial(
-            warmup_cosine,
-            warmup_steps=warmup_steps,
-            total_steps=total_steps,
-            start_factor=min(1.0, hp.warmup_lr / lr),
-            end_factor=min(1.0, hp.min_lr / lr),
-        )
-        scheduler = LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
-        }
+    lr_scheduler_step = step_schedule  # a timm scheduler, stepped per update

@@ -1,14 +1,10 @@
 """Value ranges of the options, declared once: as the types of the constructor arguments.
 
-``lr: PositiveFloat``, ``mixup_prob: Probability``, ``scale: CropScale``: the annotation is the
-whole declaration. jsonargparse checks it when the command line is parsed (a bad value stops
-``lavit fit`` before anything is built), and :func:`check_arguments` checks the same annotation
-when a class is built from Python. :func:`describe_parse_error` turns jsonargparse's message into
-the CLI's one line: ``--model.lr: invalid value -1.0 (must be > 0)``.
-
-jsonargparse's own ``PositiveInt``, ``NonNegativeInt``, ``PositiveFloat``, ``NonNegativeFloat``,
-``OpenUnitInterval`` and ``ClosedUnitInterval`` (as :data:`Probability`) are used where they fit;
-the others are built the same way here.
+``lr: PositiveFloat``, ``scale: CropScale``: jsonargparse checks the annotation when the command
+line is parsed, :func:`check_arguments` when a class is built from Python, and
+:func:`describe_parse_error` turns jsonargparse's message into the CLI's one line:
+``--model.lr: invalid value -1.0 (must be > 0)``. jsonargparse's own restricted types are used
+where they fit; the others are built the same way here.
 """
 
 from __future__ import annotations
@@ -34,28 +30,14 @@ from jsonargparse.typing import (
 
 from lavit.errors import one_line
 
-__all__ = [
-    "AspectRatioRange",
-    "AtLeastTwoInt",
-    "AutoAugmentPolicy",
-    "CropScale",
-    "Folder",
-    "NonNegativeFloat",
-    "NonNegativeInt",
-    "OpenUnitInterval",
-    "PositiveFloat",
-    "PositiveInt",
-    "PositiveSeconds",
-    "Probability",
-    "UnitIntervalLeftOpen",
-    "UnitIntervalRightOpen",
-    "check_arguments",
-    "describe_parse_error",
-    "plain",
-]
+__all__ = [  # noqa: RUF022 (grouped: the types, then the functions)
+    "AspectRatioRange", "AtLeastTwoInt", "AutoAugmentPolicy", "CropScale", "Folder",
+    "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat", "PositiveInt",
+    "PositiveSeconds", "Probability", "UnitIntervalLeftOpen", "UnitIntervalRightOpen",
+    "check_arguments", "describe_parse_error", "plain",
+]  # fmt: skip
 
-# jsonargparse registers one type per restriction: [0, 1] is its ClosedUnitInterval, which every
-# option of this project with that range uses as a probability.
+# jsonargparse registers one type per restriction: [0, 1] is its ClosedUnitInterval.
 Probability = ClosedUnitInterval
 UnitIntervalRightOpen = restricted_number_type(
     "UnitIntervalRightOpen", float, [(">=", 0), ("<", 1)], join="and"
@@ -66,86 +48,57 @@ UnitIntervalLeftOpen = restricted_number_type(
 AtLeastTwoInt = restricted_number_type("AtLeastTwoInt", int, [(">=", 2)])  # e.g. classes of a mask
 
 
-class _CheckedValue:
-    """A value type whose constructor validates; registered with jsonargparse below."""
+def _checked_type(name: str, base: type, description: str, convert: Callable, valid: Callable):
+    """A ``base`` subclass whose constructor converts and checks; registered with jsonargparse
+    (which has restricted numbers only)."""
 
-    description = ""
+    def new(cls, value):
+        value = convert(value)
+        if not valid(value):
+            raise ValueError(f"{value!r} is not {description}")
+        return base.__new__(cls, value)
+
+    kind = type(name, (base,), {"__new__": new, "description": description})
+    register_type(kind, serializer=list if base is tuple else base, deserializer=kind)
+    return kind
 
 
-def _pair(value: Any) -> tuple[float, float]:
-    low, high = (float(v) for v in value)
+def _pair(value: Sequence[float]) -> tuple[float, float]:
+    low, high = (float(v) for v in value)  # exactly two
     return low, high
 
 
-class PositiveSeconds(_CheckedValue, float):
-    """A duration in seconds, > 0 (its own type: jsonargparse has one per restriction)."""
+def _timm_policy(policy: str) -> bool:
+    from timm.data import create_transform
 
-    description = "> 0 seconds"
-
-    def __new__(cls, value: float) -> PositiveSeconds:
-        seconds = float(value)
-        if not seconds > 0:
-            raise ValueError(f"{seconds} is not {cls.description}")
-        return super().__new__(cls, seconds)
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except Exception:  # timm raises AssertionError, KeyError, ValueError for a bad policy
+        return False
+    return True
 
 
-class CropScale(_CheckedValue, tuple):
-    """Area range ``[low, high]`` of a random-resized crop: ``0 < low <= high <= 1``."""
-
-    description = "[low, high] with 0 < low <= high <= 1"
-
-    def __new__(cls, value: Sequence[float]) -> CropScale:
-        low, high = _pair(value)
-        if not 0 < low <= high <= 1:
-            raise ValueError(f"{[low, high]} is not {cls.description}")
-        return super().__new__(cls, (low, high))
-
-
-class AspectRatioRange(_CheckedValue, tuple):
-    """Aspect-ratio range ``[low, high]`` of a random-resized crop: ``0 < low <= high``."""
-
-    description = "[low, high] with 0 < low <= high"
-
-    def __new__(cls, value: Sequence[float]) -> AspectRatioRange:
-        low, high = _pair(value)
-        if not 0 < low <= high:
-            raise ValueError(f"{[low, high]} is not {cls.description}")
-        return super().__new__(cls, (low, high))
-
-
-class Folder(_CheckedValue, str):
-    """A folder path: an existing folder, or one that does not exist yet."""
-
-    description = "a folder"
-
-    def __new__(cls, value: str) -> Folder:
-        if Path(value).exists() and not Path(value).is_dir():
-            raise ValueError(f"{value} is not a folder")
-        return super().__new__(cls, value)
-
-
-class AutoAugmentPolicy(_CheckedValue, str):
-    """A timm auto-augment policy string that timm's transform factory accepts."""
-
-    description = (
-        "a timm policy such as 'rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2' or 'original', or null"
-    )
-
-    def __new__(cls, value: str) -> AutoAugmentPolicy:
-        from timm.data import create_transform
-
-        try:
-            create_transform(32, is_training=True, auto_augment=str(value))
-        except Exception:  # timm raises AssertionError, KeyError, ValueError for a bad policy
-            raise ValueError(f"{value!r} is not {cls.description}") from None
-        return super().__new__(cls, value)
-
-
-register_type(PositiveSeconds, serializer=float, deserializer=PositiveSeconds)
-for _type in (CropScale, AspectRatioRange):
-    register_type(_type, serializer=list, deserializer=_type)
-for _type in (Folder, AutoAugmentPolicy):
-    register_type(_type, serializer=str, deserializer=_type)
+PositiveSeconds = _checked_type("PositiveSeconds", float, "> 0 seconds", float, lambda v: v > 0)
+CropScale = _checked_type(
+    "CropScale",
+    tuple,
+    "[low, high] with 0 < low <= high <= 1",
+    _pair,
+    lambda v: 0 < v[0] <= v[1] <= 1,
+)
+AspectRatioRange = _checked_type(
+    "AspectRatioRange", tuple, "[low, high] with 0 < low <= high", _pair, lambda v: 0 < v[0] <= v[1]
+)
+Folder = _checked_type(
+    "Folder", str, "a folder", str, lambda v: not Path(v).exists() or Path(v).is_dir()
+)
+AutoAugmentPolicy = _checked_type(
+    "AutoAugmentPolicy",
+    str,
+    "a timm policy such as 'rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2' or 'original', or null",
+    str,
+    _timm_policy,
+)
 
 # What each constrained type allows, as the error line says it; and its base type.
 RANGES: dict[str, tuple[type, str]] = {
@@ -237,8 +190,10 @@ def describe_parse_error(message: str, args: Sequence[str] = ()) -> str:
     if constrained and constrained.group(1) in RANGES:
         name = constrained.group(1)
         value = _given_value(key, args, name)
-        if value is None:
-            value = _message_value(detail, constrained.group(2), name)
+        if value is None:  # not on the command line: the value the message names
+            given = re.search(r"Given value: (.*)$", detail, re.M)
+            text = given.group(1) if given else constrained.group(2).split(" does not conform")[0]
+            value = _cast(text.strip(), name)
         return f"--{key}: invalid value {value} (must be {_allowed(name, value)})"
     expected = [
         _readable_type(t)
@@ -276,12 +231,6 @@ def _given_value(key: str, args: Sequence[str], type_name: str) -> Any:
     except yaml.YAMLError:
         value = raw
     return _cast(value, type_name)
-
-
-def _message_value(detail: str, reason: str, type_name: str) -> Any:
-    given = re.search(r"Given value: (.*)$", detail, re.M)
-    text = given.group(1) if given else reason.split(" does not conform")[0]
-    return _cast(text.strip(), type_name)
 
 
 def _readable_type(text: str) -> str:

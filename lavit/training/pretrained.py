@@ -1,16 +1,10 @@
-"""Pretrained weights for fine-tuning: timm's published weights (the Hugging Face cache or the Hub)
-or a local weights file, checked before the model is built so that a missing file fails at once.
-
-* ``pretrained=True`` with a timm architecture (``pvt_v2_b1``, ``resnet50``...) loads timm's
-  default weights for it: from the Hugging Face cache when they are there (no network needed),
-  else downloaded from the Hub; offline (``HF_HUB_OFFLINE=1``, or no network) and not cached is a
-  ``ValueError`` saying how to get them.
-* ``pretrained_file=PATH`` loads a ``.safetensors`` / ``.pth`` state dict instead (any arch,
-  LaViT included, e.g. the ``model.safetensors`` of ``lavit export``).
-* A classifier whose size differs from ``num_classes`` starts afresh (timm's rule); the rest is
-  loaded, resampled to the input size where the model knows how (position embeddings, Ψ/Θ).
-* The data's preprocessing follows the weights' (``pretrained_data_config``): the CLI applies it to
-  every data option left at its default.
+"""Pretrained weights for fine-tuning, checked before the model is built (a missing file fails at
+once), then loaded by timm: the architecture's published weights (``pretrained=True``: the Hugging
+Face cache, else the Hub; offline and not cached is a ``ValueError`` saying how to get them), or a
+weights file (``pretrained_file``: a state dict, ``lavit export``'s ``model.safetensors``, or a
+``lavit fit`` checkpoint). A classifier of another size starts afresh (timm's rule); position
+embeddings and Ψ/Θ are resampled to the input size. With published weights, the data options left
+at their defaults follow the weights' preprocessing (:func:`apply_pretrained_data_config`).
 """
 
 from __future__ import annotations
@@ -23,15 +17,14 @@ import timm
 from timm.models import get_pretrained_cfg
 
 __all__ = [
-    "PRETRAINED_DATA_KEYS",
     "apply_pretrained_data_config",
+    "model_state_dict",
     "pretrained_data_config",
     "pretrained_kwargs",
 ]
 
 HUB_PROBE_TIMEOUT_S = 5.0
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for, in order
-PRETRAINED_DATA_KEYS = ("img_size", "mean", "std", "crop_pct", "interpolation")
 
 
 def _cfg(arch: str):
@@ -41,22 +34,31 @@ def _cfg(arch: str):
         return None
 
 
-def _classifier_outputs(path: Path, arch: str) -> int | None:
-    """The class count of the classifier in a weights file (``None``: no such tensor)."""
+# Where a LaViTModule keeps its model's tensors, in the order they are preferred: the EMA copy
+# (the weights the run evaluated), then the trained model.
+MODEL_PREFIXES = ("ema.module.", "model.")
+
+
+def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The model's weights (timm's keys) from a ``lavit fit`` checkpoint, its ``state_dict``,
+    or a plain state dict (returned as is): the EMA's when the run kept one."""
+    state = checkpoint.get("state_dict", checkpoint)
+    for prefix in MODEL_PREFIXES:
+        inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if inner:
+            return inner
+    return dict(state)
+
+
+def _classifier_outputs(state: dict, arch: str) -> int | None:
+    """The class count of the classifier in a state dict (``None``: no such tensor)."""
     cfg = _cfg(arch)
     classifiers = (cfg.classifier if cfg else None) or "head"
     classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
-    try:
-        state = timm.models.load_state_dict(str(path), weights_only=True)
-    except Exception as err:  # safetensors, torch and pickle errors differ
-        raise ValueError(
-            f"pretrained_file={str(path)!r}: not a readable state dict ({err})"
-        ) from None
-    for name in classifiers:  # a `lavit fit` checkpoint's too (the EMA's, as the filter takes)
-        for wrapper in ("", "ema.module.", "model."):
-            weight = state.get(f"{wrapper}{name}.weight")
-            if weight is not None:
-                return int(weight.shape[0])
+    for name in classifiers:
+        weight = state.get(f"{name}.weight")
+        if weight is not None:
+            return int(weight.shape[0])
     return None
 
 
@@ -97,8 +99,15 @@ def pretrained_kwargs(
         path = Path(pretrained_file).expanduser()
         if not path.is_file():
             raise ValueError(f"pretrained_file={pretrained_file!r}: no such file")
-        overlay: dict[str, Any] = {"file": str(path)}
-        outputs = _classifier_outputs(path, arch)
+        try:  # a state dict, or a `lavit fit` checkpoint (its model's weights, the EMA's if kept)
+            state = model_state_dict(timm.models.load_state_dict(str(path), weights_only=True))
+        except Exception as err:  # safetensors, torch and pickle errors differ
+            raise ValueError(
+                f"pretrained_file={str(path)!r}: not a readable state dict ({err})"
+            ) from None
+        # timm loads (and resizes, and drops a classifier of another size) from this state dict
+        overlay: dict[str, Any] = {"state_dict": state}
+        outputs = _classifier_outputs(state, arch)
         if outputs is not None:  # keep a classifier that fits; timm drops one that does not
             overlay["num_classes"] = outputs
         return {"pretrained": True, "pretrained_cfg_overlay": overlay}
@@ -138,11 +147,8 @@ def pretrained_data_config(arch: str) -> dict[str, Any]:
 
 
 def _same(value: Any, default: Any) -> bool:
-    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
-        return len(value) == len(default) and all(
-            _same(a, b) for a, b in zip(value, default, strict=True)
-        )
-    return value == default
+    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return as_list(value) == as_list(default)
 
 
 def apply_pretrained_data_config(config: Any) -> list[str]:
@@ -158,7 +164,7 @@ def apply_pretrained_data_config(config: Any) -> list[str]:
     model, data = config.get("model"), config.get("data")
     if model is None or data is None:
         return []
-    if not (model.get("pretrained") or model.get("pretrained_file")):
+    if not model.get("pretrained") or model.get("pretrained_file"):  # timm's published weights
         return []
     defaults = {k: p.default for k, p in inspect.signature(ImageDataModule).parameters.items()}
     changed = []

@@ -13,14 +13,15 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-import torch
 from timm.data import create_transform
 from torch import nn
 
 from lavit.errors import CheckpointError
 from lavit.models import checkpoint_filter_fn
+from lavit.models.factory import LAVIT_SWITCHES
 from lavit.training.checkpoint_io import load_checkpoint_file
 from lavit.training.module import LaViTModule
+from lavit.training.pretrained import model_state_dict
 
 __all__ = [
     "data_config",
@@ -28,23 +29,7 @@ __all__ = [
     "load_checkpoint_resized",
     "load_eval_model",
     "load_trained",
-    "model_state_dict",
 ]
-
-# Where a LaViTModule keeps its model's tensors, in the order they are preferred: the EMA copy
-# (the weights the run evaluated), then the trained model.
-MODEL_PREFIXES = ("ema.module.", "model.")
-
-
-def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The model's weights (timm's keys) from a ``lavit fit`` checkpoint, its ``state_dict``,
-    or a plain state dict (returned as is): the EMA's when the run kept one."""
-    state = checkpoint.get("state_dict", checkpoint)
-    for prefix in MODEL_PREFIXES:
-        inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if inner:
-            return inner
-    return dict(state)
 
 
 def load_checkpoint_resized(model: nn.Module, checkpoint: dict[str, Any], strict: bool = True):
@@ -59,7 +44,7 @@ def load_eval_model(checkpoint: dict[str, Any], ema: bool = True) -> tuple[nn.Mo
 
     Returns the model (in eval mode) and whether the weights are the EMA's.
     """
-    accepted = inspect.signature(LaViTModule).parameters
+    accepted = {*inspect.signature(LaViTModule).parameters, *LAVIT_SWITCHES}
     # Only the module's own arguments: LightningCLI also stores `_instantiator` and the like.
     hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
     if "arch" not in hparams:
