@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import datasets
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
@@ -21,8 +22,13 @@ from torch.utils.data import DataLoader, RandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import Compose
 
-from lavit.errors import OptionError
-from lavit.training.batch_transforms import BatchAugment, InMemoryImages, keep_batch
+from lavit.errors import DataError, OptionError
+from lavit.training.batch_transforms import (
+    BatchAugment,
+    InMemoryImages,
+    NotInMemory,
+    batch_policy_problem,
+)
 from lavit.training.images import DecodedImages, make_posterize_safe, unlabelled_folder
 from lavit.training.local_datasets import local_copy
 from lavit.training.options import (
@@ -48,7 +54,7 @@ from lavit.training.sources import (
     guess_source_type,
 )
 
-__all__ = ["ImageDataModule", "default_num_workers", "stratified_split", "too_few_batches"]
+__all__ = ["ImageDataModule", "default_num_workers", "too_few_batches"]
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 
@@ -56,25 +62,6 @@ Interpolation = Literal["bicubic", "bilinear", "nearest"]
 def default_num_workers() -> int:
     """A small number of DataLoader workers that fits the machine."""
     return min(4, os.cpu_count() or 1)
-
-
-def stratified_split(
-    labels: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split row indices into (kept, held out) with ``fraction`` of every class held out.
-
-    Deterministic for a given ``seed``; both index arrays are sorted and disjoint. Indices are
-    returned (rather than using ``Dataset.train_test_split``) so that an unreadable image can be
-    reported by its row number in the original split.
-    """
-    rng = np.random.default_rng(seed)
-    held_out = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        held_out.append(rng.permutation(members)[: round(fraction * len(members))])
-    held_out_ids = np.sort(np.concatenate(held_out))
-    kept_ids = np.setdiff1d(np.arange(len(labels)), held_out_ids)
-    return kept_ids, held_out_ids
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -127,12 +114,14 @@ class ImageDataModule(L.LightningDataModule):
             ``"lazy"`` skips the check, and an unreadable image met during training is
             replaced by the next one, with a warning, and counted (``data/unreadable_images``).
         cache_dir: Hugging Face ``datasets`` cache folder; default: the library's.
-        in_memory: decode the training and validation images once into a uint8 tensor and run
-            the training crop, flips and normalisation on whole batches as tensor ops
-            (:mod:`lavit.training.batch_transforms`): for small images such as CIFAR, where
-            decoding and transforming each image costs as much as a third of a step. Needs the
-            training images to share one size and no per-image augmentation (``auto_augment``,
-            ``color_jitter`` and ``re_prob`` off). Test and prediction data are read per image.
+        in_memory: hold a split's images decoded in one uint8 tensor and augment whole batches
+            on the device (:mod:`lavit.training.batch_transforms`), for small images such as
+            CIFAR, where decoding and transforming each image costs up to a third of a step.
+            ``"auto"``: for each training and validation split whose images share one size
+            (validation: after the evaluation resize) and fit the memory budget, with a policy
+            that runs on batches (RandAugment or none), else per image; one line says which.
+            ``True`` makes it an error when a split cannot be held. Test and prediction data
+            are read per image.
         predict_source: a folder of images (any layout, no class folders needed) for
             ``lavit predict``; default: the test split.
 
@@ -174,7 +163,7 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         bad_images: Literal["error", "skip", "lazy"] = "error",
         cache_dir: Folder | None = None,
-        in_memory: bool = False,
+        in_memory: bool | Literal["auto"] = "auto",
         predict_source: str | None = None,
     ) -> None:
         super().__init__()
@@ -232,23 +221,17 @@ class ImageDataModule(L.LightningDataModule):
             re_count=re_count,
         )
         make_posterize_safe(self.train_transform)
-        self.in_memory = in_memory
-        self.batch_augment = None
-        if in_memory:
-            per_image = {"auto_augment": auto_augment, "color_jitter": color_jitter}
-            per_image["re_prob"] = re_prob or None
-            for name, value in per_image.items():
-                if value is not None:
-                    raise OptionError(
-                        name,
-                        value,
-                        "in_memory=true applies crop, flips and normalisation to whole batches; "
-                        f"per-image augmentations are not available: set {name}=null (re_prob=0) "
-                        "or in_memory=false",
-                    )
+        self.in_memory, self.batch_augment = in_memory, None
+        if in_memory and (problem := batch_policy_problem(auto_augment)):
+            if in_memory is True:
+                raise OptionError("auto_augment", auto_augment, f"{problem}: set in_memory=auto")
+            rank_zero_info(f"Data: read per image: {problem}")
+            self.in_memory = False
+        if self.in_memory:
             self.batch_augment = BatchAugment(
-                img_size, mean, std, scale, ratio, hflip, vflip, interpolation
-            )
+                img_size, mean, std, scale, ratio, hflip, vflip, interpolation,
+                color_jitter, auto_augment, re_prob, re_mode, re_count,
+            )  # fmt: skip
         self.eval_transform = create_transform(
             input_size=img_size,
             is_training=False,
@@ -305,19 +288,19 @@ class ImageDataModule(L.LightningDataModule):
             self.train_dataset = self._fit_dataset(train_rows, self.train_split, None, train=True)
             self.val_dataset = self._fit_dataset(splits[val_name], val_name, None, train=False)
         else:
-            labels = _labels(train_rows)
-            kept, held_out = stratified_split(labels, self.val_fraction, self.seed)
-            if len(held_out) == 0:
-                raise ValueError(
-                    f"val_fraction={self.val_fraction} of the {len(labels)} training images "
-                    "leaves no validation images; raise it or set val_split"
+            rows = train_rows.add_column("row", np.arange(len(train_rows)))
+            try:
+                parts = rows.train_test_split(
+                    self.val_fraction, stratify_by_column="label", seed=self.seed
                 )
-            self.train_dataset = self._fit_dataset(
-                train_rows.select(kept), self.train_split, kept, train=True
-            )
-            self.val_dataset = self._fit_dataset(
-                train_rows.select(held_out), self.train_split, held_out, train=False
-            )
+            except ValueError as err:  # e.g. a class with a single image
+                raise ValueError(
+                    f"val_fraction={self.val_fraction} of the {len(rows)} training images cannot "
+                    f"hold out a validation set with every class ({err}); set val_split"
+                ) from None
+            for train, part in ((True, parts["train"]), (False, parts["test"])):
+                dataset = self._fit_dataset(part, self.train_split, np.asarray(part["row"]), train)
+                setattr(self, "train_dataset" if train else "val_dataset", dataset)
         test_name = self.test_split or ("test" if _is_labelled(splits.get("test")) else None)
         if test_name:
             self.test_dataset = DecodedImages(
@@ -331,17 +314,32 @@ class ImageDataModule(L.LightningDataModule):
         else:
             self.test_dataset = self.val_dataset
 
-    def _fit_dataset(
-        self, rows: datasets.Dataset, split: str, row_ids, train: bool
-    ) -> DecodedImages | InMemoryImages:
-        """A training or validation dataset: decoded per image, or once into memory."""
+    def _fit_dataset(self, rows: datasets.Dataset, split: str, row_ids, train: bool):
+        """A training or validation dataset: held in memory where it can be, else per image."""
+        transform = self.train_transform if train else self.eval_transform
+        role = "training" if train else "validation"
+        per_image = DecodedImages(rows, transform, split, row_ids, replace_unreadable=self._lazy)
         if not self.in_memory:
-            transform = self.train_transform if train else self.eval_transform
-            return DecodedImages(rows, transform, split, row_ids, replace_unreadable=self._lazy)
+            return per_image
         # Evaluation geometry (timm's resize + centre crop) applied once; ToTensor and
         # Normalize happen on the batch (BatchAugment.normalize gives the same values).
-        geometry = None if train else _before_to_tensor(self.eval_transform)
-        return InMemoryImages(rows, split, row_ids, geometry)
+        geometry = None if train else Compose(transform.transforms[:-2])
+        try:
+            dataset = InMemoryImages(rows, split, row_ids, geometry)
+        except NotInMemory as why:
+            if self.in_memory is True:
+                raise DataError(
+                    f"in_memory=true cannot hold split {split!r}: {why}; set "
+                    "--data.in_memory=auto (or false) to read it per image"
+                ) from None
+            rank_zero_info(f"Data: {role} images (split {split!r}) read per image: {why}")
+            return per_image
+        size = "×".join(map(str, dataset.images.shape[-2:]))
+        rank_zero_info(
+            f"Data: {role} images (split {split!r}) held in memory ({len(dataset)} of {size}, "
+            f"{dataset.images.nbytes / 2**20:.0f} MiB)" + (", augmented on batches" if train else "")
+        )
+        return dataset
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._require(self.train_dataset), train=True)
@@ -387,7 +385,7 @@ class ImageDataModule(L.LightningDataModule):
         shuffle = RandomSampler(dataset) if distributed else ResumableShuffle(dataset)
         loader = (StatefulDataLoader if train else DataLoader)(
             dataset,
-            collate_fn=keep_batch if isinstance(dataset, InMemoryImages) else None,
+            collate_fn=_as_is if isinstance(dataset, InMemoryImages) else None,
             batch_size=self.batch_size,
             sampler=shuffle if train else None,
             drop_last=train,
@@ -437,14 +435,8 @@ class ImageDataModule(L.LightningDataModule):
         return self._splits
 
 
-def _before_to_tensor(transform):
-    """The PIL steps of a timm transform: those before its ``ToTensor``."""
-    steps = []
-    for step in transform.transforms:
-        if "ToTensor" in type(step).__name__:
-            return Compose(steps)
-        steps.append(step)
-    raise TypeError(f"no ToTensor step in {transform}")
+def _as_is(batch):
+    return batch  # InMemoryImages hands over whole batches
 
 
 # stage → (split, dataset attribute, Trainer limit option, whether the last partial batch is dropped)

@@ -203,20 +203,16 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 class DecodedImages(Dataset):
-    """Rows of a normalised Hugging Face dataset, decoded and transformed on access.
-
-    The ``image`` column holds encoded bytes or a file path; decoding happens here, in the
-    DataLoader worker, so the whole dataset is never decoded up front.
+    """Rows of a normalised dataset (``image`` undecoded, ``label``), decoded and transformed on
+    access, in the DataLoader workers, with errors that name the image.
 
     Args:
         rows: a dataset with an ``image`` column (``Image(decode=False)``) and a ``label`` column.
-        transform: applied to the RGB ``PIL.Image``; returns a tensor.
+        transform: applied to the RGB ``PIL.Image``.
         split: the split's name, for error messages.
-        row_ids: the rows' indices in the original split (when ``rows`` is a subset of it),
-            for error messages.
+        row_ids: the rows' indices in the original split (``rows`` being a subset of it).
         replace_unreadable: an image that does not decode is replaced by the next one (with a
-            warning) and counted in :attr:`unreadable_met`, instead of stopping the run (for
-            image folders whose up-front check was skipped, ``bad_images="lazy"``).
+            warning) and counted in :attr:`unreadable_met` (``bad_images="lazy"``).
     """
 
     def __init__(
@@ -227,10 +223,7 @@ class DecodedImages(Dataset):
         row_ids: Sequence[int] | None = None,
         replace_unreadable: bool = False,
     ) -> None:
-        self.rows = rows
-        self.transform = transform
-        self.split = split
-        self.row_ids = row_ids
+        self.rows, self.transform, self.split, self.row_ids = rows, transform, split, row_ids
         # Shared with the DataLoader workers, which inherit it.
         self._unreadable = multiprocessing.Value("i", 0) if replace_unreadable else None
 
@@ -244,9 +237,9 @@ class DecodedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         for attempt in range(len(self.rows)):
-            row = self.rows[(index + attempt) % len(self.rows)]
+            at = (index + attempt) % len(self.rows)
             try:
-                image = self._decode(row["image"], (index + attempt) % len(self.rows))
+                image = self.decode(at)
             except ValueError as err:
                 if self._unreadable is None:
                     raise
@@ -254,15 +247,16 @@ class DecodedImages(Dataset):
                     self._unreadable.value += 1
                 warnings.warn(f"{err}; replaced by the next image", stacklevel=2)
                 continue
-            return self.transform(image), row["label"]
+            return self.transform(image), self.rows[at]["label"]
         raise ValueError(f"no image of split {self.split!r} can be read")
 
-    def _decode(self, encoded: dict[str, Any], index: int) -> PIL.Image.Image:
+    def decode(self, index: int) -> PIL.Image.Image:
+        """Image ``index`` as RGB; a ``ValueError`` naming it when it cannot be decoded."""
         try:
-            return to_rgb(_IMAGE_DECODER.decode_example(encoded))
+            return to_rgb(_IMAGE_DECODER.decode_example(self.rows[index]["image"]))
         except Exception as err:  # PIL raises many types; name the image instead
             raise ValueError(
-                f"Cannot read image {self._describe(encoded, index)}: {type(err).__name__}: {err}"
+                f"Cannot read image {self.describe(index)}: {type(err).__name__}: {err}"
             ) from None
 
     def item_id(self, index: int) -> str | int:
@@ -272,12 +266,12 @@ class DecodedImages(Dataset):
             return encoded["path"]
         return int(self.row_ids[index]) if self.row_ids is not None else index
 
-    def _describe(self, encoded: dict[str, Any], index: int) -> str:
-        path = encoded.get("path")
-        if path and not encoded.get("bytes"):
-            return repr(path)  # a file on disk: its path says it all
-        row = int(self.row_ids[index]) if self.row_ids is not None else index
-        return f"at row {row} of split {self.split!r}" + (f" ({path})" if path else "")
+    def describe(self, index: int) -> str:
+        name = self.item_id(index)
+        if isinstance(name, str):
+            return repr(name)  # a file on disk: its path says it all
+        path = self.rows[index]["image"].get("path")
+        return f"at row {name} of split {self.split!r}" + (f" ({path})" if path else "")
 
 
 # ------------------------------------------------------------------------- Pillow ≥ 13 shim
