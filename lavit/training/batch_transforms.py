@@ -67,8 +67,8 @@ class InMemoryImages(Dataset):
                 needed = len(rows) * 3 * first[0] * first[1]
                 if needed > MAX_IN_MEMORY_BYTES:
                     raise NotInMemory(
-                        f"its {len(rows)} images would take {needed / 2**30:.1f} GiB (budget "
-                        f"{MAX_IN_MEMORY_BYTES / 2**30:.1f} GiB: 8 GiB or a quarter of the RAM)"
+                        f"its {len(rows)} images would take {needed / 2**20:.0f} MiB (budget: "
+                        f"{MAX_IN_MEMORY_BYTES / 2**20:.0f} MiB, 8 GiB or a quarter of the RAM)"
                     )
             elif image.size != first:
                 raise NotInMemory(
