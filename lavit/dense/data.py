@@ -58,7 +58,7 @@ from lavit.training.options import (
 __all__ = [
     "DetectionDataModule",
     "DetectionDataset",
-    "KeepRatioResize",
+    "keep_ratio_resize",
     "SegmentationDataModule",
     "SegmentationDataset",
     "collate_lists",
@@ -78,35 +78,31 @@ def _collate_segmentation_train(batch):
     return torch.stack(images), torch.stack(masks)
 
 
-def keep_ratio_size(
-    height: int, width: int, scale: tuple[int, int] | None, canvas: tuple[int, int] | None
-) -> tuple[int, int]:
-    """(h, w) after a keep-ratio resize: to fit ``canvas`` (H, W), else mmdetection's ``scale``
-    (long, short): short side to ``short`` unless the long side would pass ``long``."""
-    if canvas is not None:
-        factor = min(canvas[0] / height, canvas[1] / width)
-    elif scale is not None:
-        long, short = max(scale), min(scale)
-        factor = min(long / max(height, width), short / min(height, width))
-    else:
-        return height, width
-    return max(1, round(height * factor)), max(1, round(width * factor))
+class FitCanvas(v2.Transform):
+    """Keep-ratio resize of every input alike to fit inside ``canvas`` (H, W)."""
 
-
-class KeepRatioResize(v2.Transform):
-    """Keep-ratio resize of every input alike (see :func:`keep_ratio_size`)."""
-
-    def __init__(self, scale: tuple[int, int] | None, canvas: tuple[int, int] | None) -> None:
+    # torchvision's Resize bounds the short and the long side, not a height and a width.
+    def __init__(self, canvas: tuple[int, int]) -> None:
         super().__init__()
-        self.scale = tuple(scale) if scale else None
-        self.canvas = tuple(canvas) if canvas else None
+        self.canvas = canvas
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        image = next(x for x in flat_inputs if isinstance(x, tv_tensors.Image))
-        return {"size": keep_ratio_size(*image.shape[-2:], self.scale, self.canvas)}
+        height, width = next(x for x in flat_inputs if isinstance(x, tv_tensors.Image)).shape[-2:]
+        factor = min(self.canvas[0] / height, self.canvas[1] / width)
+        return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        return self._call_kernel(TF.resize, inpt, size=list(params["size"]), antialias=True)
+        return TF.resize(inpt, size=params["size"], antialias=True)
+
+
+def keep_ratio_resize(scale: tuple[int, int] | None, canvas: tuple[int, int] | None):
+    """Fit ``canvas`` (H, W), else mmdetection's ``scale`` (long, short): the short side to
+    ``short`` unless the long side would pass ``long`` (torchvision's ``max_size``)."""
+    if canvas is not None:
+        return FitCanvas(tuple(canvas))
+    if scale is not None:
+        return v2.Resize(min(scale), max_size=max(scale), antialias=True)
+    return v2.Identity()
 
 
 def _pil_to_image(image) -> tv_tensors.Image:
@@ -334,7 +330,7 @@ class DetectionDataModule(DenseDataModule):
         self.hflip = hflip
         self._num_classes = num_classes
         self.objects_column = objects_column
-        resize = KeepRatioResize(scale, self.canvas)
+        resize = keep_ratio_resize(scale, self.canvas)
         sanitize = v2.SanitizeBoundingBoxes(
             min_size=1.0, labels_getter=lambda inputs: (inputs[1]["labels"], inputs[1]["iscrowd"])
         )

@@ -319,8 +319,8 @@ class ImageDataModule(L.LightningDataModule):
         transform = self.train_transform if train else self.eval_transform
         role = "training" if train else "validation"
         per_image = DecodedImages(rows, transform, split, row_ids, replace_unreadable=self._lazy)
-        if not self.in_memory:
-            return per_image
+        if not self.in_memory or (self._lazy and self.in_memory == "auto"):
+            return per_image  # (bad_images="lazy" replaces unreadable images as it meets them)
         # Evaluation geometry (timm's resize + centre crop) applied once; ToTensor and
         # Normalize happen on the batch (BatchAugment.normalize gives the same values).
         geometry = None if train else Compose(transform.transforms[:-2])
@@ -337,7 +337,8 @@ class ImageDataModule(L.LightningDataModule):
         size = "×".join(map(str, dataset.images.shape[-2:]))
         rank_zero_info(
             f"Data: {role} images (split {split!r}) held in memory ({len(dataset)} of {size}, "
-            f"{dataset.images.nbytes / 2**20:.0f} MiB)" + (", augmented on batches" if train else "")
+            f"{dataset.images.nbytes / 2**20:.0f} MiB)"
+            + (", augmented on batches" if train else "")
         )
         return dataset
 
