@@ -8,7 +8,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
 from torchvision import tv_tensors
 
 from lavit.dense.data import DetectionDataModule, SegmentationDataModule, keep_ratio_resize

@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import datasets
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, RandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -57,6 +57,9 @@ from lavit.training.sources import (
 __all__ = ["ImageDataModule", "default_num_workers", "too_few_batches"]
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
+# The training recipe: arguments of timm's create_transform, and of BatchAugment, by name.
+RECIPE = ("scale", "ratio", "hflip", "vflip", "interpolation", "color_jitter", "auto_augment")
+RECIPE += ("re_prob", "re_mode", "re_count")
 
 
 def default_num_workers() -> int:
@@ -68,66 +71,38 @@ class ImageDataModule(L.LightningDataModule):
     """Image classification data from the Hub, an image folder, parquet files or the embedded set.
 
     Args:
-        source: ``"embedded"`` (a shipped 4,000/1,000-image CIFAR-10 subset), a Hub dataset id
-            (``owner/name``), an image folder (``root/class/*.jpg``, optionally with split folders
-            ``root/train``, ``root/val``, ``root/test``), or parquet files (a file, a glob or a
-            folder; files named after splits, like ``train.parquet``, become those splits).
-        source_type: how to read ``source``; ``"auto"`` guesses from the string.
+        source: ``embedded`` (a shipped 4,000/1,000-image CIFAR-10 subset), a Hub dataset id
+            (``owner/name``), an image folder (``root/class/*.jpg``, optionally under split
+            folders ``root/train``, ``root/val``, ``root/test``) or parquet files (a file, glob
+            or folder; files named after splits, like ``train.parquet``, become those splits).
+        source_type: how to read ``source``; ``auto`` guesses from the string.
         hub_config: the configuration name of a Hub dataset that has several.
-        image_column: column holding the images; default: the first ``Image`` feature, else a
-            column named ``image`` or ``img``.
-        label_column: column holding the labels; default: the first ``ClassLabel`` feature, else
-            a column named ``label`` or ``labels``.
+        image_column, label_column: default: the first ``Image`` / ``ClassLabel`` feature, else
+            a column named ``image``/``img`` / ``label``/``labels``.
         train_split: name of the training split.
-        val_split: name of the validation split (e.g. ``"test"``); default: a split named
-            ``validation``, ``val`` or ``valid`` if there is one, else ``val_fraction`` of the
-            training split, held out per class with ``seed``.
-        test_split: name of the split for testing and prediction; default: ``test`` if it exists
-            and is labelled, else the validation data.
-        val_fraction: fraction of the training split held out for validation when there is no
-            validation split.
-        seed: seed of the held-out validation draw.
-        img_size: side of the square images fed to the model.
-        mean: per-channel mean for normalisation.
-        std: per-channel standard deviation for normalisation.
-        crop_pct: evaluation crop: resize to ``img_size / crop_pct`` then centre-crop ``img_size``
-            (use 1.0 for images already at ``img_size``, e.g. 32×32 CIFAR at ``img_size=32``).
-        interpolation: resampling filter for resizing (training and evaluation).
-        scale: area range of the training random-resized crop.
-        ratio: aspect-ratio range of the training random-resized crop.
-        hflip: probability of a horizontal flip in training.
-        vflip: probability of a vertical flip in training.
-        color_jitter: colour-jitter strength in training (timm ignores it when ``auto_augment``
-            is a RandAugment policy); ``None`` disables it.
-        auto_augment: timm auto-augment policy string (e.g. ``"rand-m9-mstd0.5-inc1"``,
-            ``"augmix-m5-w4-d2"``); ``None`` disables it.
-        re_prob: random-erasing probability in training; 0 disables it.
-        re_mode: random-erasing fill mode.
-        re_count: number of random-erasing regions.
+        val_split: default: a split named ``validation``, ``val`` or ``valid``, else
+            ``val_fraction`` of the training split, stratified by class, drawn with ``seed``.
+        test_split: for testing and prediction; default: ``test`` if labelled, else validation.
+        val_fraction, seed: the held-out validation fraction and its seed.
+        img_size, mean, std, crop_pct, interpolation, scale, ratio, hflip, vflip, color_jitter,
+            auto_augment, re_prob, re_mode, re_count: timm's ``create_transform`` arguments.
         batch_size: images per batch (per device).
         num_workers: DataLoader worker processes; default ``min(4, number of CPUs)``.
-        pin_memory: pin batches in page-locked memory; default: when CUDA is available.
-        bad_images: for image folders, what to do with files that cannot be decoded, found by
-            a check of every file before training (results cached by path, size and
-            modification time, so a second start decodes only new or changed files):
-            ``"error"`` lists them all and stops, ``"skip"`` leaves them out with a warning;
-            ``"lazy"`` skips the check, and an unreadable image met during training is
-            replaced by the next one, with a warning, and counted (``data/unreadable_images``).
+        pin_memory: default: when CUDA is available.
+        bad_images: image-folder files that do not decode, found by a check of every file
+            before training (cached by path, size and modification time): ``error`` lists them
+            and stops, ``skip`` leaves them out with a warning; ``lazy`` skips the check and
+            replaces an unreadable image met in training by the next one, counted.
         cache_dir: Hugging Face ``datasets`` cache folder; default: the library's.
-        in_memory: hold a split's images decoded in one uint8 tensor and augment whole batches
-            on the device (:mod:`lavit.training.batch_transforms`), for small images such as
-            CIFAR, where decoding and transforming each image costs up to a third of a step.
-            ``"auto"``: for each training and validation split whose images share one size
-            (validation: after the evaluation resize) and fit the memory budget, with a policy
-            that runs on batches (RandAugment or none), else per image; one line says which.
-            ``True`` makes it an error when a split cannot be held. Test and prediction data
-            are read per image.
-        predict_source: a folder of images (any layout, no class folders needed) for
-            ``lavit predict``; default: the test split.
+        in_memory: hold the training and validation images decoded in one uint8 tensor and
+            augment whole batches on the device (:mod:`lavit.training.batch_transforms`), for
+            small images such as CIFAR. ``auto``: for each split whose images share one size
+            and fit the memory budget, with no policy but RandAugment, else per image; one log
+            line says which. ``true``: an error where a split cannot be held.
+        predict_source: a folder of images (any layout) for ``lavit predict``; default: test.
 
     Attributes:
-        num_classes: number of classes (readable before ``setup``).
-        class_names: the class names, in label order (readable before ``setup``).
+        num_classes, class_names: readable before ``setup``.
         num_skipped_images: image-folder files left out by ``bad_images="skip"``.
         train_dataset, val_dataset, test_dataset: the torch datasets, after ``setup``.
     """
@@ -167,7 +142,8 @@ class ImageDataModule(L.LightningDataModule):
         predict_source: str | None = None,
     ) -> None:
         super().__init__()
-        check_arguments(ImageDataModule.__init__, locals())
+        arguments = locals()
+        check_arguments(ImageDataModule.__init__, arguments)
         self.save_hyperparameters()
         if hub_config is not None:  # checked on the source as named (before a local copy)
             named_type = guess_source_type(source) if source_type == "auto" else source_type
@@ -204,22 +180,8 @@ class ImageDataModule(L.LightningDataModule):
             raise OptionError("predict_source", predict_source, "must be a folder of images")
         self.predict_source = predict_source
         # Built here so that a bad augmentation setting fails when the config is read.
-        self.train_transform = create_transform(
-            input_size=img_size,
-            is_training=True,
-            scale=scale,
-            ratio=ratio,
-            hflip=hflip,
-            vflip=vflip,
-            color_jitter=color_jitter,
-            auto_augment=auto_augment,
-            interpolation=interpolation,
-            mean=mean,
-            std=std,
-            re_prob=re_prob,
-            re_mode=re_mode,
-            re_count=re_count,
-        )
+        recipe = {name: arguments[name] for name in RECIPE}
+        self.train_transform = create_transform(img_size, True, mean=mean, std=std, **recipe)
         make_posterize_safe(self.train_transform)
         self.in_memory, self.batch_augment = in_memory, None
         if in_memory and (problem := batch_policy_problem(auto_augment)):
@@ -228,17 +190,9 @@ class ImageDataModule(L.LightningDataModule):
             rank_zero_info(f"Data: read per image: {problem}")
             self.in_memory = False
         if self.in_memory:
-            self.batch_augment = BatchAugment(
-                img_size, mean, std, scale, ratio, hflip, vflip, interpolation,
-                color_jitter, auto_augment, re_prob, re_mode, re_count,
-            )  # fmt: skip
+            self.batch_augment = BatchAugment(img_size, mean, std, **recipe)
         self.eval_transform = create_transform(
-            input_size=img_size,
-            is_training=False,
-            interpolation=interpolation,
-            mean=mean,
-            std=std,
-            crop_pct=crop_pct,
+            img_size, interpolation=interpolation, mean=mean, std=std, crop_pct=crop_pct
         )
         self.num_skipped_images = 0
         self._train_loader: StatefulDataLoader | None = None
