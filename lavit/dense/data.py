@@ -55,15 +55,6 @@ from lavit.training.options import (
     check_arguments,
 )
 
-__all__ = [
-    "DetectionDataModule",
-    "DetectionDataset",
-    "keep_ratio_resize",
-    "SegmentationDataModule",
-    "SegmentationDataset",
-    "collate_lists",
-]
-
 IGNORE_INDEX = 255
 
 

@@ -35,22 +35,6 @@ import datasets
 import numpy as np
 import PIL.Image
 
-__all__ = [
-    "BBoxFormat",
-    "DetectionSplit",
-    "ImageRef",
-    "SegmentationSplit",
-    "check_boxes",
-    "decode_image",
-    "decode_mask",
-    "guess_dense_source_type",
-    "load_hf_split",
-    "read_coco_split",
-    "read_hf_detection",
-    "read_hf_segmentation",
-    "read_mask_folder_split",
-]
-
 BBoxFormat = Literal["xywh", "xyxy"]
 DenseSourceType = Literal["auto", "demo", "coco", "folders", "hub", "parquet", "disk"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

@@ -30,8 +30,6 @@ from torch.utils.data import Dataset
 
 from lavit.training.images import DecodedImages
 
-__all__ = ["MAX_IN_MEMORY_BYTES", "BatchAugment", "InMemoryImages", "batch_policy_problem"]
-
 # More than this is left to the per-image path (in_memory=auto) or refused (in_memory=true).
 MAX_IN_MEMORY_BYTES = min(8 * 2**30, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
 

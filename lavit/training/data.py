@@ -54,8 +54,6 @@ from lavit.training.sources import (
     guess_source_type,
 )
 
-__all__ = ["ImageDataModule", "default_num_workers", "too_few_batches"]
-
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 # The training recipe: arguments of timm's create_transform, and of BatchAugment, by name.
 RECIPE = ("scale", "ratio", "hflip", "vflip", "interpolation", "color_jitter", "auto_augment")

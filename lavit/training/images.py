@@ -30,18 +30,6 @@ from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "DecodedImages",
-    "check_cache_file",
-    "check_images",
-    "drop_bad_images",
-    "image_problem",
-    "make_posterize_safe",
-    "to_rgb",
-    "unlabelled_folder",
-]
-
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )

@@ -28,16 +28,6 @@ import pyarrow.parquet as pq
 
 from lavit.training.images import IMAGE_EXTENSIONS, check_cache_file, drop_bad_images
 
-__all__ = [
-    "EMBEDDED_SOURCE",
-    "VALIDATION_SPLIT_NAMES",
-    "ImageSource",
-    "SourceType",
-    "check_hub_reachable",
-    "embedded_dataset_dir",
-    "guess_source_type",
-]
-
 SourceType = Literal["auto", "embedded", "hub", "imagefolder", "parquet"]
 
 EMBEDDED_SOURCE = "embedded"
