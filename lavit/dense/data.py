@@ -187,34 +187,21 @@ class SegmentationDataset(Dataset):
 
 
 class DenseDataModule(L.LightningDataModule):
-    """Shared options: where the data is, its splits and the loaders."""
+    """Shared options (the subclasses' arguments of these names): the source, the splits and
+    the loaders."""
 
-    def __init__(
-        self,
-        source: str,
-        source_type: DenseSourceType,
-        train_split: str,
-        val_split: str,
-        test_split: str | None,
-        hub_config: str | None,
-        cache_dir: str | None,
-        image_column: str,
-        batch_size: PositiveInt,
-        val_batch_size: PositiveInt,
-        num_workers: NonNegativeInt,  # 0: load in the main process
-        pin_memory: bool | None,
-    ) -> None:
+    SHARED = ("source", "train_split", "val_split", "test_split", "hub_config", "cache_dir")
+    SHARED += ("image_column", "batch_size", "val_batch_size", "num_workers")
+
+    def __init__(self, arguments: dict[str, Any]) -> None:
         super().__init__()
-        check_arguments(DenseDataModule.__init__, locals())
-        self.source = source
-        self.source_type = guess_dense_source_type(source) if source_type == "auto" else source_type
-        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
-        self.hub_config = hub_config
-        self.cache_dir = cache_dir
-        self.image_column = image_column
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size
-        self.num_workers = num_workers
+        check_arguments(type(self).__init__, arguments)
+        for name in self.SHARED:
+            setattr(self, name, arguments[name])
+        source_type, pin_memory = arguments["source_type"], arguments["pin_memory"]
+        self.source_type = source_type
+        if source_type == "auto":
+            self.source_type = guess_dense_source_type(self.source)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._splits: dict[str, Any] = {}
         self.datasets: dict[str, Dataset] = {}
@@ -306,11 +293,7 @@ class DetectionDataModule(DenseDataModule):
         num_workers: NonNegativeInt = 2,
         pin_memory: bool | None = None,
     ) -> None:
-        super().__init__(
-            source, source_type, train_split, val_split, test_split, hub_config, cache_dir,
-            image_column, batch_size, val_batch_size, num_workers, pin_memory,
-        )  # fmt: skip
-        check_arguments(DetectionDataModule.__init__, locals())
+        super().__init__(locals())
         if canvas is not None and any(side % 32 or side <= 0 for side in canvas):
             raise ValueError(
                 f"canvas {list(canvas)} must be positive multiples of 32 (the backbone's stride), "
@@ -426,11 +409,7 @@ class SegmentationDataModule(DenseDataModule):
         num_workers: NonNegativeInt = 2,
         pin_memory: bool | None = None,
     ) -> None:
-        super().__init__(
-            source, source_type, train_split, val_split, test_split, hub_config, cache_dir,
-            image_column, batch_size, val_batch_size, num_workers, pin_memory,
-        )  # fmt: skip
-        check_arguments(SegmentationDataModule.__init__, locals())
+        super().__init__(locals())
         if num_classes is None and self.source_type != "demo":
             raise ValueError("num_classes must be given for this source (150 for ADE20K)")
         if not 0 < ratio_range[0] <= ratio_range[1]:
