@@ -18,7 +18,6 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import Dataset
-from tqdm import tqdm
+from tqdm.contrib.concurrent import thread_map
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -66,11 +65,6 @@ def check_cache_file(source: str, cache_dir: str | None) -> Path:
     return root / CHECK_CACHE_FOLDER / f"{digest}.json"
 
 
-def _signature(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
-
-
 def check_images(paths: list[Path], cache_file: Path | None) -> dict[Path, str]:
     """``{path: why}`` for the files of ``paths`` that do not decode completely.
 
@@ -83,34 +77,33 @@ def check_images(paths: list[Path], cache_file: Path | None) -> dict[Path, str]:
         with contextlib.suppress(OSError, ValueError):
             cached = json.loads(cache_file.read_text())
     results: dict[str, Any] = {}
-    todo = []
+    todo, signatures = [], []
     for path in paths:
         try:
-            signature = _signature(path)
+            stat = path.stat()
+            signature = [stat.st_size, stat.st_mtime_ns]
         except OSError:  # vanished or unreadable: decoding says why
-            todo.append((path, None))
-            continue
+            signature = [-1, -1]
         entry = cached.get(str(path))
         if entry is not None and entry[:2] == signature:
             results[str(path)] = entry
         else:
-            todo.append((path, signature))
+            todo.append(path)
+            signatures.append(signature)
     started = time.monotonic()
     if todo:
-        workers = min(16, 2 * (os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            problems = pool.map(image_problem, [path for path, _ in todo])
-            for (path, signature), why in tqdm(
-                zip(todo, problems, strict=True),
-                total=len(todo),
-                desc="checking images",
-                unit=" files",
-                disable=not sys.stderr.isatty() and len(todo) < 10_000,
-                file=sys.stderr,
-            ):
-                results[str(path)] = [*(signature or [-1, -1]), why]
+        problems = thread_map(
+            image_problem, todo, max_workers=min(16, 2 * (os.cpu_count() or 1)),
+            desc="checking images", unit=" files", file=sys.stderr,
+            disable=not sys.stderr.isatty() and len(todo) < 10_000,
+        )  # fmt: skip
+        for path, signature, why in zip(todo, signatures, problems, strict=True):
+            results[str(path)] = [*signature, why]
         if cache_file is not None:
-            _write_atomically(cache_file, {**cached, **results})
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            temporary.write_text(json.dumps({**cached, **results}))
+            os.replace(temporary, cache_file)
     seconds = time.monotonic() - started
     summary = f"checked {len(paths)} image files: {len(todo)} decoded"
     if todo:  # from whichever process decodes (under DDP: local rank 0 only, the others read)
@@ -123,13 +116,6 @@ def check_images(paths: list[Path], cache_file: Path | None) -> dict[Path, str]:
     else:
         rank_zero_info(f"{summary}, all known from {cache_file}")
     return {Path(p): entry[2] for p, entry in results.items() if entry[2]}
-
-
-def _write_atomically(path: Path, content: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(content))
-    os.replace(temporary, path)
 
 
 def drop_bad_images(
