@@ -222,9 +222,9 @@ def load_hf_split(
     hub_config: str | None = None,
     cache_dir: str | None = None,
 ) -> datasets.Dataset:
-    """One split of a Hub dataset, local parquet files, or a ``save_to_disk`` folder."""
-    if source_type == "hub":
-        return datasets.load_dataset(source, name=hub_config, split=split, cache_dir=cache_dir)
+    """One split of a Hub dataset, of local parquet files (a folder: splits named by the files,
+    ``<split>-*.parquet``, ``<split>/``, ``data/...``, as datasets infers them) or of a
+    ``save_to_disk`` folder."""
     if source_type == "disk":
         loaded = datasets.load_from_disk(source)
         if isinstance(loaded, datasets.DatasetDict):
@@ -232,20 +232,11 @@ def load_hf_split(
                 raise ValueError(f"{source}: no split {split!r} (it has {sorted(loaded)})")
             return loaded[split]
         return loaded
-    path = Path(source).expanduser()
-    if path.is_dir():  # <split>-*.parquet or <split>/*.parquet, at the top or under data/
-        patterns = [f"{split}-*.parquet", f"{split}.parquet", f"{split}/*.parquet"]
-        files = sorted(f for p in patterns for base in (path, path / "data") for f in base.glob(p))
-    else:
-        files = sorted(glob.glob(os.path.expanduser(source)))
-    if not files:
-        raise ValueError(
-            f"{source}: no parquet files for split {split!r} (looked for {split}-*.parquet, "
-            f"{split}.parquet and {split}/*.parquet)"
-        )
-    return datasets.load_dataset(
-        "parquet", data_files={split: [str(f) for f in files]}, split=split, cache_dir=cache_dir
-    )
+    if source_type == "hub":
+        return datasets.load_dataset(source, name=hub_config, split=split, cache_dir=cache_dir)
+    path = os.path.expanduser(source)
+    files = {"data_dir": path} if Path(path).is_dir() else {"data_files": {split: path}}
+    return datasets.load_dataset("parquet", **files, split=split, cache_dir=cache_dir)
 
 
 def _coco_files(root: Path, split: str) -> tuple[Path, Path]:
