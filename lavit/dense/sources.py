@@ -24,7 +24,6 @@ stops the run before training with a message that names it and the fix.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import datasets
 import numpy as np
 import PIL.Image
 
+_DECODER = datasets.Image()
 BBoxFormat = Literal["xywh", "xyxy"]
 DenseSourceType = Literal["auto", "demo", "coco", "folders", "hub", "parquet", "disk"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -58,14 +58,7 @@ class ImageRef:
     def load(self) -> PIL.Image.Image:
         if self.path is not None:
             return PIL.Image.open(self.path)
-        value = self.dataset[self.index][self.column]
-        if isinstance(value, PIL.Image.Image):
-            return value
-        if isinstance(value, dict) and value.get("bytes"):
-            return PIL.Image.open(io.BytesIO(value["bytes"]))
-        if isinstance(value, dict) and value.get("path"):
-            return PIL.Image.open(value["path"])
-        raise ValueError(f"{self.describe()}: holds no image (empty bytes and path)")
+        return _DECODER.decode_example(self.dataset[self.index][self.column])  # bytes or path
 
 
 @dataclass
