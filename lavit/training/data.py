@@ -146,26 +146,16 @@ class ImageDataModule(L.LightningDataModule):
         if hub_config is not None:  # checked on the source as named (before a local copy)
             named_type = guess_source_type(source) if source_type == "auto" else source_type
             if named_type != "hub":
-                raise OptionError(
-                    "hub_config",
-                    hub_config,
-                    f"a configuration name of a Hub dataset; this source is {named_type!r}, "
-                    "which has none",
-                )
+                allowed = f"a configuration name of a Hub dataset; {named_type!r} has none"
+                raise OptionError("hub_config", hub_config, allowed)
         if source_type in ("auto", "hub") and (copy := local_copy(source)) is not None:
             source, source_type = copy, "auto"  # this machine's copy of a Hub dataset
         self.source = source
         self.source_type = guess_source_type(source) if source_type == "auto" else source_type
         self.image_source = ImageSource(
-            source,
-            self.source_type,
-            hub_config=hub_config,
-            image_column=image_column,
-            label_column=label_column,
-            train_split=train_split,
-            bad_images=bad_images,
-            cache_dir=cache_dir,
-        )
+            source, self.source_type, hub_config, image_column, label_column, train_split,
+            bad_images, cache_dir,
+        )  # fmt: skip
         self.train_split = train_split
         self.val_split = val_split
         self.test_split = test_split
