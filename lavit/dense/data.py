@@ -190,6 +190,7 @@ class DenseDataModule(L.LightningDataModule):
     """Shared options (the subclasses' arguments of these names): the source, the splits and
     the loaders."""
 
+    train_collate = staticmethod(collate_lists)
     SHARED = ("source", "train_split", "val_split", "test_split", "hub_config", "cache_dir")
     SHARED += ("image_column", "batch_size", "val_batch_size", "num_workers")
 
@@ -229,12 +230,29 @@ class DenseDataModule(L.LightningDataModule):
     def _read_split(self, name: str):
         raise NotImplementedError
 
+    def _dataset(self, split, train: bool) -> Dataset:
+        raise NotImplementedError
+
     def prepare_data(self) -> None:
         # Reads and checks every split's annotations: a bad file stops the run here.
         for name in self._split_names():
             self._split(name)
 
-    def _loader(self, name: str, train: bool, collate) -> DataLoader:
+    def setup(self, stage: str | None = None) -> None:
+        for name in self._split_names():
+            if name not in self.datasets:
+                self.datasets[name] = self._dataset(self._split(name), name == self.train_split)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_split, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_split, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_split or self.val_split, False)
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
         if name not in self.datasets:
             raise RuntimeError("call setup() before asking for a DataLoader")
         return DataLoader(
@@ -245,7 +263,7 @@ class DenseDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate,
+            collate_fn=self.train_collate if train else collate_lists,
         )
 
 
@@ -350,23 +368,9 @@ class DetectionDataModule(DenseDataModule):
                     )
         return split
 
-    def setup(self, stage: str | None = None) -> None:
-        for name in self._split_names():
-            if name not in self.datasets:
-                train = name == self.train_split
-                transform = self.train_transform if train else self.eval_transform
-                self.datasets[name] = DetectionDataset(
-                    self._split(name), transform, drop_crowd=train
-                )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, True, collate_lists)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_split, False, collate_lists)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_split or self.val_split, False, collate_lists)
+    def _dataset(self, split: DetectionSplit, train: bool) -> Dataset:
+        transform = self.train_transform if train else self.eval_transform
+        return DetectionDataset(split, transform, drop_crowd=train)
 
 
 class SegmentationDataModule(DenseDataModule):
@@ -385,6 +389,8 @@ class SegmentationDataModule(DenseDataModule):
         hflip: horizontal-flip probability in training.
         mask_column: Hugging Face column of the masks.
     """
+
+    train_collate = staticmethod(_collate_segmentation_train)  # crops of one size: a tensor
 
     def __init__(
         self,
@@ -457,24 +463,8 @@ class SegmentationDataModule(DenseDataModule):
             return read_mask_folder_split(self.root, name)
         return read_hf_segmentation(self._hf(name), name, self.image_column, self.mask_column)
 
-    def setup(self, stage: str | None = None) -> None:
-        for name in self._split_names():
-            if name not in self.datasets:
-                train = name == self.train_split
-                self.datasets[name] = SegmentationDataset(
-                    self._split(name),
-                    self.train_transform if train else self.eval_transform,
-                    train,
-                    self.num_classes,
-                    self.reduce_zero_label,
-                    self.ignore_index,
-                )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, True, _collate_segmentation_train)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_split, False, collate_lists)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_split or self.val_split, False, collate_lists)
+    def _dataset(self, split: SegmentationSplit, train: bool) -> Dataset:
+        transform = self.train_transform if train else self.eval_transform
+        return SegmentationDataset(
+            split, transform, train, self.num_classes, self.reduce_zero_label, self.ignore_index
+        )
