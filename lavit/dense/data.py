@@ -1,20 +1,11 @@
 """Dense-task data: COCO-format detection and image/mask segmentation, with paired transforms.
 
-Images, boxes and masks go through torchvision ``transforms.v2`` as ``tv_tensors`` together,
-so a flip, resize or crop moves them alike. Images come out as float tensors in [0, 1]; the task
-modules normalise them (and pad them to a multiple of 32, or to a fixed input size, which is
-the model's business, not the data's).
-
-* :class:`DetectionDataModule`: keep-ratio resize to ``scale`` (mmdetection's 1333×800: short
-  side 800, long side ≤ 1333) or to fit a fixed ``canvas``, horizontal flips in training.
-  Batches are ``(list of images, list of targets)``, targets with ``boxes`` (xyxy pixels of the
-  resized image), ``labels``, ``iscrowd``, ``image_id``, ``orig_size`` and ``size``.
-* :class:`SegmentationDataModule`: random resize (ratio range around ``scale``), random crop to
-  ``crop_size`` (padding with the ignore index), flips; evaluation resizes the image only and
-  keeps the original mask, so mIoU is measured at the annotation's resolution.
-
-``source: demo`` builds the offline demo set from the embedded CIFAR-10 images on first use
-(:mod:`lavit.dense.demo`) and reads it through the same COCO and mask-folder readers.
+Images, boxes and masks go through torchvision ``transforms.v2`` as ``tv_tensors`` together, so
+a flip, resize or crop moves them alike; images come out as float tensors in [0, 1] (the task
+modules normalise and pad them). Detection batches are ``(images, targets)`` lists, targets with
+``boxes`` (xyxy pixels of the resized image), ``labels``, ``iscrowd``, ``image_id``,
+``orig_size`` and ``size``; segmentation evaluation keeps the original mask, so mIoU is measured
+at the annotation's resolution. ``source: demo`` is built from the embedded CIFAR-10 images.
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """Readers of dense-task annotations, normalised to one record layout, and their checks.
 
-Detection (every reader returns :class:`DetectionSplit`):
-
-* a COCO JSON + image folder: ``<root>/annotations/instances_<split>.json`` with images in
-  ``<root>/<split>/`` (COCO 2017's layout) or ``<root>/images/<split>/``;
-* a Hugging Face dataset (Hub id, local parquet files, or a ``save_to_disk`` folder) with an
-  ``image`` column and an ``objects`` column of ``bbox`` (COCO ``[x, y, w, h]`` by default) and
-  ``category`` lists (e.g. ``detection-datasets/coco``, ``cppe-5``), ``width``/``height``
-  optional.
-
-Segmentation (:class:`SegmentationSplit`):
-
-* image/mask folders, ADE20K's layout: ``<root>/images/<split>/*.jpg`` and
-  ``<root>/annotations/<split>/*.png`` paired by file stem;
-* a Hugging Face dataset with image and mask columns (``scene_parse_150``: ``image`` and
-  ``annotation``).
-
-Images are never decoded here: a record holds a path or the dataset row to decode later.
-Annotation checks run up front (every box of every image; image/mask pairing), so a bad file
-stops the run before training with a message that names it and the fix.
+Detection (:class:`DetectionSplit`): COCO JSON + images (``annotations/instances_<split>.json``,
+``<split>/`` or ``images/<split>/``), or a Hugging Face dataset with ``image`` and ``objects``
+(``bbox``, ``category``) columns. Segmentation (:class:`SegmentationSplit`): ADE20K's folders
+(``images/<split>/``, ``annotations/<split>/`` paired by stem), or a dataset with image and
+mask columns. Images are decoded later; annotations are checked up front, so a bad file stops
+the run before training with a message that names it and the fix.
 """
 
 from __future__ import annotations
