@@ -441,6 +441,12 @@ def test_carved_validation_is_disjoint_stratified_and_deterministic(cache_dir):
     assert np.bincount(labels[val_ids]).tolist() == [40] * 10
 
 
+def test_a_fraction_that_holds_out_nothing_is_named(cache_dir):
+    dm = ImageDataModule(val_fraction=1e-4, cache_dir=cache_dir, **FAST)
+    with pytest.raises(ValueError, match=r"val_fraction=0.0001 of the 4000 training images"):
+        dm.setup("fit")
+
+
 def test_val_split_can_point_at_test(cache_dir):
     dm = ImageDataModule(val_split="test", cache_dir=cache_dir, **FAST)
     dm.setup("fit")

@@ -232,9 +232,8 @@ class ImageDataModule(L.LightningDataModule):
         else:
             rows = train_rows.add_column("row", np.arange(len(train_rows)))
             try:
-                parts = rows.train_test_split(
-                    self.val_fraction, stratify_by_column="label", seed=self.seed
-                )
+                held_out = round(self.val_fraction * len(rows))  # datasets would round up
+                parts = rows.train_test_split(held_out, stratify_by_column="label", seed=self.seed)
             except ValueError as err:  # e.g. a class with a single image
                 raise ValueError(
                     f"val_fraction={self.val_fraction} of the {len(rows)} training images cannot "
