@@ -231,14 +231,17 @@ class ImageDataModule(L.LightningDataModule):
             self.val_dataset = self._fit_dataset(splits[val_name], val_name, None, train=False)
         else:
             rows = train_rows.add_column("row", np.arange(len(train_rows)))
-            try:
-                held_out = round(self.val_fraction * len(rows))  # datasets would round up
-                parts = rows.train_test_split(held_out, stratify_by_column="label", seed=self.seed)
-            except ValueError as err:  # e.g. a class with a single image
+            held_out = round(self.val_fraction * len(rows))  # datasets would round up
+            if held_out == 0:
                 raise ValueError(
-                    f"val_fraction={self.val_fraction} of the {len(rows)} training images cannot "
-                    f"hold out a validation set with every class ({err}); set val_split"
-                ) from None
+                    f"val_fraction={self.val_fraction} of the {len(rows)} training images holds "
+                    "out none; raise it or set val_split"
+                )
+            try:
+                parts = rows.train_test_split(held_out, stratify_by_column="label", seed=self.seed)
+            except ValueError as why:  # too few images, of a class or in all, to stratify
+                rank_zero_info(f"Data: validation images drawn without stratification ({why})")
+                parts = rows.train_test_split(held_out, seed=self.seed)
             for train, part in ((True, parts["train"]), (False, parts["test"])):
                 dataset = self._fit_dataset(part, self.train_split, np.asarray(part["row"]), train)
                 setattr(self, "train_dataset" if train else "val_dataset", dataset)
