@@ -443,7 +443,7 @@ def test_carved_validation_is_disjoint_stratified_and_deterministic(cache_dir):
 
 def test_a_fraction_that_holds_out_nothing_is_named(cache_dir):
     dm = ImageDataModule(val_fraction=1e-4, cache_dir=cache_dir, **FAST)
-    with pytest.raises(ValueError, match=r"val_fraction=0.0001 of the 4000 training images holds out none"):
+    with pytest.raises(ValueError, match=r"0.0001 of the 4000 training images holds out none"):
         dm.setup("fit")
 
 
