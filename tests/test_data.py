@@ -26,7 +26,8 @@ from lavit.training import sources
 from lavit.training.data import ImageDataModule, guess_source_type
 
 # Small, fast settings: 32x32 inputs, no resize margin, the default augmentation recipe.
-FAST = {"img_size": 32, "crop_pct": 1.0, "batch_size": 4, "num_workers": 0}
+# The per-image path (test_batch_transforms.py tests the in-memory one, in_memory="auto").
+FAST = {"img_size": 32, "crop_pct": 1.0, "batch_size": 4, "num_workers": 0, "in_memory": False}
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer"]
 # Bounds of ImageNet-normalised pixels: (0 - max mean) / min std, (1 - min mean) / min std.
 NORMALISED_RANGE = (-2.2, 2.7)
@@ -315,6 +316,15 @@ def test_unreadable_parquet_row_is_named_by_split_and_row(tmp_path, cache_dir):
     dm.setup()
     with pytest.raises(ValueError, match="Cannot read image at row 7 of split 'train'"):
         dm.val_dataset[7]
+    # Held in memory, the image is decoded (and named) before training.
+    dm = ImageDataModule(
+        source=str(tmp_path / "broken.parquet"),
+        val_split="train",
+        cache_dir=cache_dir,
+        **{**FAST, "in_memory": "auto"},
+    )
+    with pytest.raises(ValueError, match="Cannot read image at row 7 of split 'train'"):
+        dm.setup()
 
 
 def test_unreadable_file_at_load_time_is_named(tmp_path, cache_dir):
@@ -429,6 +439,12 @@ def test_carved_validation_is_disjoint_stratified_and_deterministic(cache_dir):
         )["label"]
     )
     assert np.bincount(labels[val_ids]).tolist() == [40] * 10
+
+
+def test_a_fraction_that_holds_out_nothing_is_named(cache_dir):
+    dm = ImageDataModule(val_fraction=1e-4, cache_dir=cache_dir, **FAST)
+    with pytest.raises(ValueError, match=r"0.0001 of the 4000 training images holds out none"):
+        dm.setup("fit")
 
 
 def test_val_split_can_point_at_test(cache_dir):

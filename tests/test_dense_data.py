@@ -8,8 +8,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from torchvision import tv_tensors
 
-from lavit.dense.data import DetectionDataModule, SegmentationDataModule, keep_ratio_size
+from lavit.dense.data import DetectionDataModule, SegmentationDataModule, keep_ratio_resize
 from lavit.dense.demo import CIFAR10_CLASSES, DEMO_CLASSES, build_dense_demo, dense_demo_dir
 
 
@@ -79,10 +80,15 @@ def test_detection_demo_batches_with_flipped_boxes(demo_cache):
 
 
 def test_keep_ratio_resize_is_mmdetections_1333x800_or_fits_a_canvas():
-    assert keep_ratio_size(480, 640, (1333, 800), None) == (800, 1067)
-    assert keep_ratio_size(640, 480, (1333, 800), None) == (1067, 800)
-    assert keep_ratio_size(400, 2000, (1333, 800), None) == (267, 1333)
-    assert keep_ratio_size(640, 480, None, (800, 1344)) == (800, 600)
+    def size(height, width, scale, canvas):
+        image = tv_tensors.Image(torch.zeros(3, height, width))
+        return tuple(keep_ratio_resize(scale, canvas)(image).shape[-2:])
+
+    assert size(480, 640, (1333, 800), None) == (800, 1066)  # torchvision floors the long side
+    assert size(640, 480, (1333, 800), None) == (1066, 800)
+    assert size(400, 2000, (1333, 800), None) == (266, 1333)
+    assert size(640, 480, None, (800, 1344)) == (800, 600)
+    assert size(480, 640, None, (800, 1344)) == (800, 1067)
 
 
 def test_detection_resize_moves_boxes_with_the_image(tmp_path):

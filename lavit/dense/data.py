@@ -1,20 +1,11 @@
 """Dense-task data: COCO-format detection and image/mask segmentation, with paired transforms.
 
-Images, boxes and masks go through torchvision ``transforms.v2`` as ``tv_tensors`` together,
-so a flip, resize or crop moves them alike. Images come out as float tensors in [0, 1]; the task
-modules normalise them (and pad them to a multiple of 32, or to a fixed input size, which is
-the model's business, not the data's).
-
-* :class:`DetectionDataModule`: keep-ratio resize to ``scale`` (mmdetection's 1333×800: short
-  side 800, long side ≤ 1333) or to fit a fixed ``canvas``, horizontal flips in training.
-  Batches are ``(list of images, list of targets)``, targets with ``boxes`` (xyxy pixels of the
-  resized image), ``labels``, ``iscrowd``, ``image_id``, ``orig_size`` and ``size``.
-* :class:`SegmentationDataModule`: random resize (ratio range around ``scale``), random crop to
-  ``crop_size`` (padding with the ignore index), flips; evaluation resizes the image only and
-  keeps the original mask, so mIoU is measured at the annotation's resolution.
-
-``source: demo`` builds the offline demo set from the embedded CIFAR-10 images on first use
-(:mod:`lavit.dense.demo`) and reads it through the same COCO and mask-folder readers.
+Images, boxes and masks go through torchvision ``transforms.v2`` as ``tv_tensors`` together, so
+a flip, resize or crop moves them alike; images come out as float tensors in [0, 1] (the task
+modules normalise and pad them). Detection batches are ``(images, targets)`` lists, targets with
+``boxes`` (xyxy pixels of the resized image), ``labels``, ``iscrowd``, ``image_id``,
+``orig_size`` and ``size``; segmentation evaluation keeps the original mask, so mIoU is measured
+at the annotation's resolution. ``source: demo`` is built from the embedded CIFAR-10 images.
 """
 
 from __future__ import annotations
@@ -55,15 +46,6 @@ from lavit.training.options import (
     check_arguments,
 )
 
-__all__ = [
-    "DetectionDataModule",
-    "DetectionDataset",
-    "KeepRatioResize",
-    "SegmentationDataModule",
-    "SegmentationDataset",
-    "collate_lists",
-]
-
 IGNORE_INDEX = 255
 
 
@@ -78,35 +60,31 @@ def _collate_segmentation_train(batch):
     return torch.stack(images), torch.stack(masks)
 
 
-def keep_ratio_size(
-    height: int, width: int, scale: tuple[int, int] | None, canvas: tuple[int, int] | None
-) -> tuple[int, int]:
-    """(h, w) after a keep-ratio resize: to fit ``canvas`` (H, W), else mmdetection's ``scale``
-    (long, short): short side to ``short`` unless the long side would pass ``long``."""
-    if canvas is not None:
-        factor = min(canvas[0] / height, canvas[1] / width)
-    elif scale is not None:
-        long, short = max(scale), min(scale)
-        factor = min(long / max(height, width), short / min(height, width))
-    else:
-        return height, width
-    return max(1, round(height * factor)), max(1, round(width * factor))
+class FitCanvas(v2.Transform):
+    """Keep-ratio resize of every input alike to fit inside ``canvas`` (H, W)."""
 
-
-class KeepRatioResize(v2.Transform):
-    """Keep-ratio resize of every input alike (see :func:`keep_ratio_size`)."""
-
-    def __init__(self, scale: tuple[int, int] | None, canvas: tuple[int, int] | None) -> None:
+    # torchvision's Resize bounds the short and the long side, not a height and a width.
+    def __init__(self, canvas: tuple[int, int]) -> None:
         super().__init__()
-        self.scale = tuple(scale) if scale else None
-        self.canvas = tuple(canvas) if canvas else None
+        self.canvas = canvas
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        image = next(x for x in flat_inputs if isinstance(x, tv_tensors.Image))
-        return {"size": keep_ratio_size(*image.shape[-2:], self.scale, self.canvas)}
+        height, width = next(x for x in flat_inputs if isinstance(x, tv_tensors.Image)).shape[-2:]
+        factor = min(self.canvas[0] / height, self.canvas[1] / width)
+        return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        return self._call_kernel(TF.resize, inpt, size=list(params["size"]), antialias=True)
+        return TF.resize(inpt, size=params["size"], antialias=True)
+
+
+def keep_ratio_resize(scale: tuple[int, int] | None, canvas: tuple[int, int] | None):
+    """Fit ``canvas`` (H, W), else mmdetection's ``scale`` (long, short): the short side to
+    ``short`` unless the long side would pass ``long`` (torchvision's ``max_size``)."""
+    if canvas is not None:
+        return FitCanvas(tuple(canvas))
+    if scale is not None:
+        return v2.Resize(min(scale), max_size=max(scale), antialias=True)
+    return v2.Identity()
 
 
 def _pil_to_image(image) -> tv_tensors.Image:
@@ -200,34 +178,22 @@ class SegmentationDataset(Dataset):
 
 
 class DenseDataModule(L.LightningDataModule):
-    """Shared options: where the data is, its splits and the loaders."""
+    """Shared options (the subclasses' arguments of these names): the source, the splits and
+    the loaders."""
 
-    def __init__(
-        self,
-        source: str,
-        source_type: DenseSourceType,
-        train_split: str,
-        val_split: str,
-        test_split: str | None,
-        hub_config: str | None,
-        cache_dir: str | None,
-        image_column: str,
-        batch_size: PositiveInt,
-        val_batch_size: PositiveInt,
-        num_workers: NonNegativeInt,  # 0: load in the main process
-        pin_memory: bool | None,
-    ) -> None:
+    train_collate = staticmethod(collate_lists)
+    SHARED = ("source", "train_split", "val_split", "test_split", "hub_config", "cache_dir")
+    SHARED += ("image_column", "batch_size", "val_batch_size", "num_workers")
+
+    def __init__(self, arguments: dict[str, Any]) -> None:
         super().__init__()
-        check_arguments(DenseDataModule.__init__, locals())
-        self.source = source
-        self.source_type = guess_dense_source_type(source) if source_type == "auto" else source_type
-        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
-        self.hub_config = hub_config
-        self.cache_dir = cache_dir
-        self.image_column = image_column
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size
-        self.num_workers = num_workers
+        check_arguments(type(self).__init__, arguments)
+        for name in self.SHARED:
+            setattr(self, name, arguments[name])
+        source_type, pin_memory = arguments["source_type"], arguments["pin_memory"]
+        self.source_type = source_type
+        if source_type == "auto":
+            self.source_type = guess_dense_source_type(self.source)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._splits: dict[str, Any] = {}
         self.datasets: dict[str, Dataset] = {}
@@ -255,12 +221,29 @@ class DenseDataModule(L.LightningDataModule):
     def _read_split(self, name: str):
         raise NotImplementedError
 
+    def _dataset(self, split, train: bool) -> Dataset:
+        raise NotImplementedError
+
     def prepare_data(self) -> None:
         # Reads and checks every split's annotations: a bad file stops the run here.
         for name in self._split_names():
             self._split(name)
 
-    def _loader(self, name: str, train: bool, collate) -> DataLoader:
+    def setup(self, stage: str | None = None) -> None:
+        for name in self._split_names():
+            if name not in self.datasets:
+                self.datasets[name] = self._dataset(self._split(name), name == self.train_split)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_split, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_split, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_split or self.val_split, False)
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
         if name not in self.datasets:
             raise RuntimeError("call setup() before asking for a DataLoader")
         return DataLoader(
@@ -271,7 +254,7 @@ class DenseDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate,
+            collate_fn=self.train_collate if train else collate_lists,
         )
 
 
@@ -319,11 +302,7 @@ class DetectionDataModule(DenseDataModule):
         num_workers: NonNegativeInt = 2,
         pin_memory: bool | None = None,
     ) -> None:
-        super().__init__(
-            source, source_type, train_split, val_split, test_split, hub_config, cache_dir,
-            image_column, batch_size, val_batch_size, num_workers, pin_memory,
-        )  # fmt: skip
-        check_arguments(DetectionDataModule.__init__, locals())
+        super().__init__(locals())
         if canvas is not None and any(side % 32 or side <= 0 for side in canvas):
             raise ValueError(
                 f"canvas {list(canvas)} must be positive multiples of 32 (the backbone's stride), "
@@ -334,7 +313,7 @@ class DetectionDataModule(DenseDataModule):
         self.hflip = hflip
         self._num_classes = num_classes
         self.objects_column = objects_column
-        resize = KeepRatioResize(scale, self.canvas)
+        resize = keep_ratio_resize(scale, self.canvas)
         sanitize = v2.SanitizeBoundingBoxes(
             min_size=1.0, labels_getter=lambda inputs: (inputs[1]["labels"], inputs[1]["iscrowd"])
         )
@@ -380,23 +359,9 @@ class DetectionDataModule(DenseDataModule):
                     )
         return split
 
-    def setup(self, stage: str | None = None) -> None:
-        for name in self._split_names():
-            if name not in self.datasets:
-                train = name == self.train_split
-                transform = self.train_transform if train else self.eval_transform
-                self.datasets[name] = DetectionDataset(
-                    self._split(name), transform, drop_crowd=train
-                )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, True, collate_lists)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_split, False, collate_lists)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_split or self.val_split, False, collate_lists)
+    def _dataset(self, split: DetectionSplit, train: bool) -> Dataset:
+        transform = self.train_transform if train else self.eval_transform
+        return DetectionDataset(split, transform, drop_crowd=train)
 
 
 class SegmentationDataModule(DenseDataModule):
@@ -415,6 +380,8 @@ class SegmentationDataModule(DenseDataModule):
         hflip: horizontal-flip probability in training.
         mask_column: Hugging Face column of the masks.
     """
+
+    train_collate = staticmethod(_collate_segmentation_train)  # crops of one size: a tensor
 
     def __init__(
         self,
@@ -439,11 +406,7 @@ class SegmentationDataModule(DenseDataModule):
         num_workers: NonNegativeInt = 2,
         pin_memory: bool | None = None,
     ) -> None:
-        super().__init__(
-            source, source_type, train_split, val_split, test_split, hub_config, cache_dir,
-            image_column, batch_size, val_batch_size, num_workers, pin_memory,
-        )  # fmt: skip
-        check_arguments(SegmentationDataModule.__init__, locals())
+        super().__init__(locals())
         if num_classes is None and self.source_type != "demo":
             raise ValueError("num_classes must be given for this source (150 for ADE20K)")
         if not 0 < ratio_range[0] <= ratio_range[1]:
@@ -491,24 +454,8 @@ class SegmentationDataModule(DenseDataModule):
             return read_mask_folder_split(self.root, name)
         return read_hf_segmentation(self._hf(name), name, self.image_column, self.mask_column)
 
-    def setup(self, stage: str | None = None) -> None:
-        for name in self._split_names():
-            if name not in self.datasets:
-                train = name == self.train_split
-                self.datasets[name] = SegmentationDataset(
-                    self._split(name),
-                    self.train_transform if train else self.eval_transform,
-                    train,
-                    self.num_classes,
-                    self.reduce_zero_label,
-                    self.ignore_index,
-                )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, True, _collate_segmentation_train)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_split, False, collate_lists)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_split or self.val_split, False, collate_lists)
+    def _dataset(self, split: SegmentationSplit, train: bool) -> Dataset:
+        transform = self.train_transform if train else self.eval_transform
+        return SegmentationDataset(
+            split, transform, train, self.num_classes, self.reduce_zero_label, self.ignore_index
+        )

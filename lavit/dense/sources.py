@@ -1,30 +1,16 @@
 """Readers of dense-task annotations, normalised to one record layout, and their checks.
 
-Detection (every reader returns :class:`DetectionSplit`):
-
-* a COCO JSON + image folder: ``<root>/annotations/instances_<split>.json`` with images in
-  ``<root>/<split>/`` (COCO 2017's layout) or ``<root>/images/<split>/``;
-* a Hugging Face dataset (Hub id, local parquet files, or a ``save_to_disk`` folder) with an
-  ``image`` column and an ``objects`` column of ``bbox`` (COCO ``[x, y, w, h]`` by default) and
-  ``category`` lists (e.g. ``detection-datasets/coco``, ``cppe-5``), ``width``/``height``
-  optional.
-
-Segmentation (:class:`SegmentationSplit`):
-
-* image/mask folders, ADE20K's layout: ``<root>/images/<split>/*.jpg`` and
-  ``<root>/annotations/<split>/*.png`` paired by file stem;
-* a Hugging Face dataset with image and mask columns (``scene_parse_150``: ``image`` and
-  ``annotation``).
-
-Images are never decoded here: a record holds a path or the dataset row to decode later.
-Annotation checks run up front (every box of every image; image/mask pairing), so a bad file
-stops the run before training with a message that names it and the fix.
+Detection (:class:`DetectionSplit`): COCO JSON + images (``annotations/instances_<split>.json``,
+``<split>/`` or ``images/<split>/``), or a Hugging Face dataset with ``image`` and ``objects``
+(``bbox``, ``category``) columns. Segmentation (:class:`SegmentationSplit`): ADE20K's folders
+(``images/<split>/``, ``annotations/<split>/`` paired by stem), or a dataset with image and
+mask columns. Images are decoded later; annotations are checked up front, so a bad file stops
+the run before training with a message that names it and the fix.
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -35,22 +21,7 @@ import datasets
 import numpy as np
 import PIL.Image
 
-__all__ = [
-    "BBoxFormat",
-    "DetectionSplit",
-    "ImageRef",
-    "SegmentationSplit",
-    "check_boxes",
-    "decode_image",
-    "decode_mask",
-    "guess_dense_source_type",
-    "load_hf_split",
-    "read_coco_split",
-    "read_hf_detection",
-    "read_hf_segmentation",
-    "read_mask_folder_split",
-]
-
+_DECODER = datasets.Image()
 BBoxFormat = Literal["xywh", "xyxy"]
 DenseSourceType = Literal["auto", "demo", "coco", "folders", "hub", "parquet", "disk"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -74,14 +45,7 @@ class ImageRef:
     def load(self) -> PIL.Image.Image:
         if self.path is not None:
             return PIL.Image.open(self.path)
-        value = self.dataset[self.index][self.column]
-        if isinstance(value, PIL.Image.Image):
-            return value
-        if isinstance(value, dict) and value.get("bytes"):
-            return PIL.Image.open(io.BytesIO(value["bytes"]))
-        if isinstance(value, dict) and value.get("path"):
-            return PIL.Image.open(value["path"])
-        raise ValueError(f"{self.describe()}: holds no image (empty bytes and path)")
+        return _DECODER.decode_example(self.dataset[self.index][self.column])  # bytes or path
 
 
 @dataclass
@@ -238,9 +202,9 @@ def load_hf_split(
     hub_config: str | None = None,
     cache_dir: str | None = None,
 ) -> datasets.Dataset:
-    """One split of a Hub dataset, local parquet files, or a ``save_to_disk`` folder."""
-    if source_type == "hub":
-        return datasets.load_dataset(source, name=hub_config, split=split, cache_dir=cache_dir)
+    """One split of a Hub dataset, of local parquet files (a folder: splits named by the files,
+    ``<split>-*.parquet``, ``<split>/``, ``data/...``, as datasets infers them) or of a
+    ``save_to_disk`` folder."""
     if source_type == "disk":
         loaded = datasets.load_from_disk(source)
         if isinstance(loaded, datasets.DatasetDict):
@@ -248,20 +212,11 @@ def load_hf_split(
                 raise ValueError(f"{source}: no split {split!r} (it has {sorted(loaded)})")
             return loaded[split]
         return loaded
-    path = Path(source).expanduser()
-    if path.is_dir():  # <split>-*.parquet or <split>/*.parquet, at the top or under data/
-        patterns = [f"{split}-*.parquet", f"{split}.parquet", f"{split}/*.parquet"]
-        files = sorted(f for p in patterns for base in (path, path / "data") for f in base.glob(p))
-    else:
-        files = sorted(glob.glob(os.path.expanduser(source)))
-    if not files:
-        raise ValueError(
-            f"{source}: no parquet files for split {split!r} (looked for {split}-*.parquet, "
-            f"{split}.parquet and {split}/*.parquet)"
-        )
-    return datasets.load_dataset(
-        "parquet", data_files={split: [str(f) for f in files]}, split=split, cache_dir=cache_dir
-    )
+    if source_type == "hub":
+        return datasets.load_dataset(source, name=hub_config, split=split, cache_dir=cache_dir)
+    path = os.path.expanduser(source)
+    files = {"data_dir": path} if Path(path).is_dir() else {"data_files": {split: path}}
+    return datasets.load_dataset("parquet", **files, split=split, cache_dir=cache_dir)
 
 
 def _coco_files(root: Path, split: str) -> tuple[Path, Path]:

@@ -16,13 +16,19 @@ import datasets
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, RandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import Compose
 
-from lavit.errors import OptionError
-from lavit.training.batch_transforms import BatchAugment, InMemoryImages, keep_batch
+from lavit.errors import DataError, OptionError
+from lavit.training.batch_transforms import (
+    BatchAugment,
+    InMemoryImages,
+    NotInMemory,
+    batch_policy_problem,
+)
 from lavit.training.images import DecodedImages, make_posterize_safe, unlabelled_folder
 from lavit.training.local_datasets import local_copy
 from lavit.training.options import (
@@ -48,9 +54,10 @@ from lavit.training.sources import (
     guess_source_type,
 )
 
-__all__ = ["ImageDataModule", "default_num_workers", "stratified_split", "too_few_batches"]
-
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
+# The training recipe: arguments of timm's create_transform, and of BatchAugment, by name.
+RECIPE = ("scale", "ratio", "hflip", "vflip", "interpolation", "color_jitter", "auto_augment")
+RECIPE += ("re_prob", "re_mode", "re_count")
 
 
 def default_num_workers() -> int:
@@ -58,87 +65,42 @@ def default_num_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def stratified_split(
-    labels: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split row indices into (kept, held out) with ``fraction`` of every class held out.
-
-    Deterministic for a given ``seed``; both index arrays are sorted and disjoint. Indices are
-    returned (rather than using ``Dataset.train_test_split``) so that an unreadable image can be
-    reported by its row number in the original split.
-    """
-    rng = np.random.default_rng(seed)
-    held_out = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        held_out.append(rng.permutation(members)[: round(fraction * len(members))])
-    held_out_ids = np.sort(np.concatenate(held_out))
-    kept_ids = np.setdiff1d(np.arange(len(labels)), held_out_ids)
-    return kept_ids, held_out_ids
-
-
 class ImageDataModule(L.LightningDataModule):
     """Image classification data from the Hub, an image folder, parquet files or the embedded set.
 
     Args:
-        source: ``"embedded"`` (a shipped 4,000/1,000-image CIFAR-10 subset), a Hub dataset id
-            (``owner/name``), an image folder (``root/class/*.jpg``, optionally with split folders
-            ``root/train``, ``root/val``, ``root/test``), or parquet files (a file, a glob or a
-            folder; files named after splits, like ``train.parquet``, become those splits).
-        source_type: how to read ``source``; ``"auto"`` guesses from the string.
+        source: ``embedded`` (a shipped 4,000/1,000-image CIFAR-10 subset), a Hub dataset id
+            (``owner/name``), an image folder (``root/class/*.jpg``, optionally under split
+            folders ``root/train``, ``root/val``, ``root/test``) or parquet files (a file, glob
+            or folder; files named after splits, like ``train.parquet``, become those splits).
+        source_type: how to read ``source``; ``auto`` guesses from the string.
         hub_config: the configuration name of a Hub dataset that has several.
-        image_column: column holding the images; default: the first ``Image`` feature, else a
-            column named ``image`` or ``img``.
-        label_column: column holding the labels; default: the first ``ClassLabel`` feature, else
-            a column named ``label`` or ``labels``.
+        image_column, label_column: default: the first ``Image`` / ``ClassLabel`` feature, else
+            a column named ``image``/``img`` / ``label``/``labels``.
         train_split: name of the training split.
-        val_split: name of the validation split (e.g. ``"test"``); default: a split named
-            ``validation``, ``val`` or ``valid`` if there is one, else ``val_fraction`` of the
-            training split, held out per class with ``seed``.
-        test_split: name of the split for testing and prediction; default: ``test`` if it exists
-            and is labelled, else the validation data.
-        val_fraction: fraction of the training split held out for validation when there is no
-            validation split.
-        seed: seed of the held-out validation draw.
-        img_size: side of the square images fed to the model.
-        mean: per-channel mean for normalisation.
-        std: per-channel standard deviation for normalisation.
-        crop_pct: evaluation crop: resize to ``img_size / crop_pct`` then centre-crop ``img_size``
-            (use 1.0 for images already at ``img_size``, e.g. 32×32 CIFAR at ``img_size=32``).
-        interpolation: resampling filter for resizing (training and evaluation).
-        scale: area range of the training random-resized crop.
-        ratio: aspect-ratio range of the training random-resized crop.
-        hflip: probability of a horizontal flip in training.
-        vflip: probability of a vertical flip in training.
-        color_jitter: colour-jitter strength in training (timm ignores it when ``auto_augment``
-            is a RandAugment policy); ``None`` disables it.
-        auto_augment: timm auto-augment policy string (e.g. ``"rand-m9-mstd0.5-inc1"``,
-            ``"augmix-m5-w4-d2"``); ``None`` disables it.
-        re_prob: random-erasing probability in training; 0 disables it.
-        re_mode: random-erasing fill mode.
-        re_count: number of random-erasing regions.
+        val_split: default: a split named ``validation``, ``val`` or ``valid``, else
+            ``val_fraction`` of the training split, stratified by class, drawn with ``seed``.
+        test_split: for testing and prediction; default: ``test`` if labelled, else validation.
+        val_fraction, seed: the held-out validation fraction and its seed.
+        img_size, mean, std, crop_pct, interpolation, scale, ratio, hflip, vflip, color_jitter,
+            auto_augment, re_prob, re_mode, re_count: timm's ``create_transform`` arguments.
         batch_size: images per batch (per device).
         num_workers: DataLoader worker processes; default ``min(4, number of CPUs)``.
-        pin_memory: pin batches in page-locked memory; default: when CUDA is available.
-        bad_images: for image folders, what to do with files that cannot be decoded, found by
-            a check of every file before training (results cached by path, size and
-            modification time, so a second start decodes only new or changed files):
-            ``"error"`` lists them all and stops, ``"skip"`` leaves them out with a warning;
-            ``"lazy"`` skips the check, and an unreadable image met during training is
-            replaced by the next one, with a warning, and counted (``data/unreadable_images``).
+        pin_memory: default: when CUDA is available.
+        bad_images: image-folder files that do not decode, found by a check of every file
+            before training (cached by path, size and modification time): ``error`` lists them
+            and stops, ``skip`` leaves them out with a warning; ``lazy`` skips the check and
+            replaces an unreadable image met in training by the next one, counted.
         cache_dir: Hugging Face ``datasets`` cache folder; default: the library's.
-        in_memory: decode the training and validation images once into a uint8 tensor and run
-            the training crop, flips and normalisation on whole batches as tensor ops
-            (:mod:`lavit.training.batch_transforms`): for small images such as CIFAR, where
-            decoding and transforming each image costs as much as a third of a step. Needs the
-            training images to share one size and no per-image augmentation (``auto_augment``,
-            ``color_jitter`` and ``re_prob`` off). Test and prediction data are read per image.
-        predict_source: a folder of images (any layout, no class folders needed) for
-            ``lavit predict``; default: the test split.
+        in_memory: hold the training and validation images decoded in one uint8 tensor and
+            augment whole batches on the device (:mod:`lavit.training.batch_transforms`), for
+            small images such as CIFAR. ``auto``: for each split whose images share one size
+            and fit the memory budget, with no policy but RandAugment, else per image; one log
+            line says which. ``true``: an error where a split cannot be held.
+        predict_source: a folder of images (any layout) for ``lavit predict``; default: test.
 
     Attributes:
-        num_classes: number of classes (readable before ``setup``).
-        class_names: the class names, in label order (readable before ``setup``).
+        num_classes, class_names: readable before ``setup``.
         num_skipped_images: image-folder files left out by ``bad_images="skip"``.
         train_dataset, val_dataset, test_dataset: the torch datasets, after ``setup``.
     """
@@ -174,35 +136,26 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         bad_images: Literal["error", "skip", "lazy"] = "error",
         cache_dir: Folder | None = None,
-        in_memory: bool = False,
+        in_memory: bool | Literal["auto"] = "auto",
         predict_source: str | None = None,
     ) -> None:
         super().__init__()
-        check_arguments(ImageDataModule.__init__, locals())
+        arguments = locals()
+        check_arguments(ImageDataModule.__init__, arguments)
         self.save_hyperparameters()
         if hub_config is not None:  # checked on the source as named (before a local copy)
             named_type = guess_source_type(source) if source_type == "auto" else source_type
             if named_type != "hub":
-                raise OptionError(
-                    "hub_config",
-                    hub_config,
-                    f"a configuration name of a Hub dataset; this source is {named_type!r}, "
-                    "which has none",
-                )
+                allowed = f"a configuration name of a Hub dataset; {named_type!r} has none"
+                raise OptionError("hub_config", hub_config, allowed)
         if source_type in ("auto", "hub") and (copy := local_copy(source)) is not None:
             source, source_type = copy, "auto"  # this machine's copy of a Hub dataset
         self.source = source
         self.source_type = guess_source_type(source) if source_type == "auto" else source_type
         self.image_source = ImageSource(
-            source,
-            self.source_type,
-            hub_config=hub_config,
-            image_column=image_column,
-            label_column=label_column,
-            train_split=train_split,
-            bad_images=bad_images,
-            cache_dir=cache_dir,
-        )
+            source, self.source_type, hub_config, image_column, label_column, train_split,
+            bad_images, cache_dir,
+        )  # fmt: skip
         self.train_split = train_split
         self.val_split = val_split
         self.test_split = test_split
@@ -215,47 +168,19 @@ class ImageDataModule(L.LightningDataModule):
             raise OptionError("predict_source", predict_source, "must be a folder of images")
         self.predict_source = predict_source
         # Built here so that a bad augmentation setting fails when the config is read.
-        self.train_transform = create_transform(
-            input_size=img_size,
-            is_training=True,
-            scale=scale,
-            ratio=ratio,
-            hflip=hflip,
-            vflip=vflip,
-            color_jitter=color_jitter,
-            auto_augment=auto_augment,
-            interpolation=interpolation,
-            mean=mean,
-            std=std,
-            re_prob=re_prob,
-            re_mode=re_mode,
-            re_count=re_count,
-        )
+        recipe = {name: arguments[name] for name in RECIPE}
+        self.train_transform = create_transform(img_size, True, mean=mean, std=std, **recipe)
         make_posterize_safe(self.train_transform)
-        self.in_memory = in_memory
-        self.batch_augment = None
-        if in_memory:
-            per_image = {"auto_augment": auto_augment, "color_jitter": color_jitter}
-            per_image["re_prob"] = re_prob or None
-            for name, value in per_image.items():
-                if value is not None:
-                    raise OptionError(
-                        name,
-                        value,
-                        "in_memory=true applies crop, flips and normalisation to whole batches; "
-                        f"per-image augmentations are not available: set {name}=null (re_prob=0) "
-                        "or in_memory=false",
-                    )
-            self.batch_augment = BatchAugment(
-                img_size, mean, std, scale, ratio, hflip, vflip, interpolation
-            )
+        self.in_memory, self.batch_augment = in_memory, None
+        if in_memory and (problem := batch_policy_problem(auto_augment)):
+            if in_memory is True:
+                raise OptionError("auto_augment", auto_augment, f"{problem}: set in_memory=auto")
+            rank_zero_info(f"Data: read per image: {problem}")
+            self.in_memory = False
+        if self.in_memory:
+            self.batch_augment = BatchAugment(img_size, mean, std, **recipe)
         self.eval_transform = create_transform(
-            input_size=img_size,
-            is_training=False,
-            interpolation=interpolation,
-            mean=mean,
-            std=std,
-            crop_pct=crop_pct,
+            img_size, interpolation=interpolation, mean=mean, std=std, crop_pct=crop_pct
         )
         self.num_skipped_images = 0
         self._train_loader: StatefulDataLoader | None = None
@@ -305,19 +230,21 @@ class ImageDataModule(L.LightningDataModule):
             self.train_dataset = self._fit_dataset(train_rows, self.train_split, None, train=True)
             self.val_dataset = self._fit_dataset(splits[val_name], val_name, None, train=False)
         else:
-            labels = _labels(train_rows)
-            kept, held_out = stratified_split(labels, self.val_fraction, self.seed)
-            if len(held_out) == 0:
+            rows = train_rows.add_column("row", np.arange(len(train_rows)))
+            held_out = round(self.val_fraction * len(rows))  # datasets would round up
+            if held_out == 0:
                 raise ValueError(
-                    f"val_fraction={self.val_fraction} of the {len(labels)} training images "
-                    "leaves no validation images; raise it or set val_split"
+                    f"val_fraction={self.val_fraction} of the {len(rows)} training images holds "
+                    "out none; raise it or set val_split"
                 )
-            self.train_dataset = self._fit_dataset(
-                train_rows.select(kept), self.train_split, kept, train=True
-            )
-            self.val_dataset = self._fit_dataset(
-                train_rows.select(held_out), self.train_split, held_out, train=False
-            )
+            try:
+                parts = rows.train_test_split(held_out, stratify_by_column="label", seed=self.seed)
+            except ValueError as why:  # too few images, of a class or in all, to stratify
+                rank_zero_info(f"Data: validation images drawn without stratification ({why})")
+                parts = rows.train_test_split(held_out, seed=self.seed)
+            for train, part in ((True, parts["train"]), (False, parts["test"])):
+                dataset = self._fit_dataset(part, self.train_split, np.asarray(part["row"]), train)
+                setattr(self, "train_dataset" if train else "val_dataset", dataset)
         test_name = self.test_split or ("test" if _is_labelled(splits.get("test")) else None)
         if test_name:
             self.test_dataset = DecodedImages(
@@ -331,17 +258,33 @@ class ImageDataModule(L.LightningDataModule):
         else:
             self.test_dataset = self.val_dataset
 
-    def _fit_dataset(
-        self, rows: datasets.Dataset, split: str, row_ids, train: bool
-    ) -> DecodedImages | InMemoryImages:
-        """A training or validation dataset: decoded per image, or once into memory."""
-        if not self.in_memory:
-            transform = self.train_transform if train else self.eval_transform
-            return DecodedImages(rows, transform, split, row_ids, replace_unreadable=self._lazy)
+    def _fit_dataset(self, rows: datasets.Dataset, split: str, row_ids, train: bool):
+        """A training or validation dataset: held in memory where it can be, else per image."""
+        transform = self.train_transform if train else self.eval_transform
+        role = "training" if train else "validation"
+        per_image = DecodedImages(rows, transform, split, row_ids, replace_unreadable=self._lazy)
+        if not self.in_memory or (self._lazy and self.in_memory == "auto"):
+            return per_image  # (bad_images="lazy" replaces unreadable images as it meets them)
         # Evaluation geometry (timm's resize + centre crop) applied once; ToTensor and
         # Normalize happen on the batch (BatchAugment.normalize gives the same values).
-        geometry = None if train else _before_to_tensor(self.eval_transform)
-        return InMemoryImages(rows, split, row_ids, geometry)
+        geometry = None if train else Compose(transform.transforms[:-2])
+        try:
+            dataset = InMemoryImages(rows, split, row_ids, geometry)
+        except NotInMemory as why:
+            if self.in_memory is True:
+                raise DataError(
+                    f"in_memory=true cannot hold split {split!r}: {why}; set "
+                    "--data.in_memory=auto (or false) to read it per image"
+                ) from None
+            rank_zero_info(f"Data: {role} images (split {split!r}) read per image: {why}")
+            return per_image
+        size = "×".join(map(str, dataset.images.shape[-2:]))
+        rank_zero_info(
+            f"Data: {role} images (split {split!r}) held in memory ({len(dataset)} of {size}, "
+            f"{dataset.images.nbytes / 2**20:.0f} MiB)"
+            + (", augmented on batches" if train else "")
+        )
+        return dataset
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._require(self.train_dataset), train=True)
@@ -387,7 +330,7 @@ class ImageDataModule(L.LightningDataModule):
         shuffle = RandomSampler(dataset) if distributed else ResumableShuffle(dataset)
         loader = (StatefulDataLoader if train else DataLoader)(
             dataset,
-            collate_fn=keep_batch if isinstance(dataset, InMemoryImages) else None,
+            collate_fn=_as_is if isinstance(dataset, InMemoryImages) else None,
             batch_size=self.batch_size,
             sampler=shuffle if train else None,
             drop_last=train,
@@ -437,14 +380,8 @@ class ImageDataModule(L.LightningDataModule):
         return self._splits
 
 
-def _before_to_tensor(transform):
-    """The PIL steps of a timm transform: those before its ``ToTensor``."""
-    steps = []
-    for step in transform.transforms:
-        if "ToTensor" in type(step).__name__:
-            return Compose(steps)
-        steps.append(step)
-    raise TypeError(f"no ToTensor step in {transform}")
+def _as_is(batch):
+    return batch  # InMemoryImages hands over whole batches
 
 
 # stage → (split, dataset attribute, Trainer limit option, whether the last partial batch is dropped)

@@ -18,7 +18,6 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import Dataset
-from tqdm import tqdm
-
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "DecodedImages",
-    "check_cache_file",
-    "check_images",
-    "drop_bad_images",
-    "image_problem",
-    "make_posterize_safe",
-    "to_rgb",
-    "unlabelled_folder",
-]
+from tqdm.contrib.concurrent import thread_map
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -78,11 +65,6 @@ def check_cache_file(source: str, cache_dir: str | None) -> Path:
     return root / CHECK_CACHE_FOLDER / f"{digest}.json"
 
 
-def _signature(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
-
-
 def check_images(paths: list[Path], cache_file: Path | None) -> dict[Path, str]:
     """``{path: why}`` for the files of ``paths`` that do not decode completely.
 
@@ -95,34 +77,33 @@ def check_images(paths: list[Path], cache_file: Path | None) -> dict[Path, str]:
         with contextlib.suppress(OSError, ValueError):
             cached = json.loads(cache_file.read_text())
     results: dict[str, Any] = {}
-    todo = []
+    todo, signatures = [], []
     for path in paths:
         try:
-            signature = _signature(path)
+            stat = path.stat()
+            signature = [stat.st_size, stat.st_mtime_ns]
         except OSError:  # vanished or unreadable: decoding says why
-            todo.append((path, None))
-            continue
+            signature = [-1, -1]
         entry = cached.get(str(path))
         if entry is not None and entry[:2] == signature:
             results[str(path)] = entry
         else:
-            todo.append((path, signature))
+            todo.append(path)
+            signatures.append(signature)
     started = time.monotonic()
     if todo:
-        workers = min(16, 2 * (os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            problems = pool.map(image_problem, [path for path, _ in todo])
-            for (path, signature), why in tqdm(
-                zip(todo, problems, strict=True),
-                total=len(todo),
-                desc="checking images",
-                unit=" files",
-                disable=not sys.stderr.isatty() and len(todo) < 10_000,
-                file=sys.stderr,
-            ):
-                results[str(path)] = [*(signature or [-1, -1]), why]
+        problems = thread_map(
+            image_problem, todo, max_workers=min(16, 2 * (os.cpu_count() or 1)),
+            desc="checking images", unit=" files", file=sys.stderr,
+            disable=not sys.stderr.isatty() and len(todo) < 10_000,
+        )  # fmt: skip
+        for path, signature, why in zip(todo, signatures, problems, strict=True):
+            results[str(path)] = [*signature, why]
         if cache_file is not None:
-            _write_atomically(cache_file, {**cached, **results})
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            temporary.write_text(json.dumps({**cached, **results}))
+            os.replace(temporary, cache_file)
     seconds = time.monotonic() - started
     summary = f"checked {len(paths)} image files: {len(todo)} decoded"
     if todo:  # from whichever process decodes (under DDP: local rank 0 only, the others read)
@@ -135,13 +116,6 @@ def check_images(paths: list[Path], cache_file: Path | None) -> dict[Path, str]:
     else:
         rank_zero_info(f"{summary}, all known from {cache_file}")
     return {Path(p): entry[2] for p, entry in results.items() if entry[2]}
-
-
-def _write_atomically(path: Path, content: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(content))
-    os.replace(temporary, path)
 
 
 def drop_bad_images(
@@ -203,20 +177,16 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 class DecodedImages(Dataset):
-    """Rows of a normalised Hugging Face dataset, decoded and transformed on access.
-
-    The ``image`` column holds encoded bytes or a file path; decoding happens here, in the
-    DataLoader worker, so the whole dataset is never decoded up front.
+    """Rows of a normalised dataset (``image`` undecoded, ``label``), decoded and transformed on
+    access, in the DataLoader workers, with errors that name the image.
 
     Args:
         rows: a dataset with an ``image`` column (``Image(decode=False)``) and a ``label`` column.
-        transform: applied to the RGB ``PIL.Image``; returns a tensor.
+        transform: applied to the RGB ``PIL.Image``.
         split: the split's name, for error messages.
-        row_ids: the rows' indices in the original split (when ``rows`` is a subset of it),
-            for error messages.
+        row_ids: the rows' indices in the original split (``rows`` being a subset of it).
         replace_unreadable: an image that does not decode is replaced by the next one (with a
-            warning) and counted in :attr:`unreadable_met`, instead of stopping the run (for
-            image folders whose up-front check was skipped, ``bad_images="lazy"``).
+            warning) and counted in :attr:`unreadable_met` (``bad_images="lazy"``).
     """
 
     def __init__(
@@ -227,10 +197,7 @@ class DecodedImages(Dataset):
         row_ids: Sequence[int] | None = None,
         replace_unreadable: bool = False,
     ) -> None:
-        self.rows = rows
-        self.transform = transform
-        self.split = split
-        self.row_ids = row_ids
+        self.rows, self.transform, self.split, self.row_ids = rows, transform, split, row_ids
         # Shared with the DataLoader workers, which inherit it.
         self._unreadable = multiprocessing.Value("i", 0) if replace_unreadable else None
 
@@ -244,9 +211,9 @@ class DecodedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         for attempt in range(len(self.rows)):
-            row = self.rows[(index + attempt) % len(self.rows)]
+            at = (index + attempt) % len(self.rows)
             try:
-                image = self._decode(row["image"], (index + attempt) % len(self.rows))
+                image = self.decode(at)
             except ValueError as err:
                 if self._unreadable is None:
                     raise
@@ -254,15 +221,16 @@ class DecodedImages(Dataset):
                     self._unreadable.value += 1
                 warnings.warn(f"{err}; replaced by the next image", stacklevel=2)
                 continue
-            return self.transform(image), row["label"]
+            return self.transform(image), self.rows[at]["label"]
         raise ValueError(f"no image of split {self.split!r} can be read")
 
-    def _decode(self, encoded: dict[str, Any], index: int) -> PIL.Image.Image:
+    def decode(self, index: int) -> PIL.Image.Image:
+        """Image ``index`` as RGB; a ``ValueError`` naming it when it cannot be decoded."""
         try:
-            return to_rgb(_IMAGE_DECODER.decode_example(encoded))
+            return to_rgb(_IMAGE_DECODER.decode_example(self.rows[index]["image"]))
         except Exception as err:  # PIL raises many types; name the image instead
             raise ValueError(
-                f"Cannot read image {self._describe(encoded, index)}: {type(err).__name__}: {err}"
+                f"Cannot read image {self.describe(index)}: {type(err).__name__}: {err}"
             ) from None
 
     def item_id(self, index: int) -> str | int:
@@ -272,12 +240,12 @@ class DecodedImages(Dataset):
             return encoded["path"]
         return int(self.row_ids[index]) if self.row_ids is not None else index
 
-    def _describe(self, encoded: dict[str, Any], index: int) -> str:
-        path = encoded.get("path")
-        if path and not encoded.get("bytes"):
-            return repr(path)  # a file on disk: its path says it all
-        row = int(self.row_ids[index]) if self.row_ids is not None else index
-        return f"at row {row} of split {self.split!r}" + (f" ({path})" if path else "")
+    def describe(self, index: int) -> str:
+        name = self.item_id(index)
+        if isinstance(name, str):
+            return repr(name)  # a file on disk: its path says it all
+        path = self.rows[index]["image"].get("path")
+        return f"at row {name} of split {self.split!r}" + (f" ({path})" if path else "")
 
 
 # ------------------------------------------------------------------------- Pillow ≥ 13 shim

@@ -18,8 +18,6 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["LOCAL_DATASETS_ENV", "local_copies", "local_copy"]
-
 LOCAL_DATASETS_ENV = "LAVIT_LOCAL_DATASETS"
 
 

@@ -19,6 +19,7 @@ import itertools
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -27,16 +28,6 @@ import huggingface_hub
 import pyarrow.parquet as pq
 
 from lavit.training.images import IMAGE_EXTENSIONS, check_cache_file, drop_bad_images
-
-__all__ = [
-    "EMBEDDED_SOURCE",
-    "VALIDATION_SPLIT_NAMES",
-    "ImageSource",
-    "SourceType",
-    "check_hub_reachable",
-    "embedded_dataset_dir",
-    "guess_source_type",
-]
 
 SourceType = Literal["auto", "embedded", "hub", "imagefolder", "parquet"]
 
@@ -102,41 +93,29 @@ def check_hub_reachable(repo_id: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> N
         raise ConnectionError(_hub_unreachable_message(repo_id, err)) from None
 
 
+@dataclass
 class ImageSource:
     """One image classification source, read as splits of ``image`` and ``label``.
 
-    Args: as the same-named arguments of :class:`lavit.training.data.ImageDataModule`
-    (``source_type`` already resolved from ``"auto"``).
-
-    Attributes:
-        num_skipped_images: image-folder files left out by ``bad_images="skip"`` (after ``load``).
+    Fields: as the same-named arguments of :class:`lavit.training.data.ImageDataModule`
+    (``source_type`` resolved from ``"auto"``); ``num_skipped_images``: image-folder files left
+    out by ``bad_images="skip"`` (after ``load``).
     """
 
-    def __init__(
-        self,
-        source: str,
-        source_type: str,
-        hub_config: str | None = None,
-        image_column: str | None = None,
-        label_column: str | None = None,
-        train_split: str = "train",
-        bad_images: str = "error",
-        cache_dir: str | None = None,
-    ) -> None:
-        self.source = source
-        self.source_type = source_type
-        self.hub_config = hub_config
-        self.image_column = image_column
-        self.label_column = label_column
-        self.train_split = train_split
-        self.bad_images = bad_images
-        self.cache_dir = cache_dir
-        self.num_skipped_images = 0
+    source: str
+    source_type: str
+    hub_config: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    train_split: str = "train"
+    bad_images: str = "error"
+    cache_dir: str | None = None
+    num_skipped_images: int = field(default=0, init=False)
 
     def load(self) -> datasets.DatasetDict:
         """All splits, normalised to ``image`` (undecoded) and ``label`` (ClassLabel)."""
         readers = {
-            "embedded": self._load_embedded,
+            "embedded": self._load_parquet,
             "hub": self._load_hub,
             "imagefolder": self._load_image_folder,
             "parquet": self._load_parquet,
@@ -167,15 +146,12 @@ class ImageSource:
         return list(label.names) if isinstance(label, datasets.ClassLabel) else None
 
     # ------------------------------------------------------------------ embedded, parquet, hub
-    def _load_embedded(self) -> datasets.DatasetDict:
-        folder = embedded_dataset_dir()
-        data_files = {split: str(folder / f"{split}.parquet") for split in ("train", "test")}
-        return datasets.load_dataset("parquet", data_files=data_files, cache_dir=self.cache_dir)
+    @property
+    def _path(self) -> Path:
+        return embedded_dataset_dir() if self.source_type == "embedded" else Path(self.source)
 
     def _parquet_files(self) -> list[str]:
-        if self.source_type == "embedded":
-            return [str(embedded_dataset_dir() / "train.parquet")]
-        path = Path(self.source).expanduser()
+        path = self._path.expanduser()
         if path.is_dir():
             return [str(p) for p in path.rglob("*.parquet")]
         if glob.has_magic(self.source):
@@ -183,7 +159,7 @@ class ImageSource:
         return [str(path)] if path.is_file() else []
 
     def _load_parquet(self) -> datasets.DatasetDict:
-        path = Path(self.source).expanduser()
+        path = self._path.expanduser()
         files = self._parquet_files()
         if not files:
             kind = "files matching" if glob.has_magic(self.source) else "parquet file or folder"
