@@ -15,7 +15,7 @@ import yaml
 from conftest import REPO
 
 from lavit.tools import report, sweep, sweep_engine
-from lavit.tools.sweep_state import load_state
+from lavit.tools.sweep_engine import load_state
 from lavit.tools.sweep_status import LiveStatus, run_progress, sweep_eta
 from lavit.units import format_duration
 
