@@ -18,6 +18,9 @@ from typing import Any, TextIO
 
 import yaml
 
+from lavit.tools.sweep_engine import DONE_STATES, read_metric_history, run_values
+from lavit.units import format_duration
+
 ERASE_LINE = "\x1b[2K"
 
 
@@ -90,6 +93,66 @@ def sweep_eta(
         for elapsed, fraction in running
     )
     return (remaining + max(0, total - started) * per_run) / max(1, slots)
+
+
+def format_values(values: dict[str, Any]) -> str:
+    return " ".join(f"{name}={value}" for name, value in values.items())
+
+
+def total_runs(runner) -> int | None:
+    """Runs the sweep will have when this invocation ends (``None``: unknown)."""
+    config, total = runner.state.sweep_config, math.inf
+    if config.get("method") == "grid":
+        specs = (config.get("parameters") or {}).values()
+        if any("values" not in s and "value" not in s for s in specs):
+            return None  # nested parameters: the engine knows, not this count
+        total = math.prod(len(s["values"]) for s in specs if "values" in s)
+    if config.get("run_cap") is not None:
+        total = min(total, config["run_cap"])
+    if runner.count is not None:
+        total = min(total, runner.started_before + runner.count)
+    return None if math.isinf(total) else int(total)
+
+
+def status_lines(runner, active: dict[int, Any]) -> list[str]:
+    """The sweep's summary line, then one line per device slot of a ``SweepRunner``."""
+    now_s, metric, runs = time.monotonic(), runner.state.metric_name, runner.state.runs
+    total = total_runs(runner)
+    lines, running = [], []
+    for slot, device in enumerate(runner.devices):
+        if slot not in active:
+            lines.append(f"[sweep]   {device}: idle")
+            continue
+        record, elapsed = active[slot].record, now_s - active[slot].started
+        run_dir = runner.sweep_dir / record.run_dir
+        progress = run_progress(read_metric_history(run_dir), run_dir, metric)
+        fraction = progress.fraction_at(elapsed)
+        running.append((elapsed, fraction))
+        epoch = (
+            "epoch ?"
+            if progress.epoch is None
+            else f"epoch {progress.epoch}/{progress.max_epochs or '?'}"
+        )
+        if progress.eta_s is not None and fraction is not None:
+            epoch += f" ({fraction:.0%})"
+        value = "-" if progress.top1 is None else f"{progress.top1:.4f}"
+        index = int(record.name.rsplit("-", 1)[-1]) + 1
+        lines.append(
+            f"[sweep]   {device}: run {index} of {total or '?'} "
+            f"({format_values(run_values(record.config))}): {epoch}, {metric} {value}, "
+            f"{format_duration(elapsed)}"
+        )
+    counts = {s: sum(r.state == s for r in runs) for s in DONE_STATES}
+    finished = [r.duration_s for r in runs if r.state == "finished" and r.duration_s]
+    started = sum(r.state != "pending" for r in runs)
+    eta = sweep_eta(total, started, finished, running, len(runner.devices))
+    apart = ", ".join(f"{n} {s}" for s, n in counts.items() if n and s != "finished")
+    summary = (
+        f"[sweep] {runner.name}: {sum(counts.values())} of {total or '?'} runs done"
+        f"{f' ({apart})' if apart else ''}, {len(active)} running, "
+        f"{format_duration(now_s - runner.started_at)} elapsed, ETA {format_duration(eta)}"
+    )
+    return [summary, *lines]
 
 
 class LiveStatus:
