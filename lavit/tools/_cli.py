@@ -45,6 +45,31 @@ def add_wandb_options(parser: argparse.ArgumentParser, project: str, what: str) 
     )  # fmt: skip
 
 
+def log_to_wandb(
+    args: argparse.Namespace, job_type: str, config: dict, tables: dict, images: dict | None = None
+) -> None:
+    """Tables (rows of dicts) and images (``key: (path, caption)``) as one W&B run, by ``lavit
+    fit``'s rule (``start_wandb_run``: offline when the server does not answer)."""
+    import wandb
+
+    from lavit.training.wandb_runs import start_wandb_run
+
+    run = start_wandb_run(
+        args.wandb_init_timeout, project=args.wandb_project, job_type=job_type,
+        dir=str(args.out), config=config,
+    )  # fmt: skip
+    if run is None:  # WANDB_MODE=disabled
+        return
+    for key, rows in tables.items():
+        if rows:
+            run.log(
+                {key: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])}
+            )
+    for key, (path, caption) in (images or {}).items():
+        run.log({key: wandb.Image(str(path), caption=caption)})
+    run.finish()
+
+
 def fail(prog: str, message: str, code: int = EXIT_CONFIG_ERROR) -> int:
     """Print ``<prog>: error: <message>`` on stderr; returns ``code`` for ``main`` to return."""
     print(f"{prog}: error: {message}", file=sys.stderr)

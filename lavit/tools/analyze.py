@@ -31,12 +31,11 @@ from lavit.dense.segmentation import SemanticFPNModule
 from lavit.models import LaViT
 from lavit.models.factory import create_model, parse_model_name
 from lavit.tables import markdown_table
-from lavit.tools._cli import add_wandb_options, fail, positive_int, tool_parser
+from lavit.tools._cli import add_wandb_options, fail, log_to_wandb, positive_int, tool_parser
 from lavit.training.checkpoint_io import load_checkpoint_file
 from lavit.training.data import ImageDataModule
 from lavit.training.images import IMAGE_EXTENSIONS
 from lavit.training.trained import data_config, eval_transform, load_trained
-from lavit.training.wandb_runs import start_wandb_run
 
 PROG = "lavit analyze"
 
@@ -157,25 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(head_means(rows)))
     print("\n" + "\n".join(f"wrote {p}" for p in paths.values()))
     if args.wandb:
-        log_to_wandb(rows, paths, title, meta, args)
+        tables = {"saturation/per_head": rows, "saturation/summary": head_means(rows)}
+        images = {"saturation/plot": (paths["png"], title)}
+        log_to_wandb(args, "analyze", meta, tables, images)
     return 0
-
-
-def log_to_wandb(rows: list[dict], paths: dict[str, Path], title: str, meta: dict, args) -> None:
-    """The per-head table, the summary and the plot as a W&B run, by ``lavit fit``'s rule."""
-    import wandb
-
-    run = start_wandb_run(
-        args.wandb_init_timeout, project=args.wandb_project, job_type="analyze", config=meta,
-        dir=str(args.out),
-    )  # fmt: skip
-    if run is None:  # WANDB_MODE=disabled
-        return
-    for key, table in (("per_head", rows), ("summary", head_means(rows))):
-        data = [list(row.values()) for row in table]
-        run.log({f"saturation/{key}": wandb.Table(columns=list(table[0]), data=data)})
-    run.log({"saturation/plot": wandb.Image(str(paths["png"]), caption=title)})
-    run.finish()
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from lavit.dense.detection import RetinaNetModule
 from lavit.models.factory import ALL_VA, ModelSpec, create_model, parse_model_name
 from lavit.runtime import tune_cpu_runtime
 from lavit.tables import markdown_table, write_csv
-from lavit.tools._cli import add_wandb_options, fail, positive_int, say, tool_parser
+from lavit.tools._cli import add_wandb_options, fail, log_to_wandb, positive_int, say, tool_parser
 from lavit.tools.timing import (
     DTYPES,
     autocast,
@@ -63,7 +63,6 @@ from lavit.tools.timing import (
     time_interleaved,
     training_task,
 )
-from lavit.training.wandb_runs import start_wandb_run
 
 PROG = "lavit bench"
 DEFAULT_MODELS = (
@@ -289,34 +288,6 @@ def run_throughput(args: argparse.Namespace, specs: list[ModelSpec], device: tor
     }
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN (a phase that was skipped) → null, so that the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def log_to_wandb(result: dict[str, Any], project: str, out_dir: Path, init_timeout: float) -> None:
-    """The tables as a W&B run, by ``lavit fit``'s rule (``start_wandb_run``: offline when it must)."""
-    import wandb
-
-    config = {"args": result["args"], "environment": result["environment"]}
-    run = start_wandb_run(
-        init_timeout, project=project, job_type="bench", dir=str(out_dir), config=config
-    )
-    if run is None:  # WANDB_MODE=disabled
-        return
-    for key in ("models", "comparisons", "layers"):
-        if rows := result.get(key):
-            table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
-            run.log({f"bench/{key}": table})
-    run.finish()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = tool_parser(PROG, __doc__.split("\n\n")[0])
     add = parser.add_argument
@@ -400,18 +371,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_layers and layered:
             names = ", ".join(spec.label for spec in layered)
             say(PROG, f"timing each LA layer against the VA layer that would replace it: {names}")
+            setting = (args.img_size, args.batch_size, device, args.dtype, args.warmup)
             result["layers"] = [
                 row
                 for spec in layered
-                for row in layer_comparison(
-                    spec,
-                    args.img_size,
-                    args.batch_size,
-                    device,
-                    args.dtype,
-                    args.warmup,
-                    args.layer_iters,
-                )  # fmt: skip
+                for row in layer_comparison(spec, *setting, args.layer_iters)
             ]
     except ValueError as err:  # a size the model cannot take, a bad model argument
         return fail(PROG, str(err))
@@ -436,10 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_csv(args.out / f"{tag}{'' if key == 'models' else '_' + key}.csv", rows)
     print(f"\nmatmul peak ({result['peak']['gemm']}): {result['peak']['gmacs_per_s']:.1f} GMAC/s")
     json_path = args.out / f"{tag}.json"
-    json_path.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
+    strict = json.loads(json.dumps(result), parse_constant=lambda _: None)  # NaN (skipped) → null
+    json_path.write_text(json.dumps(strict, indent=2, allow_nan=False))
     print(f"\nwrote {json_path}")
     if args.wandb:
-        log_to_wandb(result, args.wandb_project, args.out, args.wandb_init_timeout)
+        config = {"args": result["args"], "environment": env}
+        tables = {f"bench/{key}": result.get(key) for key in ("models", "comparisons", "layers")}
+        log_to_wandb(args, "bench", config, tables)
     return 0
 
 
