@@ -1,27 +1,19 @@
 """``lavit bench``: params, MACs, throughput and share of the matmul peak, LaViT against PVTv2.
 
-Everything is measured in one run on one machine, so that the rows compare:
-
-* params, and MACs counted with ``FlopCounterMode`` (every matmul, Ψ/Θ included; SDPA on the math
-  backend so that attention is counted; on the ``meta`` device, batch 1);
-* inference and training-step (forward + backward + AdamW) throughput in images/s, the median of
-  ``--iters`` rounds after ``--warmup``, the models interleaved round by round
-  (:mod:`lavit.tools.timing`) so that load from other processes hits them alike;
-* the share of the matmul peak each model reaches (its MACs/s ÷ a large GEMM's, timed in the
-  same rounds);
-* per LaViT stage, the forward time of each LA layer against the VA layer it replaces.
-
-Results: a Markdown table on screen, JSON and CSV in ``--out``, optionally W&B (``--wandb``).
+Measured in one run on one machine, so that the rows compare: params and MACs (counted by
+:mod:`lavit.analysis.flops` on the ``meta`` device, attention included); inference and
+training-step (forward + backward + AdamW) images/s, the models and a large GEMM (the matmul
+peak) timed round-robin (:mod:`lavit.tools.timing`); and, per LaViT stage, each LA layer's
+forward time against the VA layer it replaces. Prints Markdown, writes JSON and CSV to ``--out``.
 
     lavit bench                                         # LaViT-T/S/B, their all-VA twins, PVTv2-b0/1/2
     lavit bench --models lavit_tiny pvt_v2_b1 --dtype bf16 --iters 10
     lavit bench --img-size 800 1344 --batch-size 1 --no-layers \
         --models backbone:lavit_tiny backbone:pvt_v2_b1 retinanet:lavit_tiny retinanet:pvt_v2_b1
 
-``backbone:NAME`` is the model as a dense backbone (its stride 4–32 maps,
-:class:`lavit.dense.DenseBackbone`), ``retinanet:NAME`` the paper's whole detector on it (FPN +
-RetinaNet head, 80 classes, up to the head's outputs: anchor decoding and NMS hold no
-multiply-adds); their training step is forward + backward of the mean output + AdamW.
+``backbone:NAME`` is the model as a dense backbone (stride 4–32 maps), ``retinanet:NAME`` the
+paper's detector on it (FPN + RetinaNet head, 80 classes, up to the head's outputs: anchor
+decoding and NMS hold no multiply-adds); their training step backpropagates the mean output.
 """
 
 from __future__ import annotations
