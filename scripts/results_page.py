@@ -1,5 +1,8 @@
 """The ablations page (docs/ablations.md) from the committed ablation runs: a maintainer script.
 
+(One file of ~640 lines: a page generator whose sections, statistics and sentences are read
+together when the page changes; it is not installed.)
+
     python scripts/results_page.py                        # rewrite docs/ablations.md
     python scripts/results_page.py --measure-throughput   # time the settings first
     python scripts/results_page.py --check                # exit 1 if the page is stale
