@@ -87,15 +87,12 @@ def _throughput(*sources: dict[str, Any]) -> float | None:
     return next((float(v) for v in values if isinstance(v, (int, float)) and v > 0), None)
 
 
-def _result(name, values, state, series, info, *throughput_sources) -> RunResult:
-    return RunResult(
-        name, values, state,
-        best=_percent(max(series)) if series else None,
-        final=_percent(series[-1]) if series else None,
-        params=info.get("params"), macs=info.get("macs"),
-        throughput=_throughput(*throughput_sources),
-        model_config=(info.get("config") or {}).get("model") or {},
-    )  # fmt: skip
+def _result(name, values, state, series, meta, throughput) -> RunResult:
+    """A run's best and last value of the metric (``series``), its size from ``meta``."""
+    best, final = (_percent(max(series)), _percent(series[-1])) if series else (None, None)
+    model_config = (meta.get("config") or {}).get("model") or {}
+    return RunResult(name, values, state, best, final, meta.get("params"), meta.get("macs"),
+                     throughput, model_config)  # fmt: skip
 
 
 def _run_info(run_dir: Path) -> dict[str, Any]:
@@ -123,11 +120,9 @@ def collect_local(sweep_dir: Path, metric: str | None = None) -> tuple[list[RunR
         final = (info.get("final") or {}).get("metrics") or {}
         if not series and metric in final:  # e.g. no CSV log (fast_dev_run)
             series = [final[metric]]
-        values = run_values(record.config)
+        throughput = _throughput(record.summary_metrics, info, final)
         results.append(
-            _result(
-                record.name, values, record.state, series, info, record.summary_metrics, info, final
-            )  # fmt: skip
+            _result(record.name, run_values(record.config), record.state, series, info, throughput)
         )
     return results, metric
 
@@ -179,9 +174,9 @@ def collect_wandb(sweep_path: str, metric: str | None = None) -> tuple[list[RunR
         series = [row[metric] for row in rows if isinstance(row.get(metric), (int, float))]
         state = run.state if run.state in ("finished", "running") else "failed"
         values = {name: _swept_value(config, name) for name in swept}
-        result = _result(run.name, values, state, series, config.get("meta") or {}, summary)
+        meta = {**(config.get("meta") or {}), "config": config.get("config")}  # as run_info.json
+        result = _result(run.name, values, state, series, meta, _throughput(summary))
         result.final = result.final if series else _percent(summary.get(metric))
-        result.model_config = (config.get("config") or {}).get("model") or {}
         results.append(result)
     return results, metric
 
