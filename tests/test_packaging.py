@@ -3,6 +3,7 @@ the wheel holds (the package, not the maintainer scripts)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import shutil
 import subprocess
@@ -96,3 +97,28 @@ def test_the_wheel_holds_the_package_and_no_maintainer_script(tmp_path):
     assert "lavit/tools/sweep.py" in names and "lavit/assets/cifar10_subset/train.parquet" in names
     scripts = {path.stem for path in (REPO / "scripts").iterdir()}
     assert scripts and not [name for name in names if Path(name).stem in scripts]
+
+
+def _tool_params():
+    from lavit import cli
+
+    stale = (
+        cli.TOOL_COMMANDS.get("report") == "lavit.tools.results:main"
+    )  # until cli.py names report
+    why = "lavit.tools.results moved to scripts/results_page.py: cli.py must name lavit.tools.report:main"
+    return [
+        pytest.param(
+            name, marks=pytest.mark.xfail(name == "report" and stale, reason=why, strict=True)
+        )
+        for name in sorted(cli.TOOL_COMMANDS)
+    ]
+
+
+@pytest.mark.parametrize("tool", _tool_params())
+def test_every_lavit_tool_command_imports_from_the_package(tool):
+    from lavit import cli
+
+    module, function = cli.TOOL_COMMANDS[tool].split(":")
+    assert module.startswith("lavit.") and callable(
+        getattr(importlib.import_module(module), function)
+    )
