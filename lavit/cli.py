@@ -72,7 +72,7 @@ TOOL_COMMANDS = {
     "bench": "lavit.tools.bench:main",
     "analyze": "lavit.tools.analyze:main",
     "sweep": "lavit.tools.sweep:main",
-    "report": "lavit.tools.results:main",  # one sweep: lavit.tools.report
+    "report": "lavit.tools.report:main",
     "export": "lavit.tools.export:main",
 }
 DEFAULT_RUN_DIR = "runs/default"

@@ -1,5 +1,8 @@
 """The steps of ``scripts/gpu_check.sh``: CUDA tests, GPU benchmarks and a GPU fit, in one budget.
 
+(One file of ~580 lines: it is copied to a bare GPU machine and run by whatever interpreter holds
+torch there, with the standard library only, so it cannot lean on lavit or split into modules.)
+
 Run through ``scripts/gpu_check.sh`` (which installs the project or picks an existing
 environment); standard library only, so that it runs under any interpreter that holds torch.
 Every step is a subprocess of this interpreter with a time limit taken from one budget, in

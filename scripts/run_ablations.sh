@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run the four CPU ablation sweeps of RESULTS.md (or resume them where they stopped), committing
-# each sweep dir under results/ablations/ after every finished run, so that a session that ends
-# keeps every run it finished. Then `lavit report --results results/ablations` rebuilds RESULTS.md.
+# Run the four CPU ablation sweeps of docs/ablations.md (or resume them where they stopped),
+# committing each sweep dir under results/ablations/ after every finished run, so that a session
+# that ends keeps every run it finished. Then `python scripts/results_page.py` rebuilds the page.
 #
 #   export LAVIT_LOCAL_DATASETS=uoft-cs/cifar10=../shared/data/cifar10   # {train,test}.parquet
 #   scripts/run_ablations.sh                     # all four sweeps, two 1-thread runs at a time
@@ -36,13 +36,13 @@ if [ "$COMMIT" = 1 ]; then
     echo "error: not in a git checkout: run with COMMIT=0, or from a clone of the repository" >&2
     exit 2
   fi
-  # After each run: RESULTS.md regenerated (so that every commit passes its staleness test), then
-  # only it and the results are committed (`git commit -- <paths>`), whatever else is staged.
+  # After each run: docs/ablations.md regenerated (so that every commit passes its staleness
+  # test), then only it and the results are committed (`git commit -- <paths>`), whatever else is staged.
   # Retried, as another git command may hold the index lock for a moment.
-  hook=(--after-run '"$PYTHON" -m lavit report --results results/ablations --write RESULTS.md || exit 1
+  hook=(--after-run '"$PYTHON" scripts/results_page.py || exit 1
     for try in 1 2 3 4 5; do
-      git add -- results/ablations RESULTS.md &&
-      git commit -q --no-verify -m "ablations: $(basename "$LAVIT_SWEEP_DIR") $LAVIT_SWEEP_RUN $LAVIT_SWEEP_RUN_STATE" -- results/ablations RESULTS.md &&
+      git add -- results/ablations docs/ablations.md &&
+      git commit -q --no-verify -m "ablations: $(basename "$LAVIT_SWEEP_DIR") $LAVIT_SWEEP_RUN $LAVIT_SWEEP_RUN_STATE" -- results/ablations docs/ablations.md &&
       exit 0; sleep 3; done; exit 1')
 fi
 
@@ -51,4 +51,4 @@ for name in "${SWEEPS[@]}"; do
   "$PYTHON" -m lavit sweep "sweeps/$name.yaml" --sweep-dir "results/ablations/$name" \
     "${CONFIGS[@]}" --devices "$SLOTS" "${hook[@]}"
 done
-echo "done: lavit report --results results/ablations  (rebuilds RESULTS.md)"
+echo "done: python scripts/results_page.py  (rebuilds docs/ablations.md)"

@@ -1,8 +1,10 @@
-"""``lavit bench``: end-to-end runs on tiny settings, argument errors."""
+"""``lavit bench`` (end-to-end runs on tiny settings, argument errors) and the maintainer script
+``scripts/loop_overhead.py`` (the Lightning loop against a bare loop)."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,8 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from lavit.tools.bench import main
+
+
+def loop_overhead_script():
+    spec = importlib.util.spec_from_file_location(
+        "loop_overhead", REPO / "scripts" / "loop_overhead.py"
+    )
+    module = sys.modules["loop_overhead"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
 
 # Tiny settings: 32² inputs, batch 2, one timed iteration, a small "peak" GEMM.
 TINY = "--img-size 32 --batch-size 2 --iters 1 --warmup 0 --layer-iters 1 --gemm-size 256".split()
@@ -64,6 +77,7 @@ def test_bench_writes_tables_with_positive_numbers(tmp_path, capsys):
         (["--tf32"], "needs --device cuda"),
         (["--models", "maskrcnn:lavit_tiny"], "unknown task 'maskrcnn'"),
         (["--img-size", "32", "64", "96"], "one side, or height and width"),
+        (["--warmup", "-1"], "--warmup: must be ≥ 0"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
@@ -97,9 +111,9 @@ def test_size_the_model_cannot_take_is_an_error(tmp_path, capsys):
 
 
 def test_loop_overhead_compares_lightning_with_a_bare_loop(tmp_path):
-    argv = ["--loop-overhead", "--models", "lavit_cifar", "--img-size", "32", "--batch-size", "2"]
-    argv += ["--loop-steps", "3", "--warmup", "0", "--out", str(tmp_path)]
-    assert main(argv) == 0
+    argv = ["--models", "lavit_cifar", "--img-size", "32", "--batch-size", "2"]
+    argv += ["--steps", "3", "--warmup", "0", "--out", str(tmp_path)]
+    assert loop_overhead_script()(argv) == 0
     rows = read_csv(tmp_path / "loop_overhead_cpu_fp32.csv")
     assert [r["loop"] for r in rows] == ["minimal LightningModule", "LaViTModule"]
     for row in rows:
@@ -121,22 +135,21 @@ data:
    in_memory: true}}
 """
     )
-    argv = ["--loop-overhead", "--loop-config", str(config), "--loop-steps", "4"]
-    argv += ["--warmup", "0", "--out", str(tmp_path)]
-    assert main(argv) == 0
+    argv = ["--config", str(config), "--steps", "4", "--warmup", "0", "--out", str(tmp_path)]
+    assert loop_overhead_script()(argv) == 0
     (row,) = read_csv(tmp_path / "loop_overhead_cpu_fp32.csv")
     assert row["model"] == "lavit_cifar" and row["loop"] == f"lavit fit --config {config}"
     assert int(row["steps"]) == 3  # 4 batches: 3 intervals
     assert float(row["lightning_step_ms"]) > 0 and float(row["bare_step_ms"]) > 0
 
 
-def test_loop_config_needs_loop_overhead_and_an_existing_file(tmp_path, capsys):
+def test_loop_overhead_needs_an_existing_config_and_two_steps(tmp_path, capsys):
     for argv, message in (
-        (["--loop-config", "experiments/base.yaml"], "--loop-config needs --loop-overhead"),
-        (["--loop-overhead", "--loop-config", str(tmp_path / "missing.yaml")], "no such file"),
+        (["--config", str(tmp_path / "missing.yaml")], "no such file"),
+        (["--steps", "1"], "--steps must be ≥ 2"),
     ):
         with pytest.raises(SystemExit) as exit_info:
-            main(argv)
+            loop_overhead_script()(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
 

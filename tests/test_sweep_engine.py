@@ -14,8 +14,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from lavit.tools import report, sweep, sweep_engine
-from lavit.tools.sweep_state import load_state
+from lavit.tools import report, sweep, sweep_engine, sweep_runner
+from lavit.tools.sweep_engine import load_state
 from lavit.tools.sweep_status import LiveStatus, run_progress, sweep_eta
 from lavit.units import format_duration
 
@@ -62,7 +62,7 @@ def write_sweep(tmp_path: Path, values: list[float], **extra) -> Path:
 def test_hyperband_early_terminate_stops_the_run_below_the_band(tmp_path, monkeypatch, capsys):
     """min_iter 2, eta 2: at 2, 4, ... validations a running run whose best so far is below the
     median of every run's value there is stopped. The third setting is the worst."""
-    monkeypatch.setattr(sweep, "EARLY_TERMINATE_INTERVAL_S", 0.1)
+    monkeypatch.setattr(sweep_runner, "EARLY_TERMINATE_INTERVAL_S", 0.1)
     hyperband = {"type": "hyperband", "min_iter": 2, "eta": 2}
     sweep_file = write_sweep(tmp_path, [0.3, 0.2, 0.0], early_terminate=hyperband)
     sweep_dir = tmp_path / "sweep"

@@ -22,7 +22,7 @@ import yaml
 from conftest import REPO
 
 from lavit.tools import report, sweep
-from lavit.tools.sweep_state import STATE_FILE, load_state
+from lavit.tools.sweep_engine import STATE_FILE, load_state
 
 # Stands in for `python -m lavit fit`: `--key=value` arguments in, a CSV log in
 # <default_root_dir>/version_0/metrics.csv and a run_info.json out. val/top1 peaks at x = 0.3

@@ -23,11 +23,13 @@ Deterministic: the same seed gives byte-identical files (``BUILD_VERSION`` names
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,26 +61,12 @@ def dense_demo_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return base / f"dense_demo_v{BUILD_VERSION}"
 
 
-class _LazyImages:
-    """The subset's encoded images, decoded when first used (a build uses a fraction)."""
-
-    def __init__(self, encoded: list[bytes]) -> None:
-        self.encoded = encoded
-        self.decoded: dict[int, PIL.Image.Image] = {}
-
-    def __len__(self) -> int:
-        return len(self.encoded)
-
-    def __getitem__(self, i: int) -> PIL.Image.Image:
-        if i not in self.decoded:
-            self.decoded[i] = PIL.Image.open(io.BytesIO(self.encoded[i])).convert("RGB")
-        return self.decoded[i]
-
-
-def _load_cifar(split: str) -> tuple[_LazyImages, np.ndarray]:
+def _load_cifar(split: str) -> tuple[Callable[[int], PIL.Image.Image], np.ndarray]:
+    """The subset's ``image(i)`` (decoded when first used: a build uses a fraction) and labels."""
     table = pq.read_table(_cifar_dir() / f"{split}.parquet").to_pydict()
-    images = _LazyImages([r["bytes"] for r in table["image"]])
-    return images, np.asarray(table["label"], dtype=np.int64)
+    encoded = [r["bytes"] for r in table["image"]]
+    image = functools.cache(lambda i: PIL.Image.open(io.BytesIO(encoded[i])).convert("RGB"))
+    return image, np.asarray(table["label"], dtype=np.int64)
 
 
 def _place(rng: np.random.Generator, boxes: list, size: tuple[int, int], canvas: int):
@@ -97,7 +85,7 @@ def _place(rng: np.random.Generator, boxes: list, size: tuple[int, int], canvas:
 def _canvas(rng, images, labels, canvas: int, min_side: int, max_side: int):
     """One canvas: RGB image, mask (0 background, k+1 category k), objects
     [(x, y, w, h, category, cifar10 label)]."""
-    background = images[int(rng.integers(len(images)))].resize((canvas, canvas), PIL.Image.BILINEAR)
+    background = images(int(rng.integers(len(labels)))).resize((canvas, canvas), PIL.Image.BILINEAR)
     background = background.filter(PIL.ImageFilter.GaussianBlur(radius=canvas / 40))
     image = PIL.Image.eval(background, lambda v: int(v * 0.6))
     mask = PIL.Image.new("L", (canvas, canvas), 0)
@@ -111,12 +99,12 @@ def _canvas(rng, images, labels, canvas: int, min_side: int, max_side: int):
         if spot is None:
             continue
         x0, y0, _, _ = spot
-        index = int(rng.integers(len(images)))
+        index = int(rng.integers(len(labels)))
         label = int(labels[index])
         category = 0 if CIFAR10_CLASSES[label] in VEHICLES else 1
         cutout = PIL.Image.new("L", (w, h), 0)
         PIL.ImageDraw.Draw(cutout).ellipse((0, 0, w - 1, h - 1), fill=255)
-        image.paste(images[index].resize((w, h), PIL.Image.BICUBIC), (x0, y0), cutout)
+        image.paste(images(index).resize((w, h), PIL.Image.BICUBIC), (x0, y0), cutout)
         mask.paste(category + 1, (x0, y0, x0 + w, y0 + h), cutout)
         objects.append((x0, y0, w, h, category, label))
     return image, mask, objects

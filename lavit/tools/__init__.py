@@ -1,1 +1,1 @@
-"""Command-line tools over the layers below: bench, analyze, sweep, report (``lavit <tool>``)."""
+"""The user-facing commands over the layers below: ``lavit bench | analyze | sweep | report | export``."""

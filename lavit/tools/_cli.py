@@ -1,42 +1,28 @@
-"""What every ``lavit <tool>`` shares on its command line: the parser, value types, errors.
+"""What every ``lavit <tool>`` shares on its command line: the parser, value types, messages.
 
 Each tool is ``main(argv) -> exit code`` (``lavit.cli`` dispatches to it). A usage error is
-argparse's (``lavit bench: error: ...``, exit code 2); a problem found while working is reported
-by :func:`fail` the same way: one ``<prog>: error: ...`` line and
-:data:`~lavit.errors.EXIT_CONFIG_ERROR`.
+argparse's (``lavit bench: error: ...``, exit 2); a problem found while working is reported the
+same way by :func:`fail`: one ``<prog>: error: ...`` line and ``EXIT_CONFIG_ERROR``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from lavit.errors import EXIT_CONFIG_ERROR
 
-__all__ = [
-    "add_out_option",
-    "add_wandb_options",
-    "fail",
-    "non_negative_int",
-    "positive_int",
-    "say",
-    "tool_parser",
-]
-
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds ``(default: ...)`` to an option's help unless it has none or says it already."""
+    """``(default: ...)`` in an option's help, unless it has none or says it already."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
-            return text
+        if "default" in (action.help or "") or action.default in (None, False, argparse.SUPPRESS):
+            return action.help or ""
         return super()._get_help_string(action)
 
 
 def tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An argument parser named ``prog`` that shows each option's default in ``--help``."""
     return argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=_DefaultsFormatter
     )
@@ -44,23 +30,9 @@ def tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def positive_int(text: str) -> int:
     """An argparse type: an integer ≥ 1."""
-    value = int(text)
-    if value < 1:
+    if int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer ≥ 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
-    return value
-
-
-def add_out_option(parser: argparse.ArgumentParser, default: str, what: str) -> None:
-    """``--out DIR``: the folder a tool writes its files to."""
-    parser.add_argument("--out", type=Path, default=Path(default), help=f"folder for {what}")
+    return int(text)
 
 
 def add_wandb_options(parser: argparse.ArgumentParser, project: str, what: str) -> None:
@@ -68,11 +40,34 @@ def add_wandb_options(parser: argparse.ArgumentParser, project: str, what: str) 
     parser.add_argument("--wandb", action="store_true", help=f"also log {what} to W&B")
     parser.add_argument("--wandb-project", default=project)
     parser.add_argument(
-        "--wandb-init-timeout",
-        type=float,
-        default=30.0,
+        "--wandb-init-timeout", type=float, default=30.0,
         help="seconds to wait for the W&B server before logging offline",
-    )
+    )  # fmt: skip
+
+
+def log_to_wandb(
+    args: argparse.Namespace, job_type: str, config: dict, tables: dict, images: dict | None = None
+) -> None:
+    """Tables (rows of dicts) and images (``key: (path, caption)``) as one W&B run, by ``lavit
+    fit``'s rule (``start_wandb_run``: offline when the server does not answer)."""
+    import wandb
+
+    from lavit.training.wandb_runs import start_wandb_run
+
+    run = start_wandb_run(
+        args.wandb_init_timeout, project=args.wandb_project, job_type=job_type,
+        dir=str(args.out), config=config,
+    )  # fmt: skip
+    if run is None:  # WANDB_MODE=disabled
+        return
+    for key, rows in tables.items():
+        if rows:
+            run.log(
+                {key: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])}
+            )
+    for key, (path, caption) in (images or {}).items():
+        run.log({key: wandb.Image(str(path), caption=caption)})
+    run.finish()
 
 
 def fail(prog: str, message: str, code: int = EXIT_CONFIG_ERROR) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 
 import PIL.Image
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import resolve_model_data_config
 from torch import nn
 
 from lavit.analysis.saturation import head_means, saturation_table, write_report
@@ -31,14 +31,11 @@ from lavit.dense.segmentation import SemanticFPNModule
 from lavit.models import LaViT
 from lavit.models.factory import create_model, parse_model_name
 from lavit.tables import markdown_table
-from lavit.tools._cli import add_out_option, add_wandb_options, fail, positive_int, tool_parser
+from lavit.tools._cli import add_wandb_options, fail, log_to_wandb, positive_int, tool_parser
 from lavit.training.checkpoint_io import load_checkpoint_file
 from lavit.training.data import ImageDataModule
 from lavit.training.images import IMAGE_EXTENSIONS
 from lavit.training.trained import data_config, eval_transform, load_trained
-from lavit.training.wandb_runs import start_wandb_run
-
-__all__ = ["embedded_images", "folder_images", "load_model", "main"]
 
 PROG = "lavit analyze"
 
@@ -68,14 +65,9 @@ def load_model(source: str, img_size: int | None) -> tuple[nn.Module, int, str, 
             label = f"{checkpoint['hyper_parameters']['arch']} ({path.name})"
     else:
         spec = parse_model_name(source)
-        model = create_model(spec, img_size=img_size)
-        label = spec.label
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        config = {
-            "mean": tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
-            "std": tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
-            "crop_pct": 1.0,
-        }
+        model, label = create_model(spec, img_size=img_size), spec.label
+        cfg = resolve_model_data_config(model)
+        config = {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "crop_pct": 1.0}
     native = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     if isinstance(model, LaViT):
         native = model.img_size[0]  # a dense backbone built for H×W is analysed at H×H
@@ -91,11 +83,8 @@ def _dense_class(path: Path) -> type | None:
     state = load_checkpoint_file(path, mmap=True)["state_dict"]
     if any(k.startswith("detector.backbone.body.") for k in state):
         return RetinaNetModule
-    if any(k.startswith("decoder.") for k in state) and any(
-        k.startswith("backbone.") for k in state
-    ):
-        return SemanticFPNModule
-    return None
+    has = {k.split(".", 1)[0] for k in state}
+    return SemanticFPNModule if {"decoder", "backbone"} <= has else None
 
 
 def folder_images(
@@ -119,21 +108,22 @@ def embedded_images(img_size: int, limit: int, preprocessing: dict[str, Any]) ->
 
 def build_parser() -> argparse.ArgumentParser:
     parser = tool_parser(PROG, __doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="a LaViTModule checkpoint (*.ckpt) or a model name (lavit_tiny, lavit_cifar/all-va, pvt_v2_b1, ...)",
-    )
-    parser.add_argument(
-        "--img-size", type=positive_int, default=None, help="input side (default: the model's)"
-    )
+    add = parser.add_argument
+    add("--model", required=True,
+        help="a checkpoint (*.ckpt) or a model name (lavit_tiny, lavit_cifar/all-va, pvt_v2_b1, ...)")  # fmt: skip
+    add("--img-size", type=positive_int, help="input side (default: the model's)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--images", type=Path, default=None, help="a folder of images")
+    source.add_argument("--images", type=Path, help="a folder of images")
     source.add_argument("--random", action="store_true", help="Gaussian noise images")
-    parser.add_argument("--num-images", type=positive_int, default=32)
-    parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="for --random and random weights")
-    add_out_option(parser, "runs/saturation", "saturation.{csv,json,png}")
+    add("--num-images", type=positive_int, default=32)
+    add("--batch-size", type=positive_int, default=16)
+    add("--seed", type=int, default=0, help="for --random and random weights")
+    add(
+        "--out",
+        type=Path,
+        default=Path("runs/saturation"),
+        help="folder for saturation.{csv,json,png}",
+    )
     add_wandb_options(parser, "lavit-analyze", "the tables and plot")
     return parser
 
@@ -159,41 +149,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not rows:
         return fail(PROG, f"{label} has no stage with two or more attention layers")
     title = f"{label}, {img_size}², {len(images)} images ({source})"
-    meta = {"model": label, "img_size": img_size, "images": len(images), "image_source": source}
-    meta["preprocessing"] = preprocessing
+    meta = {"model": label, "img_size": img_size, "images": len(images), "image_source": source,
+            "preprocessing": preprocessing}  # fmt: skip
     paths = write_report(rows, args.out, title, meta)
     print(f"# attention saturation: {title}\n")
     print(markdown_table(head_means(rows)))
     print("\n" + "\n".join(f"wrote {p}" for p in paths.values()))
     if args.wandb:
-        log_to_wandb(rows, paths, title, meta, args)
+        tables = {"saturation/per_head": rows, "saturation/summary": head_means(rows)}
+        images = {"saturation/plot": (paths["png"], title)}
+        log_to_wandb(args, "analyze", meta, tables, images)
     return 0
-
-
-def log_to_wandb(
-    rows: list[dict[str, Any]],
-    paths: dict[str, Path],
-    title: str,
-    meta: dict[str, Any],
-    args: argparse.Namespace,
-) -> None:
-    """The per-head table, the summary and the plot as a W&B run, by ``lavit fit``'s rule."""
-    import wandb
-
-    run = start_wandb_run(
-        args.wandb_init_timeout, project=args.wandb_project, job_type="analyze", config=meta,
-        dir=str(args.out),
-    )  # fmt: skip
-    if run is None:  # WANDB_MODE=disabled
-        return
-    summary = head_means(rows)
-    for key, table in (("per_head", rows), ("summary", summary)):
-        columns = list(table[0])
-        run.log(
-            {f"saturation/{key}": wandb.Table(columns, [[r[c] for c in columns] for r in table])}
-        )
-    run.log({"saturation/plot": wandb.Image(str(paths["png"]), caption=title)})
-    run.finish()
 
 
 if __name__ == "__main__":

@@ -37,18 +37,8 @@ from lavit.tools._cli import fail, tool_parser
 from lavit.training.checkpoint_io import load_checkpoint_file
 from lavit.training.trained import data_config, load_eval_model
 
-__all__ = [
-    "ExportError",
-    "check_hub_push_possible",
-    "export_checkpoint",
-    "find_checkpoint",
-    "main",
-]
-
-DEFAULT_EXPORT_DIR = "export"
+PROG = "lavit export"
 HUB_PROBE_TIMEOUT_S = 5.0
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 class ExportError(Exception):
@@ -63,12 +53,12 @@ def find_checkpoint(path: str | Path) -> Path:
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not folder.is_dir():
         raise ExportError(f"{path}: no such checkpoint file or run directory")
-    best = sorted(folder.glob("best-*.ckpt"), key=os.path.getmtime)
-    if best:
-        return best[-1]
-    if (folder / "last.ckpt").is_file():
-        return folder / "last.ckpt"
-    raise ExportError(f"{path}: no best-*.ckpt or last.ckpt in {folder}")
+    found = sorted(folder.glob("best-*.ckpt"), key=os.path.getmtime) or list(
+        folder.glob("last.ckpt")
+    )
+    if not found:
+        raise ExportError(f"{path}: no best-*.ckpt or last.ckpt in {folder}")
+    return found[-1]
 
 
 def label_names(checkpoint: dict[str, Any]) -> list[str] | None:
@@ -144,9 +134,6 @@ def export_checkpoint(
     path = find_checkpoint(checkpoint_path)
     try:
         checkpoint = load_checkpoint_file(path)
-    except CheckpointError as err:
-        raise ExportError(str(err)) from None
-    try:
         model, used_ema = load_eval_model(checkpoint, ema)
     except CheckpointError as err:
         raise ExportError(str(err)) from None
@@ -157,7 +144,7 @@ def export_checkpoint(
         raise ExportError(f"{len(names)} class names for a {model.num_classes}-class model")
     out = Path(out)
     save_for_hf(model, out, model_config=model_config, safe_serialization=True, data_config=config)
-    saved = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+    saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
     _same_logits(model, out, tuple(saved["pretrained_cfg"]["input_size"]))
     weights = "EMA weights" if used_ema else "weights"
     print(
@@ -187,43 +174,25 @@ def export_checkpoint(
     return out
 
 
-PROG = "lavit export"
-
-
 def main(argv: list[str] | None = None) -> int:
     """``lavit export``: see the module docstring."""
     parser = tool_parser(
-        PROG,
-        "Export a run's checkpoint as model.safetensors + config.json that timm "
-        "loads: timm.create_model('local-dir:FOLDER', pretrained=True), or 'hf-hub:REPO' once "
-        "pushed.",
+        PROG, "Export a run's checkpoint as model.safetensors + config.json that timm loads."
     )
-    parser.add_argument(
-        "checkpoint", type=Path, help="a *.ckpt, or a run directory (its best, else last.ckpt)"
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"output folder (default: <run dir>/{DEFAULT_EXPORT_DIR}/)",
-    )
-    parser.add_argument(
-        "--no-ema", action="store_true", help="export the raw weights even when the run kept an EMA"
-    )
-    parser.add_argument(
-        "--push-to-hub", metavar="REPO", default=None, help="also upload to this Hub model repo"
-    )
-    parser.add_argument("--private", action="store_true", help="a new Hub repo is private")
+    add = parser.add_argument
+    add("checkpoint", type=Path, help="a *.ckpt, or a run directory (its best, else last.ckpt)")
+    add("--out", type=Path, help="output folder (default: <run dir>/export/)")
+    add("--no-ema", action="store_true", help="the raw weights even when the run kept an EMA")
+    add("--push-to-hub", metavar="REPO", help="also upload to this Hugging Face Hub model repo")
+    add("--private", action="store_true", help="a new Hub repo is private")
     args = parser.parse_args(argv)
-    out = args.out
-    if out is None:
-        try:
-            ckpt = find_checkpoint(args.checkpoint)
-        except ExportError as err:
-            return fail(PROG, str(err))
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        out = run_dir / DEFAULT_EXPORT_DIR
     try:
+        out = args.out
+        if out is None:  # the run directory's export/
+            ckpt = find_checkpoint(args.checkpoint)
+            out = (
+                ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+            ) / "export"
         export_checkpoint(args.checkpoint, out, not args.no_ema, args.push_to_hub, args.private)
     except ExportError as err:
         return fail(PROG, str(err))

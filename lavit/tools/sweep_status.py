@@ -1,14 +1,10 @@
 """What ``lavit sweep`` shows while its runs train: a summary line and one line per device slot.
 
-On a terminal the block is redrawn in place about once a second, and the runner's event lines
-(a run started, finished, stopped) are printed above it. Anywhere else (a log file, a pipe, CI)
-the same lines are printed as plain text every ``interval_s`` seconds (and when a run starts or
-ends), so a log shows how the sweep went without carriage returns or escape codes.
-
-The lines come from each run's own files: its CSV log (``metrics.csv``: the epoch reached, the
-latest ``val/top1`` and the run's own ``train/eta_s``) and the ``config.yaml`` LightningCLI writes
-(``trainer.max_epochs``). The ETA of a run inside a long epoch (a one-epoch run has no validated
-epoch until it ends) comes from its ``train/eta_s``.
+On a terminal the block is redrawn in place about once a second, with the runner's event lines
+(a run started, finished, stopped) printed above it; elsewhere (a log file, CI) the same lines are
+printed as plain text every ``interval_s`` seconds and when a run starts or ends. The lines come
+from each run's own files: its ``metrics.csv`` (epoch, latest ``val/top1``, the run's own
+``train/eta_s``, which moves inside a long epoch) and the ``config.yaml`` LightningCLI writes.
 """
 
 from __future__ import annotations
@@ -22,32 +18,29 @@ from typing import Any, TextIO
 
 import yaml
 
-__all__ = ["LiveStatus", "RunProgress", "run_progress", "sweep_eta"]
+from lavit.tools.sweep_engine import DONE_STATES, read_metric_history, run_values
+from lavit.units import format_duration
 
 ERASE_LINE = "\x1b[2K"
-TTY_REFRESH_S = 1.0
 
 
 @dataclass
 class RunProgress:
     """How far a running run is, from its files."""
 
-    epoch: int | None = None  # epochs started (1-based), from the CSV log
-    max_epochs: int | None = None  # from the run's config.yaml
+    epoch: int | None = None  # epochs started (1-based)
+    max_epochs: int | None = None
     top1: float | None = None  # the latest value of the sweep metric
     epochs_done: int = 0  # epochs with a logged value of the sweep metric
     eta_s: float | None = None  # the run's own estimate of its remaining training time
 
     @property
     def fraction(self) -> float | None:
-        """Share of the run done (validated epochs / max_epochs), when both are known."""
-        if not self.max_epochs or self.max_epochs <= 0:
-            return None
-        return min(1.0, self.epochs_done / self.max_epochs)
+        """Validated epochs / max_epochs, when known."""
+        return min(1.0, self.epochs_done / self.max_epochs) if self.max_epochs else None
 
     def fraction_at(self, elapsed: float) -> float | None:
-        """Share done after ``elapsed`` seconds: from the run's ``train/eta_s`` when it logs one
-        (step-level, so it moves within an epoch), else from its validated epochs."""
+        """Share done after ``elapsed`` s: from ``train/eta_s`` when logged, else the epochs."""
         if self.eta_s is None or elapsed + self.eta_s <= 0:
             return self.fraction
         return min(1.0, elapsed / (elapsed + self.eta_s))
@@ -56,12 +49,11 @@ class RunProgress:
 def _max_epochs(run_dir: Path) -> int | None:
     for path in sorted(run_dir.glob("version_*/config.yaml")):
         try:
-            config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            value = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("trainer") or {}
         except (OSError, yaml.YAMLError):
             continue
-        value = (config.get("trainer") or {}).get("max_epochs")
-        if isinstance(value, int) and value > 0:
-            return value
+        if isinstance(value.get("max_epochs"), int) and value["max_epochs"] > 0:
+            return value["max_epochs"]
     return None
 
 
@@ -69,15 +61,13 @@ def run_progress(history: list[dict[str, Any]], run_dir: Path, metric: str | Non
     """A running run's progress from its metric rows (``read_metric_history``) and run dir."""
     progress = RunProgress(max_epochs=_max_epochs(run_dir))
     epochs = [row["epoch"] for row in history if "epoch" in row]
-    if epochs:
-        progress.epoch = int(max(epochs)) + 1
+    progress.epoch = int(max(epochs)) + 1 if epochs else None
     values = [row for row in history if metric and metric in row]
     if values:
         progress.top1 = values[-1][metric]
         progress.epochs_done = len({row.get("epoch", i) for i, row in enumerate(values)})
     etas = [row["train/eta_s"] for row in history if "train/eta_s" in row]
-    if etas:
-        progress.eta_s = etas[-1]
+    progress.eta_s = etas[-1] if etas else None
     return progress
 
 
@@ -90,26 +80,79 @@ def sweep_eta(
 ) -> float | None:
     """Seconds until the sweep is done, or ``None`` when nothing allows a guess yet.
 
-    Args:
-        total: runs the sweep will have (``None``: unknown, e.g. random without a cap).
-        started: runs started so far (finished, failed, stopped and running).
-        finished_durations: wall time of each finished run.
-        running: ``(elapsed, fraction done or None)`` of each running run.
-        slots: device slots running in parallel.
+    ``total``: runs the sweep will have (``None``: unknown); ``started``: runs started so far;
+    ``running``: ``(elapsed, fraction done or None)`` of each running run.
     """
-    if total is None:
-        return None
     projected = [elapsed / fraction for elapsed, fraction in running if fraction]
     typical = finished_durations or projected
-    if not typical:
+    if total is None or not typical:
         return None
     per_run = sum(typical) / len(typical)
     remaining = sum(
         max(0.0, elapsed / fraction - elapsed) if fraction else max(0.0, per_run - elapsed)
         for elapsed, fraction in running
     )
-    remaining += max(0, total - started) * per_run
-    return remaining / max(1, slots)
+    return (remaining + max(0, total - started) * per_run) / max(1, slots)
+
+
+def format_values(values: dict[str, Any]) -> str:
+    return " ".join(f"{name}={value}" for name, value in values.items())
+
+
+def total_runs(runner) -> int | None:
+    """Runs the sweep will have when this invocation ends (``None``: unknown)."""
+    config, total = runner.state.sweep_config, math.inf
+    if config.get("method") == "grid":
+        specs = (config.get("parameters") or {}).values()
+        if any("values" not in s and "value" not in s for s in specs):
+            return None  # nested parameters: the engine knows, not this count
+        total = math.prod(len(s["values"]) for s in specs if "values" in s)
+    if config.get("run_cap") is not None:
+        total = min(total, config["run_cap"])
+    if runner.count is not None:
+        total = min(total, runner.started_before + runner.count)
+    return None if math.isinf(total) else int(total)
+
+
+def status_lines(runner, active: dict[int, Any]) -> list[str]:
+    """The sweep's summary line, then one line per device slot of a ``SweepRunner``."""
+    now_s, metric, runs = time.monotonic(), runner.state.metric_name, runner.state.runs
+    total = total_runs(runner)
+    lines, running = [], []
+    for slot, device in enumerate(runner.devices):
+        if slot not in active:
+            lines.append(f"[sweep]   {device}: idle")
+            continue
+        record, elapsed = active[slot].record, now_s - active[slot].started
+        run_dir = runner.sweep_dir / record.run_dir
+        progress = run_progress(read_metric_history(run_dir), run_dir, metric)
+        fraction = progress.fraction_at(elapsed)
+        running.append((elapsed, fraction))
+        epoch = (
+            "epoch ?"
+            if progress.epoch is None
+            else f"epoch {progress.epoch}/{progress.max_epochs or '?'}"
+        )
+        if progress.eta_s is not None and fraction is not None:
+            epoch += f" ({fraction:.0%})"
+        value = "-" if progress.top1 is None else f"{progress.top1:.4f}"
+        index = int(record.name.rsplit("-", 1)[-1]) + 1
+        lines.append(
+            f"[sweep]   {device}: run {index} of {total or '?'} "
+            f"({format_values(run_values(record.config))}): {epoch}, {metric} {value}, "
+            f"{format_duration(elapsed)}"
+        )
+    counts = {s: sum(r.state == s for r in runs) for s in DONE_STATES}
+    finished = [r.duration_s for r in runs if r.state == "finished" and r.duration_s]
+    started = sum(r.state != "pending" for r in runs)
+    eta = sweep_eta(total, started, finished, running, len(runner.devices))
+    apart = ", ".join(f"{n} {s}" for s, n in counts.items() if n and s != "finished")
+    summary = (
+        f"[sweep] {runner.name}: {sum(counts.values())} of {total or '?'} runs done"
+        f"{f' ({apart})' if apart else ''}, {len(active)} running, "
+        f"{format_duration(now_s - runner.started_at)} elapsed, ETA {format_duration(eta)}"
+    )
+    return [summary, *lines]
 
 
 class LiveStatus:
@@ -120,7 +163,7 @@ class LiveStatus:
     ) -> None:
         self.stream = stream or sys.stdout
         self.tty = bool(self.stream.isatty()) if tty is None else tty
-        self.interval_s = interval_s
+        self.interval_s = 1.0 if self.tty else interval_s
         self._drawn: list[str] = []
         self._last_shown = -math.inf
 
@@ -129,32 +172,30 @@ class LiveStatus:
         self.stream.flush()
 
     def _erase(self) -> None:
-        if self._drawn:  # to the block's first line, clearing every line of it
-            self._write(f"\x1b[{len(self._drawn)}F" + f"{ERASE_LINE}\n" * len(self._drawn))
-            self._write(f"\x1b[{len(self._drawn)}F")
+        if self._drawn:  # up to the block's first line, clear every line of it, up again
+            up = f"\x1b[{len(self._drawn)}F"
+            self._write(up + f"{ERASE_LINE}\n" * len(self._drawn) + up)
+
+    def _draw(self, lines: list[str]) -> None:
+        self._write("".join(f"{ERASE_LINE}{line}\n" for line in lines))
+        self._drawn = list(lines)
 
     def show(self, lines: list[str], force: bool = False) -> None:
-        """Show ``lines`` now if due (a terminal: at most once a second; else every interval)."""
-        now = time.monotonic()
-        due = TTY_REFRESH_S if self.tty else self.interval_s
-        if not force and now - self._last_shown < due:
+        """Show ``lines`` now if due (or ``force``)."""
+        if not force and time.monotonic() - self._last_shown < self.interval_s:
             return
-        self._last_shown = now
+        self._last_shown = time.monotonic()
         if self.tty:
             self._erase()
-            self._write("".join(f"{ERASE_LINE}{line}\n" for line in lines))
-            self._drawn = list(lines)
+            self._draw(lines)
         else:
             self._write("".join(f"{line}\n" for line in lines))
 
     def log(self, message: str) -> None:
         """An event line; on a terminal above the live block, which is drawn again below it."""
-        if self.tty and self._drawn:
-            block = self._drawn
-            self._erase()
-            self._drawn = []
-            self._write(f"{ERASE_LINE}{message}\n")
-            self._write("".join(f"{ERASE_LINE}{line}\n" for line in block))
-            self._drawn = block
-        else:
-            self._write(f"{message}\n")
+        if not (self.tty and self._drawn):
+            return self._write(f"{message}\n")
+        block = self._drawn
+        self._erase()
+        self._write(f"{ERASE_LINE}{message}\n")
+        self._draw(block)

@@ -1,10 +1,10 @@
-"""The timing harness of ``lavit bench`` (and of the report's throughput column).
+"""The timing harness of ``lavit bench`` and of the report's throughput column.
 
-Tasks (one inference, one training step, one large GEMM) are timed round-robin, one iteration
-each per round with the order rotating, so that load from other processes, which drifts over
-minutes on a shared machine, hits every task alike; a speedup between two tasks is the median of
-their per-round ratios (:func:`paired_speedup`). :func:`environment` records what a result was
-measured on.
+Tasks (an inference, a training step, a large GEMM) are timed round-robin, one iteration each per
+round with the order rotating, so that load from other processes, which drifts over minutes on a
+shared machine, hits every task alike; a speedup between two tasks is the median of their
+per-round ratios (:func:`paired_speedup`). ``torch.utils.benchmark`` times one statement at a
+time (blocked autorange), without interleaving tasks, hence this loop.
 """
 
 from __future__ import annotations
@@ -26,20 +26,6 @@ from torch import nn
 import lavit
 from lavit.runtime import cpu_model_name, cpu_tuning_state
 
-__all__ = [
-    "DTYPES",
-    "autocast",
-    "environment",
-    "gemm_task",
-    "inference_task",
-    "median",
-    "paired_speedup",
-    "set_tf32",
-    "synchronizer",
-    "time_interleaved",
-    "training_task",
-]
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -55,11 +41,8 @@ def time_interleaved(
     sync: Callable[[], None] = lambda: None,
     on_round: Callable[[int, int], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds of each task per iteration, the tasks run round-robin.
-
-    The order rotates every round, so no task always follows the same neighbour (caches, turbo).
-    ``on_round(done, total)`` is called after each timed round (to show progress).
-    """
+    """Seconds of each task per iteration, the tasks run round-robin, the order rotating every
+    round (no task always follows the same neighbour); ``on_round(done, total)`` after each."""
     names = list(tasks)
     for _ in range(warmup):
         for name in names:
@@ -78,19 +61,26 @@ def time_interleaved(
     return times
 
 
+def median(values: Sequence[float]) -> float:
+    """The median, NaN for no values (a phase that was skipped)."""
+    return statistics.median(values) if values else math.nan
+
+
+def paired_speedup(times_a: Sequence[float], times_b: Sequence[float]) -> float:
+    """How many times faster A is than B: the median over rounds of ``t_B / t_A`` (a ratio per
+    round cancels the load drift that separate medians keep)."""
+    return median([b / a for a, b in zip(times_a, times_b, strict=True)])
+
+
 def gemm_task(size: int, dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], Any], int]:
     """A square GEMM (the machine's matmul peak) and its MACs."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     return (lambda: torch.mm(a, b)), size**3
 
 
 def set_tf32(enabled: bool) -> None:
-    """TF32 on or off for float32 matmuls and cuDNN convolutions (CUDA; Ampere and later).
-
-    Only the legacy flags are used: torch refuses to read them once the newer ``fp32_precision``
-    API has set some of them differently.
-    """
+    """TF32 on or off for float32 matmuls and cuDNN convolutions (CUDA). Only the legacy flags:
+    torch refuses to read them once the newer ``fp32_precision`` API set some differently."""
     torch.set_float32_matmul_precision("high" if enabled else "highest")
     torch.backends.cudnn.allow_tf32 = enabled
 
@@ -110,39 +100,23 @@ def inference_task(model: nn.Module, x: torch.Tensor, device, dtype: str) -> Cal
 
 
 def training_task(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device, dtype: str
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, device, dtype: str
 ) -> Callable[[], Any]:
-    """One forward + backward + AdamW step (a GradScaler for fp16 on CUDA)."""
+    """One forward + backward + AdamW step (a GradScaler for fp16): cross-entropy against ``y``,
+    or the mean output for ``y=None`` (a dense row has no classification loss)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
 
     def step() -> None:
         with autocast(device, dtype):
-            loss = F.cross_entropy(model(x), y)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            out = model(x)
+            loss = out.float().mean() if y is None else F.cross_entropy(out, y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def median(values: Sequence[float]) -> float:
-    """The median, NaN for no values (a phase that was skipped)."""
-    return statistics.median(values) if values else math.nan
-
-
-def paired_speedup(times_a: Sequence[float], times_b: Sequence[float]) -> float:
-    """How many times faster A is than B: the median over rounds of ``t_B / t_A``.
-
-    Both ran in the same round, seconds apart; on a shared machine whose load drifts over
-    minutes, a ratio per round cancels the drift that separate medians keep.
-    """
-    return median([b / a for a, b in zip(times_a, times_b, strict=True)])
 
 
 def environment(device: torch.device) -> dict[str, Any]:

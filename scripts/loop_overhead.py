@@ -1,14 +1,22 @@
-"""The Lightning training loop's step time against a bare PyTorch loop (``lavit bench --loop-overhead``).
+"""The Lightning training loop's step time against a bare PyTorch loop: a maintainer measurement.
 
 What Lightning costs per step, on the same model and batches: the loop of a minimal
 ``LightningModule`` and of the project's ``LaViTModule``, each paired step by step with a bare
-loop (forward, loss, backward, AdamW, zero_grad, one ``.item()``) on a copy of the model.
+loop (forward, loss, backward, AdamW, zero_grad, one ``.item()``) on a copy of the model; or,
+with ``--config``, ``lavit fit`` itself (its data module, callbacks and loggers)::
+
+    python scripts/loop_overhead.py --models lavit_tiny --steps 8
+    python scripts/loop_overhead.py --config experiments/base.yaml --steps 40
+
+Writes a Markdown table on stdout and ``loop_overhead_<device>_<dtype>.{csv,json}`` in ``--out``.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,11 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lavit.models.factory import ModelSpec, create_model
-from lavit.tools.timing import autocast, median
+from lavit.models.factory import ModelSpec, create_model, parse_model_name
+from lavit.tables import markdown_table, write_csv
+from lavit.tools.timing import DTYPES, autocast, median
 from lavit.training.module import LaViTModule
 
-__all__ = ["PairedBareSteps", "fit_overhead", "loop_overhead"]
+SCRIPTS = Path(__file__).resolve().parent
 
 
 def loop_overhead(
@@ -123,8 +132,8 @@ class PairedBareSteps(L.Callback):
 
     Attach it to a real run to measure ``lavit fit`` itself::
 
-        lavit fit --config experiments/base.yaml --trainer.max_steps=40 \
-            --trainer.callbacks+=lavit.tools.loop_overhead.PairedBareSteps \
+        PYTHONPATH=scripts lavit fit --config experiments/base.yaml --trainer.max_steps=40 \
+            --trainer.callbacks+=loop_overhead.PairedBareSteps \
             --trainer.callbacks.output=overhead.json
 
     Args:
@@ -212,11 +221,13 @@ def fit_overhead(config: str, steps: int, warmup: int) -> dict[str, Any]:
             f"--trainer.default_root_dir={run_dir}",
             "--trainer.enable_progress_bar=false",  # a child's bar would garble the bench output
             "--saturation.num_images=0",
-            "--trainer.callbacks+=lavit.tools.loop_overhead.PairedBareSteps",
+            "--trainer.callbacks+=loop_overhead.PairedBareSteps",
             f"--trainer.callbacks.warmup={warmup}",
             f"--trainer.callbacks.output={output}",
         ]
-        done = subprocess.run(command, capture_output=True, text=True)
+        path = os.pathsep.join(filter(None, [str(SCRIPTS), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}  # this file, for the callback's class_path
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0 or not output.exists():
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
             raise RuntimeError(
@@ -224,3 +235,46 @@ def fit_overhead(config: str, steps: int, warmup: int) -> dict[str, Any]:
             )
         summary = json.loads(output.read_text())
     return {"model": summary.pop("model"), "loop": f"lavit fit --config {config}", **summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["lavit_tiny"], help="timm model names")
+    parser.add_argument("--config", help="time `lavit fit --config YAML` itself instead")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--steps", type=int, default=8, help="batches per loop run (≥ 2)")
+    parser.add_argument("--warmup", type=int, default=2, help="first step pairs left out")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be ≥ 2 (a step is the interval between two batches)")
+    if args.config and not Path(args.config).is_file():
+        parser.error(f"--config: no such file {args.config!r}")
+    warmup = min(args.warmup, args.steps - 2)
+    if args.config:
+        rows = [fit_overhead(args.config, args.steps, warmup)]
+    else:
+        device = torch.device(args.device)
+        rows = [
+            row
+            for name in args.models
+            for row in loop_overhead(
+                parse_model_name(name), args.img_size, args.batch_size, device, args.dtype,
+                args.steps, warmup,
+            )
+        ]  # fmt: skip
+    print(markdown_table(rows))
+    stem = args.out / f"loop_overhead_{args.device}_{args.dtype}"
+    write_csv(stem.with_suffix(".csv"), rows)
+    stem.with_suffix(".json").write_text(
+        json.dumps({"argv": argv or sys.argv[1:], "rows": rows}, indent=2)
+    )
+    print(f"wrote {stem}.csv and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,19 +1,23 @@
-"""``lavit report --results results/ablations``: RESULTS.md from the committed ablation runs.
+"""The ablations page (docs/ablations.md) from the committed ablation runs: a maintainer script.
 
-    lavit report --results results/ablations                        # rewrite RESULTS.md
-    lavit report --results results/ablations --measure-throughput   # time the settings first
-    lavit report --results results/ablations --check                # exit 1 if RESULTS.md is stale
+(One file of ~640 lines: a page generator whose sections, statistics and sentences are read
+together when the page changes; it is not installed.)
 
-The results folder holds one ``lavit sweep`` dir per ablation (``va_layers/``, ``dp_loss/``, ...)
-and the protocol pilot (``pilot/<protocol>/``), each with its state file and its runs' small files.
-Per ablation the page gives the question (from the sweep file), the table of
-:mod:`lavit.tools.report` with each setting's difference from a reference setting, the plot, and
-one sentence generated from the numbers: which differences the seed spread resolves. The test is
-a two-sided pooled t-test per setting against the reference (the pooled std of all settings of
-the sweep, ``df = Σ(n−1)``), with Holm's correction over the settings of the sweep; the smallest
-resolvable difference is the 5 % critical difference for the seeds at hand, and the one 80 % power
-detects is stated alongside. Then the attention saturation of trained LaViT against its all-VA twin
-(the same runs of ``va_layers``), from each run's ``saturation/saturation.json``.
+    python scripts/results_page.py                        # rewrite docs/ablations.md
+    python scripts/results_page.py --measure-throughput   # time the settings first
+    python scripts/results_page.py --check                # exit 1 if the page is stale
+
+The results folder (``--results``, default ``results/ablations``) holds one ``lavit sweep`` dir per
+ablation (``va_layers/``, ``dp_loss/``, ...) and the protocol pilot (``pilot/<protocol>/``), each
+with its state file and its runs' small files. Per ablation the page gives the question (from the
+sweep file), the table of ``lavit report`` (:mod:`lavit.tools.report`) with each setting's
+difference from a reference setting, the plot, and one sentence generated from the numbers: which
+differences the seed spread resolves. The test is a two-sided pooled t-test per setting against the
+reference (the pooled std of all settings of the sweep, ``df = Σ(n−1)``), with Holm's correction
+over the settings of the sweep; the smallest resolvable difference is the 5 % critical difference
+for the seeds at hand, and the one 80 % power detects is stated alongside. Then the attention
+saturation of trained LaViT against its all-VA twin (the same runs of ``va_layers``), from each
+run's ``saturation/saturation.json``.
 
 Throughput is not measured while generating (the page must regenerate identically): it is
 measured by ``--measure-throughput`` (interleaved, inference, batch 64, fp32, this machine) and
@@ -22,10 +26,12 @@ stored per sweep in ``throughput.json``, which the page then reads, with the CPU
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import os
+import shutil
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,26 +40,25 @@ from scipy import stats
 
 from lavit.errors import EXIT_FAILURE
 from lavit.tables import markdown_table, write_csv
-from lavit.tools._cli import fail, say
+from lavit.tools._cli import fail, positive_int, say
 from lavit.tools.report import (
-    PROG,
     SettingRow,
     bench_throughput,
-    build_parser,
     collect_local,
     csv_rows,
     plot,
     summarise_runs,
     table_rows,
 )
-from lavit.tools.report import main as report_sweep
-from lavit.tools.sweep_state import load_state
+from lavit.tools.sweep_engine import load_state
 
 __all__ = ["ABLATIONS", "critical_difference", "holm", "main", "pooled_std", "render"]
 
 PILOT_DIR = "pilot"
 THROUGHPUT_FILE = "throughput.json"
-GENERATED_BY = "lavit report --results {root}"
+PROG = "results_page"
+DEFAULT_ROOT = Path("results/ablations")
+DEFAULT_PAGE = Path("docs/ablations.md")
 
 
 @dataclass(frozen=True)
@@ -276,7 +281,7 @@ def measure_throughput(sweep_dir: Path, batch_size: int = 64) -> None:
     values = bench_throughput(batch_size)(configs)
     record = {
         "how": f"inference, fp32, batch {batch_size}, settings timed round-robin "
-        "(lavit.tools.timing), by `lavit report --results ... --measure-throughput`",
+        "(lavit.tools.timing), by `scripts/results_page.py --measure-throughput`",
         "cpu": cpu_model_name(),
         "torch_threads": torch.get_num_threads(),
         "settings": [
@@ -332,6 +337,11 @@ def _ablation_section(
     if write_files:
         write_csv(report_dir / "ablation.csv", csv_rows(parameters, rows, "final"))
         plot(report_dir / "ablation.png", parameters, rows, "final", f"{ablation.title}: {metric}")
+        # mkdocs serves only what lies under docs/: the page gets its own copy of the plot
+        (page_dir / "ablations").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(
+            report_dir / "ablation.png", page_dir / "ablations" / f"{ablation.folder}.png"
+        )
     title = f"{number}. {ablation.title}"
     seeds = sorted(
         {r.values.get("seed_everything") for r in results if r.state == "finished"}, key=str
@@ -358,7 +368,7 @@ def _ablation_section(
         "",
         markdown_table(table),
         "",
-        f"![{ablation.title}]({Path(os.path.relpath(report_dir / 'ablation.png', page_dir)).as_posix()})",
+        f"![{ablation.title}](ablations/{ablation.folder}.png)",
         "",
     ]
     lines += [_verdict(ablation, rows, reference, comparisons, rejected, std, df, n), ""]
@@ -543,7 +553,7 @@ def _model_phrase(info: dict[str, Any]) -> str:
 
 
 def render(root: Path, page_dir: Path = Path("."), write_files: bool = False) -> str:
-    """RESULTS.md's text from the results folder; ``write_files``: also each sweep's
+    """The page's text from the results folder; ``write_files``: also each sweep's
     ``report/ablation.{csv,png}``. Image links are relative to ``page_dir``."""
     sections, used_configs, cpus, models = [], None, set(), set()
     va_layers = None
@@ -568,7 +578,8 @@ def render(root: Path, page_dir: Path = Path("."), write_files: bool = False) ->
     head = [
         "# Ablation results",
         "",
-        f"Generated by `{GENERATED_BY.format(root=root.as_posix())}` from the runs committed "
+        f"Generated by `python scripts/results_page.py --results {root.as_posix()}` from the runs "
+        "committed "
         f"under `{root.as_posix()}/`; do not edit (tests/test_results.py fails while this page "
         "is stale). Each sweep's runs, state file and report files are in its folder there.",
         "",
@@ -586,12 +597,21 @@ def render(root: Path, page_dir: Path = Path("."), write_files: bool = False) ->
     return "\n".join(body).rstrip() + "\n"
 
 
-def main(argv: list[str]) -> int:
-    """``lavit report``: with ``--results DIR``, RESULTS.md (this module); else one sweep's table
-    (:func:`lavit.tools.report.main`)."""
-    args = build_parser().parse_args(argv)
-    if args.results is None:
-        return report_sweep(argv)
+def main(argv: list[str] | None = None) -> int:
+    """Write (or ``--check``) the page; see the module docstring."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=DEFAULT_ROOT, help="the sweeps' folder")
+    parser.add_argument("--write", type=Path, default=DEFAULT_PAGE, help="the page to write")
+    parser.add_argument(
+        "--measure-throughput",
+        action="store_true",
+        help="time every setting first, into each sweep's throughput.json",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if the page is stale"
+    )
+    parser.add_argument("--bench-batch", type=positive_int, default=64)
+    args = parser.parse_args(argv)
     root, out = args.results, args.write
     if not root.is_dir():
         return fail(PROG, f"--results {root}: no such folder (the ablation sweeps' parent dir)")
@@ -608,7 +628,7 @@ def main(argv: list[str]) -> int:
     if args.check:
         expected = render(root, out.parent)
         if not out.is_file() or out.read_text(encoding="utf-8") != expected:
-            say(PROG, f"{out} is stale: run `lavit report --results {root}` and commit it")
+            say(PROG, f"{out} is stale: run `python scripts/results_page.py` and commit it")
             return EXIT_FAILURE
         say(PROG, f"{out} is up to date")
         return 0
@@ -617,6 +637,11 @@ def main(argv: list[str]) -> int:
             if (root / ablation.folder / "sweep_state.json").is_file():
                 say(PROG, f"timing the settings of {ablation.folder}")
                 measure_throughput(root / ablation.folder, args.bench_batch)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(root, out.parent, write_files=True), encoding="utf-8")
     say(PROG, f"wrote {out} and each sweep's report/ablation.{{csv,png}} under {root}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
