@@ -27,7 +27,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import REPO, TINY_LAVIT
+from conftest import FAULTS_SCRIPT, REPO, TINY_LAVIT
 
 from lavit.cli import LaViTCLI, main
 from lavit.errors import (
@@ -36,8 +36,8 @@ from lavit.errors import (
     CheckpointError,
     NonFiniteCheckpointError,
 )
-from lavit.testing.faults import InjectedFault
-from lavit.testing.faults import main as main_with_faults
+from helpers.faults import InjectedFault
+from helpers.faults import main as main_with_faults
 from lavit.training.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file, partial_path
 from lavit.training.data import ImageDataModule
 from lavit.training.module import LaViTModule
@@ -112,12 +112,12 @@ def run_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 class LiveRun:
-    """``python -m <module> ...`` (``lavit``, or ``lavit.testing`` to inject faults) in a
+    """``python -m lavit ...`` (or ``tests/helpers/faults.py`` to inject faults) in a
     subprocess whose output is read line by line as it comes."""
 
-    def __init__(self, args: list[str], env: dict[str, str], module: str = "lavit") -> None:
+    def __init__(self, args: list[str], env: dict[str, str], faults: bool = False) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [*lavit_command(faults), *args],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -166,9 +166,13 @@ class LiveRun:
         return "".join(self.lines)
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: float = 300, module: str = "lavit"):
+def lavit_command(faults: bool = False) -> list[str]:
+    return [sys.executable, str(FAULTS_SCRIPT)] if faults else [sys.executable, "-m", "lavit"]
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 300, faults: bool = False):
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [*lavit_command(faults), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -213,7 +217,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_last_loadable_and_resume_contin
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     slow = run_env(tmp_path, LAVIT_FAULT_INJECT="slow_checkpoint:seconds=2")
-    run = LiveRun(fit_args(run_dir, "--trainer.max_epochs=4"), slow, module="lavit.testing")
+    run = LiveRun(fit_args(run_dir, "--trainer.max_epochs=4"), slow, faults=True)
     run.wait_for(r"lavit-fault: writing .*last\.ckpt", count=2)  # epoch 1's last.ckpt
     time.sleep(0.4)  # a fifth of the way through the write
     run.process.send_signal(signal.SIGKILL)
@@ -287,7 +291,7 @@ def test_sigterm_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path):
     cut = run_cli(
         fit_args(tmp_path / "cut", *recipe),
         run_env(tmp_path, LAVIT_FAULT_INJECT="sigterm:step=2", LAVIT_CPU_TUNING="0"),
-        module="lavit.testing",
+        faults=True,
     )
     assert cut.returncode == EXIT_PREEMPTED, cut.stderr[-3000:]
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
