@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from conftest import FAULTS_SCRIPT, REPO, TINY_LAVIT
 
 from lavit.cli import LaViTCLI, main
 from lavit.errors import (
+    EXIT_DISK_FULL,
     EXIT_DIVERGED,
     EXIT_PREEMPTED,
     CheckpointError,
@@ -338,6 +340,49 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monk
     with pytest.raises(OSError, match="disk full"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
     assert path.read_bytes() == before and not partial_path(path).exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_write_ends_in_one_line_and_keeps_the_checkpoints(
+    tmp_path,
+):
+    """`lavit fit` with its run directory on a real 2 MiB file system (a tmpfs mounted in a user
+    namespace), where epoch 0's two checkpoints (0.8 MB each) fit and epoch 1's do not
+    => exit code 74 with one `error:` line naming the checkpoint file, the space it needed and
+    free, and last.ckpt to resume from with --ckpt_path last, no traceback; last.ckpt (epoch 0,
+    global step 4) and every other *.ckpt left load weights-only; no partial file is left
+    """
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    fit = shlex.join([*lavit_command(), *fit_args(disk / "run", "--trainer.max_epochs=3")])
+    script = (
+        f"mount -t tmpfs -o size=2m tmpfs {disk} || exit 99; {fit}; code=$?; "
+        f"cp -r {disk / 'run' / 'checkpoints'} {kept}; exit $code"
+    )  # the tmpfs lives as long as the namespace: keep a copy of what the run left on it
+    unshare = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c"]
+    result = subprocess.run(
+        [*unshare, script], cwd=REPO, env=run_env(tmp_path), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    if result.returncode == 99 or "unshare: " in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {result.stderr[-300:]}")
+    assert result.returncode == EXIT_DISK_FULL, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    last = disk / "run" / "checkpoints" / "last.ckpt"
+    kept_size = (kept / "last.ckpt").stat().st_size  # what the next one needs, give or take
+    match = re.search(
+        rf"error: no space left to write checkpoint {disk}/run/checkpoints/\S+\.ckpt: it needs "
+        rf"about (\S+) MiB and (\S+) MiB are free there; {last} is intact: make room, then "
+        "resume from it with --ckpt_path last$",
+        lines[0],
+    )
+    assert match and float(match[2]) < float(match[1]) == round(kept_size / 2**20, 1), lines[0]
+    assert load_checkpoint_file(kept / "last.ckpt")["global_step"] == 4
+    for path in kept.glob("*.ckpt"):
+        assert all_finite(load_checkpoint_file(path)), path
+    assert not list(kept.glob(".*.partial"))
 
 
 def test_a_checkpoint_with_nan_weights_is_never_written(tmp_path):
