@@ -157,6 +157,28 @@ def test_a_bad_value_exits_with_one_line(tmp_path, capsys, argument, expected):
     assert not any("Traceback" in line for line in err)
 
 
+def test_a_checkpoint_files_hyperparameters_do_not_override_the_command_line(tmp_path):
+    """LightningCLI rebuilds the model from a --ckpt_path file's stored hyper-parameters, over
+    the command line; LaViTCLI holds the path back until the config is final (this fails if
+    Lightning moves that step past ``parse_arguments``)."""
+    ckpt = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 0.5, "arch": "pvt_v2_b0"}}, ckpt)
+
+    class Parsed(Exception):
+        pass
+
+    class Probe(LaViTCLI):
+        def before_instantiate_classes(self) -> None:
+            super().before_instantiate_classes()
+            raise Parsed(self.config.fit)
+
+    args = ["fit", f"--trainer.default_root_dir={tmp_path}", *FAST_DATA, "--model.lr=1e-3"]
+    with pytest.raises(Parsed) as parsed:
+        Probe(args=[*args, f"--ckpt_path={ckpt}"])
+    config = parsed.value.args[0]
+    assert (config.model.lr, config.model.arch, config.ckpt_path) == (1e-3, "lavit_cifar", str(ckpt))
+
+
 def test_tools_are_dispatched_with_their_arguments(tmp_path, monkeypatch):
     (tmp_path / "fake_tool.py").write_text("def main(argv):\n    return len(argv)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
