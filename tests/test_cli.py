@@ -204,17 +204,17 @@ def test_wandb_mode_follows_env_and_credentials(monkeypatch, tmp_path):
 def test_loggers_keep_the_wandb_run_id_of_a_run_dir(tmp_path):
     first = default_loggers(tmp_path, WandbOptions(tags=["t"]))
     assert isinstance(first[0], CSVLogger) and isinstance(first[1], FallbackWandbLogger)
-    assert first[1]._wandb_init["mode"] == "offline"
-    run_id = first[1]._wandb_init["id"]
+    run_id = first[1].version
     assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
-    assert default_loggers(tmp_path, resume=True)[1]._wandb_init["id"] == run_id
-    assert default_loggers(tmp_path, resume=False)[1]._wandb_init["id"] != run_id
+    assert default_loggers(tmp_path, resume=True)[1].version == run_id
+    assert default_loggers(tmp_path, resume=False)[1].version != run_id
     assert len(default_loggers(tmp_path, WandbOptions(enabled=False))) == 1
 
 
 def test_a_failed_online_start_falls_back_to_offline(tmp_path, monkeypatch):
-    """The server answered the probe, then wandb.init failed online (the real conditions, a
-    refused, silent or key-rejecting server, are in tests/test_reliability.py)."""
+    """The server answered the probe, then wandb.init failed online (`lavit bench|analyze
+    --wandb`; the real conditions, a refused, silent or key-rejecting server, are in
+    tests/test_reliability.py)."""
     import wandb
 
     from lavit.training import wandb_runs
@@ -229,9 +229,8 @@ def test_a_failed_online_start_falls_back_to_offline(tmp_path, monkeypatch):
         return real_init(**kwargs)
 
     monkeypatch.setattr(wandb, "init", init)
-    logger = FallbackWandbLogger(project="p", save_dir=str(tmp_path), mode="online")
     with pytest.warns(UserWarning, match="logging offline"):
-        run = logger.experiment
+        run = wandb_runs.start_wandb_run(mode="online", project="p", dir=str(tmp_path))
     try:
         assert modes == ["online", "offline"] and run.settings.mode == "offline"
     finally:

@@ -969,7 +969,7 @@ def test_wandb_with_a_key_and_no_usable_server_starts_offline_in_bounded_time(
         elapsed = time.monotonic() - started
     try:
         run.log({"x": 1.0})
-        assert run.settings.mode == "offline" and run.id == logger._wandb_init["id"]
+        assert run.settings.mode == "offline" and run.id == logger.version
     finally:
         run.finish()
     assert elapsed < 3 + 5, elapsed
@@ -1024,7 +1024,7 @@ def test_each_sweep_agent_run_gets_its_own_run_directory(tmp_path, monkeypatch):
     assert Path(first.trainer.default_root_dir) == run_dir
     assert Path(first.trainer.checkpoint_callback.dirpath) == run_dir / "checkpoints"
     assert Path(first.trainer.loggers[0].root_dir) == run_dir
-    assert first.trainer.loggers[1]._wandb_init["id"] == "run1"
+    assert first.trainer.loggers[1].version == "run1"
     assert Path(second.trainer.default_root_dir) == tmp_path / "sw33p" / "run2"
     assert Path(plain.trainer.default_root_dir) == tmp_path
 
