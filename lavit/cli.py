@@ -190,7 +190,7 @@ class LaViTCLI(LightningCLI):
                 callback.config = _as_plain(self._subcommand_config())
 
     def instantiate_trainer(self, **kwargs):
-        config = self._get(self.config_init, "trainer", default={})
+        config = self._init("trainer")
         # Atomic, NaN-refusing, weights-only checkpoint files, unless a CheckpointIO is given or
         # the strategy writes sharded checkpoints its own way.
         plugins = config.get("plugins")
@@ -203,7 +203,7 @@ class LaViTCLI(LightningCLI):
         )
         if not sharded and not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        ddp = ddp_strategy(strategy, self._get(self.config_init, "ddp").timeout)
+        ddp = ddp_strategy(strategy, self._init("ddp").timeout)
         if ddp is not None:  # a DDP strategy by name: with the --ddp.timeout on collectives
             kwargs["strategy"] = ddp
         if config.get("logger") in (None, True):  # not chosen in the config: CSV + W&B
@@ -213,15 +213,15 @@ class LaViTCLI(LightningCLI):
             )
             kwargs["logger"] = default_loggers(
                 config.get("default_root_dir") or DEFAULT_RUN_DIR,
-                self._get(self.config_init, "wandb"),
+                self._init("wandb"),
                 resume=resume,
             )
         trainer = super().instantiate_trainer(**kwargs)
-        options = self._get(self.config_init, "checkpoint")
+        options = self._init("checkpoint")
         if trainer.checkpoint_callback is not None:  # last.ckpt beside the best ones
             trainer.callbacks.append(LastCheckpoint(options.dirpath, options.every_n_epochs))
         if isinstance(self.model, LaViTModule):  # classification: predictions.csv
-            options = self._get(self.config_init, "predict")
+            options = self._init("predict")
             trainer.callbacks.append(PredictionWriter(options.output, int(options.top_k)))
         return trainer
 
@@ -263,6 +263,10 @@ class LaViTCLI(LightningCLI):
 
     def _subcommand_config(self):
         return self.config.get(str(self.subcommand), self.config)
+
+    def _init(self, group: str):
+        """The instantiated config's ``group`` (of the subcommand, if any)."""
+        return self.config_init.get(str(self.subcommand), self.config_init).get(group)
 
     def _option_group(self, option: str, value: object) -> str:
         """``"data."`` if the data group holds ``option`` with ``value`` (likewise the others)."""

@@ -176,7 +176,11 @@ def test_a_checkpoint_files_hyperparameters_do_not_override_the_command_line(tmp
     with pytest.raises(Parsed) as parsed:
         Probe(args=[*args, f"--ckpt_path={ckpt}"])
     config = parsed.value.args[0]
-    assert (config.model.lr, config.model.arch, config.ckpt_path) == (1e-3, "lavit_cifar", str(ckpt))
+    assert (config.model.lr, config.model.arch, config.ckpt_path) == (
+        1e-3,
+        "lavit_cifar",
+        str(ckpt),
+    )
 
 
 def test_tools_are_dispatched_with_their_arguments(tmp_path, monkeypatch):

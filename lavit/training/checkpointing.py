@@ -71,7 +71,9 @@ class LastCheckpoint(ModelCheckpoint):
 def last_good_checkpoint(trainer: L.Trainer) -> str:
     """``"<path> (global step N)"`` of the newest checkpoint this run saved, or a sentence saying none."""
     callbacks = trainer.checkpoint_callbacks
-    paths = [getattr(c, name, "") for c in callbacks for name in ("last_model_path", "best_model_path")]
+    paths = [
+        getattr(c, name, "") for c in callbacks for name in ("last_model_path", "best_model_path")
+    ]
     existing = [p for p in paths if p and Path(p).is_file()]
     if not existing:
         return "none (no checkpoint was saved before this step)"

@@ -67,7 +67,7 @@ class Throughput(ThroughputMonitor):
         super().__init__(batch_size_fn=images_in_batch, window_size=window_size)
         self.count_flops = count_flops
         self.flops_per_image: int | None = None
-        self._fit_start, self._start_step = 0.0, 0
+        self.fit_started, self.start_step = 0.0, 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -81,7 +81,7 @@ class Throughput(ThroughputMonitor):
             self.flops_per_image = 2 * training_macs_per_image(model, (3, int(side), int(side)))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._fit_start, self._start_step = time.monotonic(), trainer.global_step
+        self.fit_started, self.start_step = time.monotonic(), trainer.global_step
         super().on_train_start(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -94,8 +94,10 @@ class Throughput(ThroughputMonitor):
         if self.flops_per_image:
             pl_module.flops_per_batch = self.flops_per_image * images_in_batch(batch)
         # Lightning's progress bar shows the epoch's remaining time only; the run's is ours.
-        done, total = trainer.global_step - self._start_step, trainer.estimated_stepping_batches
+        done, total = trainer.global_step - self.start_step, trainer.estimated_stepping_batches
         if done > 0 and math.isfinite(total):
-            left = (time.monotonic() - self._fit_start) / done * max(0, total - trainer.global_step)
+            left = (
+                (time.monotonic() - self.fit_started) / done * max(0, total - trainer.global_step)
+            )
             pl_module.log("train/eta_s", left, prog_bar=True, on_step=True, batch_size=1)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
