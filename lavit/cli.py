@@ -217,9 +217,11 @@ class LaViTCLI(LightningCLI):
                 resume=resume,
             )
         trainer = super().instantiate_trainer(**kwargs)
-        options = self._init("checkpoint")
-        if trainer.checkpoint_callback is not None:  # last.ckpt beside the best ones
-            trainer.callbacks.append(LastCheckpoint(options.dirpath, options.every_n_epochs))
+        if trainer.checkpoint_callback is not None:  # last.ckpt beside the best, as often
+            when = ("every_n_epochs", "every_n_train_steps", "train_time_interval")
+            options = self._subcommand_config().checkpoint
+            when = {name: options.get(name) for name in (*when, "save_on_train_epoch_end")}
+            trainer.callbacks.append(LastCheckpoint(trainer.checkpoint_callback.dirpath, **when))
         if isinstance(self.model, LaViTModule):  # classification: predictions.csv
             options = self._init("predict")
             trainer.callbacks.append(PredictionWriter(options.output, int(options.top_k)))

@@ -47,10 +47,11 @@ class LastCheckpoint(ModelCheckpoint):
     only: Lightning lets the batch finish, then raises ``SIGTERMException`` (the CLI exits 75).
     """
 
-    def __init__(self, dirpath: str, every_n_epochs: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, dirpath: str, **when: Any) -> None:
+        """``when``: ``every_n_epochs``, ``every_n_train_steps``, ... as for ``ModelCheckpoint``."""
         super().__init__(
-            dirpath, self.CHECKPOINT_NAME_LAST, save_top_k=1, every_n_epochs=every_n_epochs,
-            enable_version_counter=False, save_on_exception=True, **kwargs,
+            dirpath, self.CHECKPOINT_NAME_LAST, save_top_k=1, enable_version_counter=False,
+            save_on_exception=True, **when,
         )  # fmt: skip
 
     def on_exception(
