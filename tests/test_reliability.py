@@ -29,6 +29,8 @@ import PIL.Image
 import pytest
 import torch
 from conftest import FAULTS_SCRIPT, REPO, TINY_LAVIT
+from helpers.faults import InjectedFault
+from helpers.faults import main as main_with_faults
 
 from lavit.cli import LaViTCLI, main
 from lavit.errors import (
@@ -38,8 +40,6 @@ from lavit.errors import (
     CheckpointError,
     NonFiniteCheckpointError,
 )
-from helpers.faults import InjectedFault
-from helpers.faults import main as main_with_faults
 from lavit.training.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file, partial_path
 from lavit.training.data import ImageDataModule
 from lavit.training.module import LaViTModule
