@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -273,9 +273,9 @@ class LaViTCLI(LightningCLI):
     def _option_group(self, option: str, value: object) -> str:
         """``"data."`` if the data group holds ``option`` with ``value`` (likewise the others)."""
         config = self._subcommand_config()
-        for group in ("model", "data"):
+        for group in ("model", "data", *vars(config)):
             section = config.get(group)
-            if section is not None and option in section and section[option] == value:
+            if isinstance(section, Namespace) and option in section and section[option] == value:
                 return f"{group}."
         return ""
 

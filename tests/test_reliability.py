@@ -854,6 +854,7 @@ BAD_ARGUMENTS = [
     ),
     ("--nonfinite.max_consecutive_skips=0", "--nonfinite.max_consecutive_skips: invalid value 0"),
     ("--ddp.timeout=0", "--ddp.timeout: invalid value 0.0 (must be > 0 seconds)"),
+    ("--throughput.window_size=1", "--throughput.window_size: invalid value 1 (must be >= 2)"),
 ]
 
 
