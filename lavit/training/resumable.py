@@ -5,8 +5,9 @@ results on CPU with ``num_workers=0``, because everything that draws random numb
 where it stopped:
 
 * the data order: the training loader is torchdata's ``StatefulDataLoader`` (Lightning saves
-  and restores its state itself) with torchdata's stateful ``RandomSampler``
-  (:data:`ResumableShuffle`), which stores its generator and how many indices it handed out;
+  and restores its state itself) with :class:`ResumableShuffle`, which shuffles exactly as
+  torch's ``RandomSampler`` does (a seed drawn from the global RNG when an epoch's iteration
+  starts) and stores that seed and how many indices it has handed out;
 * the augmentations, Mixup/CutMix and drop path, which draw from the global torch, numpy and
   Python RNGs: :func:`rng_states` are stored in the checkpoint and put back
   (:func:`set_rng_states`) just before the resumed epoch fetches its next batch.
@@ -19,11 +20,12 @@ that epoch differ from an uninterrupted run's.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sized
 from typing import Any
 
 import numpy as np
 import torch
-from torchdata.stateful_dataloader.sampler import RandomSampler as ResumableShuffle
+from torch.utils.data import Sampler
 
 __all__ = ["ResumableShuffle", "mid_epoch", "rng_states", "set_rng_states"]
 
@@ -35,6 +37,50 @@ def mid_epoch(trainer: Any) -> bool:
         return False
     progress = trainer.fit_loop.epoch_loop.batch_progress
     return not progress.is_last_batch and progress.current.completed > 0
+
+
+# torchdata's stateful RandomSampler seeds once when built, so a resume from an epoch's end
+# shuffles anew (tests/test_module.py::test_resume_gives_the_same_weights...): hence this one.
+class ResumableShuffle(Sampler[int]):
+    """A random permutation per epoch, like ``RandomSampler``, that resumes where it stopped."""
+
+    def __init__(self, data_source: Sized) -> None:
+        self.data_source = data_source
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def __iter__(self) -> Iterator[int]:
+        return _ResumableShuffleIterator(len(self.data_source))
+
+
+class _ResumableShuffleIterator(Iterator[int]):
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.seed: int | None = None
+        self.yielded = 0
+        self._order: list[int] | None = None
+
+    def __next__(self) -> int:
+        if self._order is None:
+            if self.seed is None:  # what RandomSampler draws when an epoch's iteration starts
+                self.seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            generator = torch.Generator()
+            generator.manual_seed(self.seed)
+            self._order = torch.randperm(self.size, generator=generator).tolist()
+        if self.yielded >= self.size:
+            raise StopIteration
+        index = self._order[self.yielded]
+        self.yielded += 1
+        return index
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["yielded"] >= self.size:  # saved at the epoch's end: the next epoch starts anew
+            state = {"seed": None, "yielded": 0}
+        self.seed, self.yielded, self._order = state["seed"], state["yielded"], None
 
 
 def rng_states() -> dict[str, Any]:
