@@ -53,10 +53,11 @@ reads *fault => outcome* and states what the test asserts); a test fails if this
 date. Run them with `pytest tests/test_reliability.py tests/test_distributed.py`.
 
 Exit codes of `lavit fit|validate|test|predict`: 0 done, 2 bad option/data/checkpoint (one
-`error:` line, before training), 3 stopped on a non-finite loss, 75 pre-empted by SIGTERM
+`error:` line, before training), 3 stopped on a non-finite loss, 74 disk full while writing a
+checkpoint (one `error:` line; the previous checkpoints intact), 75 pre-empted by SIGTERM
 (`last.ckpt` saved; resume with `--ckpt_path last`), 1 any other failure.
-Fault injection for tests: `python -m lavit.testing ...` with
-`LAVIT_FAULT_INJECT=name[:key=value...][,...]` (see `lavit/testing/faults.py`: `nan_loss`,
+Fault injection for tests: `python tests/helpers/faults.py ...` with
+`LAVIT_FAULT_INJECT=name[:key=value...][,...]` (see `tests/helpers/faults.py`: `nan_loss`,
 `crash`, `exit`, `hang`, `sigterm` at `step=N` on `rank=R`, and `slow_checkpoint:seconds=S`), which installs
 them as a callback and a checkpoint plugin; `python -m lavit` has no fault code.
 """
