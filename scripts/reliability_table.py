@@ -1,13 +1,13 @@
-"""Write RELIABILITY.md from the reliability tests themselves.
+"""Write docs/reliability.md from the reliability tests themselves.
 
 Every test of ``tests/test_reliability.py`` and ``tests/test_distributed.py`` has a docstring
 ``<fault or bad input> => <what must happen>``, written to match what it asserts; this script
 makes one table row per test (with its pytest node ids), plus one row per case of the tests that
 run over a table of cases (``BAD_ARGUMENTS``, ``BAD_CHECKPOINTS``, ``SECRET_ARGUMENTS``).
 ``tests/test_reliability.py::test_reliability_md_is_generated_from_these_tests`` checks that
-RELIABILITY.md is this script's output.
+docs/reliability.md is this script's output.
 
-    python scripts/reliability_table.py          # rewrite RELIABILITY.md
+    python scripts/reliability_table.py          # rewrite docs/reliability.md
     python scripts/reliability_table.py --check  # exit 1 if it is out of date
 """
 
@@ -23,7 +23,7 @@ from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_FILES = ("tests/test_reliability.py", "tests/test_distributed.py")
-OUTPUT = REPO / "RELIABILITY.md"
+OUTPUT = REPO / "docs" / "reliability.md"
 # (title, module-level table, the test that runs over it, header of its two columns)
 CASE_TABLES = (
     (
@@ -150,7 +150,9 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if RELIABILITY.md differs")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if docs/reliability.md differs"
+    )
     args = parser.parse_args(argv)
     text = render()
     if args.check:

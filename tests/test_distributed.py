@@ -1,6 +1,6 @@
 """DDP on CPU (gloo, 2 processes): same results as one process, and a failing rank ends the job.
 
-Docstrings read ``<fault or setting> => <what must happen>`` (see RELIABILITY.md).
+Docstrings read ``<fault or setting> => <what must happen>`` (see docs/reliability.md).
 """
 
 import csv

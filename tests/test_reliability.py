@@ -1,7 +1,7 @@
 """Reliability and security: every test injects a fault or a bad input and checks the outcome.
 
 Each test's docstring reads ``<fault or input> => <what must happen>``; ``scripts/
-reliability_table.py`` turns them (and :data:`BAD_ARGUMENTS`) into ``RELIABILITY.md``, and the
+reliability_table.py`` turns them (and :data:`BAD_ARGUMENTS`) into ``docs/reliability.md``, and the
 last test checks that file is current. Runs are tiny (a ~50 K-parameter LaViT, 4 batches of 16
 per epoch, W&B off unless a test needs it); subprocesses only where a real process must die.
 """
@@ -1014,7 +1014,7 @@ def test_a_fit_with_a_key_and_an_unreachable_wandb_trains_offline_and_exits_0(tm
 # ----------------------------------------------------------------------------------- sweeps
 def test_each_sweep_agent_run_gets_its_own_run_directory(tmp_path, monkeypatch):
     """WANDB_SWEEP_ID and WANDB_RUN_ID set (as `wandb agent` does), same default_root_dir
-    => the run directory is <root>/<sweep id>/<run id>, with the checkpoints and CSV logs in
+    => the run directory is `<root>/<sweep id>/<run id>`, with the checkpoints and CSV logs in
     it and the agent's W&B run id; another run id gets another directory; without the ids the
     run directory is <root>
     """
@@ -1042,11 +1042,11 @@ def test_each_sweep_agent_run_gets_its_own_run_directory(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------ table
 def test_reliability_md_is_generated_from_these_tests():
     """scripts/reliability_table.py run on the test files
-    => RELIABILITY.md is exactly its output (regenerate with `python scripts/reliability_table.py`)
+    => docs/reliability.md is exactly its output (regenerate with `python scripts/reliability_table.py`)
     """
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import reliability_table
     finally:
         sys.path.remove(str(REPO / "scripts"))
-    assert (REPO / "RELIABILITY.md").read_text() == reliability_table.render()
+    assert (REPO / "docs" / "reliability.md").read_text() == reliability_table.render()
