@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection import RetinaNet
@@ -28,7 +29,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from lavit.dense.backbone import DenseBackbone
-from lavit.dense.task import IMAGENET_MEAN, IMAGENET_STD, DenseTaskModule, LRSchedule
+from lavit.dense.task import DenseTaskModule, LRSchedule
 from lavit.training.options import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -41,14 +42,8 @@ from lavit.training.options import (
 __all__ = ["AP_KEYS", "BackboneWithFPN", "BatchOnlyTransform", "RetinaNetModule"]
 
 # torchmetrics' result key → logged name
-AP_KEYS = {
-    "map": "AP",
-    "map_50": "AP50",
-    "map_75": "AP75",
-    "map_small": "APs",
-    "map_medium": "APm",
-    "map_large": "APl",
-}
+AP_KEYS = {"map": "AP", "map_50": "AP50", "map_75": "AP75"}
+AP_KEYS |= {"map_small": "APs", "map_medium": "APm", "map_large": "APl"}
 
 
 class BackboneWithFPN(nn.Module):
@@ -139,8 +134,8 @@ class RetinaNetModule(DenseTaskModule):
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
         topk_candidates: int = 1000,
-        image_mean: tuple[float, float, float] = IMAGENET_MEAN,
-        image_std: tuple[float, float, float] = IMAGENET_STD,
+        image_mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        image_std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
         lr: PositiveFloat = 1e-4,
         weight_decay: NonNegativeFloat = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -216,19 +211,11 @@ class RetinaNetModule(DenseTaskModule):
         images, targets = batch
         detections = self.detector(images)
         preds = [
-            {
-                "boxes": self._to_original(d["boxes"], t),
-                "scores": d["scores"],
-                "labels": d["labels"],
-            }
+            {**d, "boxes": self._to_original(d["boxes"], t)}
             for d, t in zip(detections, targets, strict=True)
         ]
         truth = [
-            {
-                "boxes": self._to_original(t["boxes"], t),
-                "labels": t["labels"],
-                "iscrowd": t["iscrowd"],
-            }
+            {"boxes": self._to_original(t["boxes"], t), "labels": t["labels"], "iscrowd": t["iscrowd"]}
             for t in targets
         ]
         metric.update(preds, truth)

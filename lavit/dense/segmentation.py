@@ -1,12 +1,10 @@
 """Semantic FPN on a LaViT (or any timm pyramid) backbone: segmentation-models-pytorch's head.
 
 The head is ``segmentation_models_pytorch``'s FPN decoder and segmentation head (Kirillov et
-al.'s Panoptic/Semantic FPN: a top-down pyramid on C2–C5, 3×3 conv + GroupNorm + ReLU + 2×
-upsampling per level down to stride 4, summed, 1×1 classifier, 4× upsampling). It is built on
-our :class:`~lavit.dense.backbone.DenseBackbone` rather than smp's ``tu-<timm name>`` encoder:
-that encoder does build LaViT (``smp.FPN("tu-lavit_tiny", img_size=512)`` runs as is), but it
-wraps each timm model its own way (LaViT's weights under ``encoder.model.model.``, PVTv2's under
-``encoder.model.`` with renamed stages), and one backbone class for both tasks keeps one
+al.'s Semantic FPN: a top-down pyramid on C2–C5, per-level conv + GroupNorm + ReLU + upsampling
+to stride 4, summed, 1×1 classifier, 4× upsampling). On our
+:class:`~lavit.dense.backbone.DenseBackbone`, not smp's ``tu-<timm name>`` encoder: that one
+renames each timm model's weights its own way, where one backbone class for both tasks keeps one
 checkpoint loader and one set of options.
 
 Differences from mmsegmentation's Semantic FPN (the PVT protocol): GroupNorm instead of
@@ -23,12 +21,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from segmentation_models_pytorch.base import SegmentationHead
 from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from lavit.dense.task import IMAGENET_MEAN, IMAGENET_STD, DenseTaskModule, LRSchedule, normalize
+from lavit.dense.task import DenseTaskModule, LRSchedule
 from lavit.training.options import (
     AtLeastTwoInt,
     NonNegativeFloat,
@@ -97,8 +97,8 @@ class SemanticFPNModule(DenseTaskModule):
         dropout: float = 0.1,
         inference: Inference = "slide",
         slide_stride: tuple[int, int] | None = None,
-        image_mean: tuple[float, float, float] = IMAGENET_MEAN,
-        image_std: tuple[float, float, float] = IMAGENET_STD,
+        image_mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        image_std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
         lr: PositiveFloat = 1e-4,
         weight_decay: NonNegativeFloat = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -132,14 +132,13 @@ class SemanticFPNModule(DenseTaskModule):
         self.head = SegmentationHead(
             self.decoder.out_channels, num_classes, kernel_size=1, upsampling=4
         )
-        self.register_buffer("mean", torch.tensor(image_mean), persistent=False)
-        self.register_buffer("std", torch.tensor(image_std), persistent=False)
         self.val_metrics = _metrics(num_classes, ignore_index, "val/")
         self.test_metrics = _metrics(num_classes, ignore_index, "test/")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1], H and W multiples of 32 → logits (B, K, H, W)."""
-        features = list(self.backbone(normalize(images, self.mean, self.std)).values())
+        images = TF.normalize(images, list(self.hparams.image_mean), list(self.hparams.image_std))
+        features = list(self.backbone(images).values())
         return self.head(self.decoder(features))
 
     def training_step(self, batch, batch_idx: int):
