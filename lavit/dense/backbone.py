@@ -54,8 +54,14 @@ class DenseBackbone(nn.Module):
         kwargs = {**(model_kwargs or {}), "num_classes": 0, "drop_path_rate": drop_path_rate}
         # A LaViT that takes any size (dynamic_img_size) keeps its native size, so that its
         # parameters stay those of the classification checkpoint.
-        if img_size is not None and arch.startswith("lavit_") and not kwargs.get("dynamic_img_size"):
-            kwargs["img_size"] = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
+        if (
+            img_size is not None
+            and arch.startswith("lavit_")
+            and not kwargs.get("dynamic_img_size")
+        ):
+            kwargs["img_size"] = (
+                tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
+            )
         try:
             body = timm.create_model(arch, **kwargs)
         except TypeError as err:
@@ -66,7 +72,9 @@ class DenseBackbone(nn.Module):
                 "choose a hierarchical timm model such as lavit_tiny or pvt_v2_b1"
             )
         reductions = [info["reduction"] for info in body.feature_info]
-        if any(s not in reductions for s in out_strides) or list(out_strides) != sorted(out_strides):
+        if any(s not in reductions for s in out_strides) or list(out_strides) != sorted(
+            out_strides
+        ):
             raise ValueError(
                 f"out_strides {list(out_strides)} must be increasing strides of {arch}'s stages "
                 f"{reductions}"

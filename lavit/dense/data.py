@@ -17,27 +17,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from lavit.dense import sources
 from lavit.dense.demo import DEMO_CLASSES, build_dense_demo, dense_demo_dir
-from lavit.dense.sources import (
-    BBoxFormat,
-    DenseSourceType,
-    DetectionSplit,
-    SegmentationSplit,
-    check_boxes,
-    decode_image,
-    decode_mask,
-    guess_dense_source_type,
-    load_hf_split,
-    read_coco_split,
-    read_hf_detection,
-    read_hf_segmentation,
-    read_mask_folder_split,
-)
+from lavit.dense.sources import BBoxFormat, DenseSourceType, DetectionSplit, SegmentationSplit
 from lavit.training.options import (
     AtLeastTwoInt,
     NonNegativeInt,
@@ -53,11 +40,6 @@ def collate_lists(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
     """``[(image, target), ...]`` → ``([images], [targets])`` (sizes may differ)."""
     images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
-
-
-def _collate_segmentation_train(batch):
-    images, masks = zip(*batch, strict=True)
-    return torch.stack(images), torch.stack(masks)
 
 
 class FitCanvas(v2.Transform):
@@ -87,8 +69,8 @@ def keep_ratio_resize(scale: tuple[int, int] | None, canvas: tuple[int, int] | N
     return v2.Identity()
 
 
-def _pil_to_image(image) -> tv_tensors.Image:
-    return tv_tensors.Image(TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True))
+def _to_image(pil) -> tv_tensors.Image:
+    return TF.to_dtype(TF.to_image(pil), torch.float32, scale=True)
 
 
 class DetectionDataset(Dataset):
@@ -103,28 +85,25 @@ class DetectionDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int):
-        s = self.split
-        pil = decode_image(s.images[i], s.sizes[i])
+        record = self.split.records[i]
+        pil = sources.decode_image(record["image"], record["size"])
         height, width = pil.height, pil.width
-        boxes, labels, crowd = s.boxes[i], s.labels[i], s.iscrowd[i]
-        if s.sizes[i] is None:  # no annotated size: check the boxes against the real one
-            boxes = check_boxes(boxes, (height, width), s.images[i].describe(), "xyxy")
+        boxes, labels, crowd = record["boxes"], record["labels"], record["iscrowd"]
+        if record["size"] is None:  # no annotated size: check the boxes against the real one
+            boxes = sources.check_boxes(boxes, (height, width), str(record["image"]), "xyxy")
         if self.drop_crowd:
             keep = crowd == 0
             boxes, labels, crowd = boxes[keep], labels[keep], crowd[keep]
-        image = _pil_to_image(pil)
         target = {
             "boxes": tv_tensors.BoundingBoxes(
-                torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                format="XYXY",
-                canvas_size=(height, width),
+                torch.as_tensor(boxes).reshape(-1, 4), format="XYXY", canvas_size=(height, width)
             ),
-            "labels": torch.as_tensor(labels, dtype=torch.int64),
-            "iscrowd": torch.as_tensor(crowd, dtype=torch.int64),
+            "labels": torch.as_tensor(labels),
+            "iscrowd": torch.as_tensor(crowd),
         }
-        image, target = self.transform(image, target)
+        image, target = self.transform(_to_image(pil), target)
         target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
-        target["image_id"] = s.image_ids[i]
+        target["image_id"] = record["image_id"]
         target["orig_size"] = (height, width)
         target["size"] = tuple(image.shape[-2:])
         return image.as_subclass(torch.Tensor), target
@@ -159,16 +138,16 @@ class SegmentationDataset(Dataset):
         if bad.any():
             values = sorted(np.unique(mask[bad]).tolist())[:5]
             raise ValueError(
-                f"{self.split.masks[i].describe()}: label values {values} are outside 0.."
+                f"{self.split.masks[i]}: label values {values} are outside 0.."
                 f"{self.num_classes - 1} and not the ignore index {self.ignore_index}; set "
                 "data.num_classes (and data.reduce_zero_label for ADE20K-style masks)"
             )
         return mask
 
     def __getitem__(self, i: int):
-        pil = decode_image(self.split.images[i])
-        mask = self._labels(decode_mask(self.split.masks[i], (pil.height, pil.width)), i)
-        image = _pil_to_image(pil)
+        pil = sources.decode_image(self.split.images[i])
+        mask = self._labels(sources.decode_mask(self.split.masks[i], (pil.height, pil.width)), i)
+        image = _to_image(pil)
         mask = tv_tensors.Mask(torch.as_tensor(mask, dtype=torch.int64))
         if self.train:
             image, mask = self.transform(image, mask)
@@ -193,7 +172,7 @@ class DenseDataModule(L.LightningDataModule):
         source_type, pin_memory = arguments["source_type"], arguments["pin_memory"]
         self.source_type = source_type
         if source_type == "auto":
-            self.source_type = guess_dense_source_type(self.source)
+            self.source_type = sources.guess_dense_source_type(self.source)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._splits: dict[str, Any] = {}
         self.datasets: dict[str, Dataset] = {}
@@ -211,7 +190,9 @@ class DenseDataModule(L.LightningDataModule):
         )
 
     def _hf(self, split: str):
-        return load_hf_split(self.root, split, self.source_type, self.hub_config, self.cache_dir)
+        return sources.load_hf_split(
+            self.root, split, self.source_type, self.hub_config, self.cache_dir
+        )
 
     def _split(self, name: str):
         if name not in self._splits:
@@ -327,16 +308,7 @@ class DetectionDataModule(DenseDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        if self.source_type == "demo":
-            return list(DEMO_CLASSES)
-        names = self._split(self.train_split).class_names
-        if not names:
-            top = max(
-                (int(lab.max()) for lab in self._split(self.train_split).labels if len(lab)),
-                default=-1,
-            )
-            names = [str(k) for k in range(top + 1)]
-        return names
+        return self._split(self.train_split).class_names
 
     @property
     def num_classes(self) -> int:
@@ -344,19 +316,18 @@ class DetectionDataModule(DenseDataModule):
 
     def _read_split(self, name: str) -> DetectionSplit:
         if self.source_type in ("coco", "demo"):
-            split = read_coco_split(self.root, name, self.bbox_format)
+            split = sources.read_coco_split(self.root, name, self.bbox_format)
         else:
-            split = read_hf_detection(
+            split = sources.read_hf_detection(
                 self._hf(name), name, self.bbox_format, self.image_column, self.objects_column
             )
-        k = self._num_classes
-        if k is not None:
-            for labels in split.labels:
-                if len(labels) and labels.max() >= k:
-                    raise ValueError(
-                        f"split {name!r} has category {int(labels.max())} but num_classes={k}; "
-                        "raise data.num_classes or leave it unset (the categories decide)"
-                    )
+        top = max((int(r["labels"].max()) for r in split.records if len(r["labels"])), default=-1)
+        if self._num_classes is not None and top >= self._num_classes:
+            raise ValueError(
+                f"split {name!r} has category {top} but num_classes={self._num_classes}; "
+                "raise data.num_classes or leave it unset (the categories decide)"
+            )
+        split.class_names = split.class_names or [str(k) for k in range(top + 1)]
         return split
 
     def _dataset(self, split: DetectionSplit, train: bool) -> Dataset:
@@ -381,7 +352,7 @@ class SegmentationDataModule(DenseDataModule):
         mask_column: Hugging Face column of the masks.
     """
 
-    train_collate = staticmethod(_collate_segmentation_train)  # crops of one size: a tensor
+    train_collate = staticmethod(default_collate)  # crops of one size: a tensor
 
     def __init__(
         self,
@@ -451,8 +422,10 @@ class SegmentationDataModule(DenseDataModule):
 
     def _read_split(self, name: str) -> SegmentationSplit:
         if self.source_type in ("folders", "demo"):
-            return read_mask_folder_split(self.root, name)
-        return read_hf_segmentation(self._hf(name), name, self.image_column, self.mask_column)
+            return sources.read_mask_folder_split(self.root, name)
+        return sources.read_hf_segmentation(
+            self._hf(name), name, self.image_column, self.mask_column
+        )
 
     def _dataset(self, split: SegmentationSplit, train: bool) -> Dataset:
         transform = self.train_transform if train else self.eval_transform

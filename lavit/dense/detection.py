@@ -215,7 +215,11 @@ class RetinaNetModule(DenseTaskModule):
             for d, t in zip(detections, targets, strict=True)
         ]
         truth = [
-            {"boxes": self._to_original(t["boxes"], t), "labels": t["labels"], "iscrowd": t["iscrowd"]}
+            {
+                "boxes": self._to_original(t["boxes"], t),
+                "labels": t["labels"],
+                "iscrowd": t["iscrowd"],
+            }
             for t in targets
         ]
         metric.update(preds, truth)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lavit.dense.backbone import DenseBackbone
@@ -75,4 +74,3 @@ class DenseTaskModule(L.LightningModule):
         )
 
     lr_scheduler_step = step_schedule  # a timm scheduler, stepped per update
-
