@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
@@ -87,10 +88,8 @@ class BatchOnlyTransform(GeneralizedRCNNTransform):
                     f"an image of {image.shape[-1]}×{image.shape[-2]} does not fit the model's "
                     f"fixed {width}×{height} input: resize the data to fit it (data.canvas)"
                 )
-        batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)
-        for i, image in enumerate(images):
-            batch[i, :, : image.shape[-2], : image.shape[-1]].copy_(image)
-        return batch
+        pads = [(0, width - im.shape[-1], 0, height - im.shape[-2]) for im in images]
+        return torch.stack([F.pad(im, pad) for im, pad in zip(images, pads, strict=True)])
 
 
 class RetinaNetModule(DenseTaskModule):

@@ -45,10 +45,7 @@ Inference = Literal["whole", "slide"]
 
 def sliding_windows(size: int, window: int, stride: int) -> list[int]:
     """Start offsets of windows covering ``[0, size)`` (the last one flush with the end)."""
-    if size <= window:
-        return [0]
-    starts = list(range(0, size - window, stride))
-    return [*starts, size - window]
+    return [*range(0, size - window, stride), size - window] if size > window else [0]
 
 
 def _metrics(num_classes: int, ignore_index: int, prefix: str) -> MetricCollection:
@@ -158,20 +155,18 @@ class SemanticFPNModule(DenseTaskModule):
     def _slide(self, image: torch.Tensor) -> torch.Tensor:
         (wh, ww), (h, w) = self.hparams.img_size, image.shape[-2:]
         sh, sw = self.hparams.slide_stride or (max(1, wh * 2 // 3), max(1, ww * 2 // 3))
-        boxes = [(y, x) for y in sliding_windows(h, wh, sh) for x in sliding_windows(w, ww, sw)]
-        crops = [image[:, y : y + wh, x : x + ww] for y, x in boxes]
-        # an image smaller than the window: pad the window to the backbone's size
-        crops = torch.stack(
-            [F.pad(c, (0, ww - c.shape[-1], 0, wh - c.shape[-2])) for c in crops]
-        )  # (n, 3, wh, ww)
-        window_logits = self(crops)
-        logits = image.new_zeros(self.hparams.num_classes, h, w)
-        count = image.new_zeros(1, h, w)
-        for (y, x), out in zip(boxes, window_logits, strict=True):
-            out = out[:, : min(wh, h - y), : min(ww, w - x)]
-            logits[:, y : y + out.shape[1], x : x + out.shape[2]] += out
-            count[:, y : y + out.shape[1], x : x + out.shape[2]] += 1
-        return logits / count
+        image = F.pad(image, (0, max(0, ww - w), 0, max(0, wh - h)))  # at least one window
+        height, width = image.shape[-2:]
+        starts = [
+            (y, x) for y in sliding_windows(height, wh, sh) for x in sliding_windows(width, ww, sw)
+        ]
+        windows = self(torch.stack([image[:, y : y + wh, x : x + ww] for y, x in starts]))
+        logits = image.new_zeros(self.hparams.num_classes, height, width)
+        count = image.new_zeros(1, height, width)
+        for (y, x), out in zip(starts, windows, strict=True):
+            logits[:, y : y + wh, x : x + ww] += out
+            count[:, y : y + wh, x : x + ww] += 1
+        return (logits / count)[:, :h, :w]
 
     def predict_logits(self, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """Logits (K, *out_size) for one image (3, h, w) in [0, 1]."""
