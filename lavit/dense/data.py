@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -69,17 +70,25 @@ def keep_ratio_resize(scale: tuple[int, int] | None, canvas: tuple[int, int] | N
     return v2.Identity()
 
 
+def _check_multiple_of_32(name: str, size: tuple[int, int]) -> None:
+    if any(side % 32 or side <= 0 for side in size):
+        raise ValueError(
+            f"{name} {list(size)} must be positive multiples of 32 (the backbone's stride), "
+            f"e.g. {[max(32, round(s / 32) * 32) for s in size]}"
+        )
+
+
 def _to_image(pil) -> tv_tensors.Image:
     return TF.to_dtype(TF.to_image(pil), torch.float32, scale=True)
 
 
+@dataclass(eq=False)
 class DetectionDataset(Dataset):
     """Decodes image ``i``, checks its boxes against its real size, applies ``transform``."""
 
-    def __init__(self, split: DetectionSplit, transform: v2.Transform, drop_crowd: bool) -> None:
-        self.split = split
-        self.transform = transform
-        self.drop_crowd = drop_crowd  # training ignores crowd regions, as mmdetection does
+    split: DetectionSplit
+    transform: v2.Transform
+    drop_crowd: bool  # training ignores crowd regions, as mmdetection does
 
     def __len__(self) -> int:
         return len(self.split)
@@ -109,44 +118,37 @@ class DetectionDataset(Dataset):
         return image.as_subclass(torch.Tensor), target
 
 
+@dataclass(eq=False)
 class SegmentationDataset(Dataset):
     """Decodes image and mask ``i``; training transforms both, evaluation the image only."""
 
-    def __init__(
-        self,
-        split: SegmentationSplit,
-        transform: v2.Transform,
-        train: bool,
-        num_classes: int,
-        reduce_zero_label: bool,
-        ignore_index: int = IGNORE_INDEX,
-    ) -> None:
-        self.split = split
-        self.transform = transform
-        self.train = train
-        self.num_classes = num_classes
-        self.reduce_zero_label = reduce_zero_label
-        self.ignore_index = ignore_index
+    split: SegmentationSplit
+    transform: v2.Transform
+    train: bool
+    num_classes: int
+    reduce_zero_label: bool  # ADE20K: 0 is "other", not a class
+    ignore_index: int = IGNORE_INDEX
 
     def __len__(self) -> int:
         return len(self.split)
 
     def _labels(self, mask: np.ndarray, i: int) -> np.ndarray:
-        if self.reduce_zero_label:  # ADE20K: 0 is "other", not a class
+        if self.reduce_zero_label:
             mask = np.where(mask == 0, self.ignore_index, mask - 1)
         bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
         if bad.any():
             values = sorted(np.unique(mask[bad]).tolist())[:5]
             raise ValueError(
-                f"{self.split.masks[i]}: label values {values} are outside 0.."
+                f"{self.split[i][1]}: label values {values} are outside 0.."
                 f"{self.num_classes - 1} and not the ignore index {self.ignore_index}; set "
                 "data.num_classes (and data.reduce_zero_label for ADE20K-style masks)"
             )
         return mask
 
     def __getitem__(self, i: int):
-        pil = sources.decode_image(self.split.images[i])
-        mask = self._labels(sources.decode_mask(self.split.masks[i], (pil.height, pil.width)), i)
+        image_ref, mask_ref = self.split[i]
+        pil = sources.decode_image(image_ref)
+        mask = self._labels(sources.decode_mask(mask_ref, (pil.height, pil.width)), i)
         image = _to_image(pil)
         mask = tv_tensors.Mask(torch.as_tensor(mask, dtype=torch.int64))
         if self.train:
@@ -186,7 +188,7 @@ class DenseDataModule(L.LightningDataModule):
 
     def _split_names(self) -> list[str]:
         return list(
-            dict.fromkeys(n for n in (self.train_split, self.val_split, self.test_split) if n)
+            dict.fromkeys(filter(None, (self.train_split, self.val_split, self.test_split)))
         )
 
     def _hf(self, split: str):
@@ -198,12 +200,6 @@ class DenseDataModule(L.LightningDataModule):
         if name not in self._splits:
             self._splits[name] = self._read_split(name)
         return self._splits[name]
-
-    def _read_split(self, name: str):
-        raise NotImplementedError
-
-    def _dataset(self, split, train: bool) -> Dataset:
-        raise NotImplementedError
 
     def prepare_data(self) -> None:
         # Reads and checks every split's annotations: a bad file stops the run here.
@@ -225,8 +221,6 @@ class DenseDataModule(L.LightningDataModule):
         return self._loader(self.test_split or self.val_split, False)
 
     def _loader(self, name: str, train: bool) -> DataLoader:
-        if name not in self.datasets:
-            raise RuntimeError("call setup() before asking for a DataLoader")
         return DataLoader(
             self.datasets[name],
             batch_size=self.batch_size if train else self.val_batch_size,
@@ -284,11 +278,8 @@ class DetectionDataModule(DenseDataModule):
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__(locals())
-        if canvas is not None and any(side % 32 or side <= 0 for side in canvas):
-            raise ValueError(
-                f"canvas {list(canvas)} must be positive multiples of 32 (the backbone's stride), "
-                f"e.g. {[max(32, round(s / 32) * 32) for s in canvas]}"
-            )
+        if canvas is not None:
+            _check_multiple_of_32("canvas", canvas)
         self.bbox_format = bbox_format
         self.scale, self.canvas = scale, (tuple(canvas) if canvas else None)
         self.hflip = hflip
@@ -384,8 +375,7 @@ class SegmentationDataModule(DenseDataModule):
             raise ValueError(
                 f"ratio_range must be [low, high] with 0 < low <= high, got {list(ratio_range)}"
             )
-        if any(side % 32 or side <= 0 for side in crop_size):
-            raise ValueError(f"crop_size {list(crop_size)} must be positive multiples of 32")
+        _check_multiple_of_32("crop_size", crop_size)
         self._num_classes = num_classes or len(DEMO_CLASSES) + 1
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = ignore_index

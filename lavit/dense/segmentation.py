@@ -1,18 +1,11 @@
 """Semantic FPN on a LaViT (or any timm pyramid) backbone: segmentation-models-pytorch's head.
 
-The head is ``segmentation_models_pytorch``'s FPN decoder and segmentation head (Kirillov et
-al.'s Semantic FPN: a top-down pyramid on C2–C5, per-level conv + GroupNorm + ReLU + upsampling
-to stride 4, summed, 1×1 classifier, 4× upsampling). On our
-:class:`~lavit.dense.backbone.DenseBackbone`, not smp's ``tu-<timm name>`` encoder: that one
-renames each timm model's weights its own way, where one backbone class for both tasks keeps one
-checkpoint loader and one set of options.
-
-Differences from mmsegmentation's Semantic FPN (the PVT protocol): GroupNorm instead of
-SyncBN in the head, so that it does not depend on the batch split over GPUs.
-
-mIoU through torchmetrics' ``MulticlassJaccardIndex`` (macro, ``ignore_index`` excluded, classes
-absent from both prediction and truth left out of the mean: mmsegmentation's dataset-level
-mIoU), at the masks' original resolution. Logged: ``val/mIoU``, ``val/aAcc`` (pixel accuracy).
+smp's FPN decoder and segmentation head (Kirillov et al.'s Semantic FPN, with GroupNorm where
+mmsegmentation has SyncBN) on our :class:`~lavit.dense.backbone.DenseBackbone`: smp's own
+``tu-<timm name>`` encoder renames each timm model's weights its own way, where one backbone class
+for both tasks keeps one checkpoint loader. mIoU through torchmetrics' ``MulticlassJaccardIndex``
+(mmsegmentation's dataset-level mIoU) at the masks' original resolution; logged ``val/mIoU`` and
+``val/aAcc`` (pixel accuracy).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Detection (:class:`DetectionSplit`): COCO JSON + images (``annotations/instances_<split>.json``,
 ``<split>/`` or ``images/<split>/``), or a Hugging Face dataset with ``image`` and ``objects``
-(``bbox``, ``category``) columns. Segmentation (:class:`SegmentationSplit`): ADE20K's folders
+(``bbox``, ``category``) columns. Segmentation (image and mask pairs): ADE20K's folders
 (``images/<split>/``, ``annotations/<split>/`` paired by stem), or a dataset with image and
 mask columns. Images are decoded later; annotations are checked up front, so a bad file stops
 the run before training with a message that names it and the fix.
@@ -88,14 +88,7 @@ class DetectionSplit:
         )
 
 
-@dataclass
-class SegmentationSplit:
-    name: str
-    images: list[ImageRef]
-    masks: list[ImageRef]
-
-    def __len__(self) -> int:
-        return len(self.images)
+SegmentationSplit = list[tuple[ImageRef, ImageRef]]  # (image, mask) pairs
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -360,12 +353,7 @@ def read_mask_folder_split(root: str | os.PathLike, split: str) -> SegmentationS
             f"{root}: {len(unmatched)} image/mask files have no partner (e.g. {name}: no "
             f"{side} named {name}.*); every image needs a mask with the same file stem"
         )
-    stems = sorted(images)
-    return SegmentationSplit(
-        split,
-        [ImageRef(path=str(images[s])) for s in stems],
-        [ImageRef(path=str(masks[s])) for s in stems],
-    )
+    return [(ImageRef(path=str(images[s])), ImageRef(path=str(masks[s]))) for s in sorted(images)]
 
 
 def read_hf_segmentation(
@@ -378,9 +366,7 @@ def read_hf_segmentation(
     rows = dataset.cast_column(image_column, datasets.Image(decode=False)).cast_column(
         mask_column, datasets.Image(decode=False)
     )
-    n = len(rows)
-    return SegmentationSplit(
-        split,
-        [ImageRef(dataset=rows, index=i, column=image_column) for i in range(n)],
-        [ImageRef(dataset=rows, index=i, column=mask_column) for i in range(n)],
-    )
+    return [
+        (ImageRef(None, rows, i, image_column), ImageRef(None, rows, i, mask_column))
+        for i in range(len(rows))
+    ]
