@@ -125,9 +125,9 @@ def test_map_perfect_half_and_wrong_class_on_hand_made_boxes():
     results = {}
     for name, (boxes, labels) in cases.items():
         _detections(module, [{"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": labels}])
-        module._evaluate(([torch.zeros(3, *SIZE)], [truth]), module.val_map)
-        results[name] = module.val_map.compute()
-        module.val_map.reset()
+        module._evaluate(([torch.zeros(3, *SIZE)], [truth]), module.val_metrics)
+        results[name] = module.val_metrics.compute()
+        module.val_metrics.reset()
     assert results["perfect"]["map"] == pytest.approx(1.0)
     assert results["perfect"]["map_50"] == pytest.approx(1.0)
     # COCO's 101-point interpolation: class 0 found (AP 1), class 1 missed (AP 0) → mean 0.5
@@ -148,8 +148,8 @@ def test_map_is_measured_in_original_image_coordinates():
     _detections(
         module, [{"boxes": truth["boxes"], "scores": torch.ones(1), "labels": truth["labels"]}]
     )
-    module._evaluate(([torch.zeros(3, *SIZE)], [truth]), module.val_map)
-    result = module.val_map.compute()
+    module._evaluate(([torch.zeros(3, *SIZE)], [truth]), module.val_metrics)
+    result = module.val_metrics.compute()
     assert result["map"] == pytest.approx(1.0)
     assert result["map_medium"] == pytest.approx(1.0)
     assert result["map_small"] == -1  # no small object at the original size

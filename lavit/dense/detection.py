@@ -178,8 +178,8 @@ class RetinaNetModule(DenseTaskModule):
         # Built on the CPU even when the module is built on the meta device (MAC counting):
         # the metric reads its IoU thresholds out of a tensor; it holds no weights.
         with torch.device("cpu"):
-            self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
-            self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+            self.val_metrics = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+            self.test_metrics = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
 
     @property
     def backbone(self) -> DenseBackbone:
@@ -230,17 +230,11 @@ class RetinaNetModule(DenseTaskModule):
             self.log(f"{split}/{name}", result[key].float(), prog_bar=name == "AP")
         metric.reset()
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_map)
-
     def on_validation_epoch_end(self) -> None:
-        self._log_map(self.val_map, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_map)
+        self._log_map(self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_map(self.test_map, "test")
+        self._log_map(self.test_metrics, "test")
 
     def predict_step(self, batch, batch_idx: int):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch

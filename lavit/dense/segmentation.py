@@ -173,12 +173,6 @@ class SemanticFPNModule(DenseTaskModule):
             metrics.update(prediction[None], mask[None])
         self.log_dict(metrics, prog_bar=True, batch_size=len(images))
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
-
     def predict_step(self, batch, batch_idx: int) -> list[torch.Tensor]:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return [self.predict_logits(im, tuple(im.shape[-2:])).argmax(0) for im in images]

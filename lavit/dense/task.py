@@ -54,6 +54,13 @@ class DenseTaskModule(L.LightningModule):
         names = body.no_weight_decay() if hasattr(body, "no_weight_decay") else set()
         return {f"{prefix}.{n}" for n in names}
 
+    # Each task's _evaluate updates its metrics (val_metrics, test_metrics) with one batch.
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
     def configure_optimizers(self):
         hp = self.hparams
         per_epoch = steps_per_epoch(self.trainer)
