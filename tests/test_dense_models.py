@@ -295,3 +295,35 @@ def test_pvt_v2_backbone_takes_any_size_through_the_same_module():
 def test_value_ranges_are_the_annotations(module, kwargs, message):
     with pytest.raises(ValueError, match=message):
         module(**kwargs)
+
+
+@pytest.mark.parametrize("release", ["timm", "original"])
+def test_pvt_v2_backbone_loads_timm_and_original_pvt_state_dicts(tmp_path, release):
+    """PVTv2's own checkpoint_filter_fn renames the original release's keys (block1.0 ...)."""
+    import re
+
+    import timm
+
+    torch.manual_seed(0)
+    classifier = timm.create_model("pvt_v2_b0", num_classes=7).eval()
+    state = classifier.state_dict()
+    if release == "original":
+        renames = [
+            (r"^patch_embed\.", "patch_embed1."),
+            (r"^stages\.(\d)\.downsample\.", lambda m: f"patch_embed{int(m[1]) + 1}."),
+            (r"^stages\.(\d)\.blocks\.", lambda m: f"block{int(m[1]) + 1}."),
+            (r"^stages\.(\d)\.norm\.", lambda m: f"norm{int(m[1]) + 1}."),
+            (r"\.dwconv\.", ".dwconv.dwconv."),
+        ]
+        for pattern, new in renames:
+            state = {re.sub(pattern, new, k): v for k, v in state.items()}
+        assert "block1.0.attn.q.weight" in state
+    torch.save({"model": state}, tmp_path / "pvt.pth")
+    backbone = DenseBackbone("pvt_v2_b0", (8, 16, 32), None, 0.0)
+    backbone.load_checkpoint(str(tmp_path / "pvt.pth"))
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        maps = list(backbone.eval()(x).values())
+        expected = classifier.forward_intermediates(x, indices=[1, 2, 3], intermediates_only=True)
+    for got, want in zip(maps, expected, strict=True):
+        torch.testing.assert_close(got, want)
