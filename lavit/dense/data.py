@@ -23,9 +23,22 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from lavit.dense import sources
 from lavit.dense.demo import DEMO_CLASSES, build_dense_demo, dense_demo_dir
-from lavit.dense.sources import BBoxFormat, DenseSourceType, DetectionSplit, SegmentationSplit
+from lavit.dense.sources import (
+    BBoxFormat,
+    DenseSourceType,
+    DetectionSplit,
+    SegmentationSplit,
+    check_boxes,
+    decode_image,
+    decode_mask,
+    guess_dense_source_type,
+    load_hf_split,
+    read_coco_split,
+    read_hf_detection,
+    read_hf_segmentation,
+    read_mask_folder_split,
+)
 from lavit.training.options import (
     AtLeastTwoInt,
     NonNegativeInt,
@@ -95,11 +108,11 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, i: int):
         record = self.split.records[i]
-        pil = sources.decode_image(record["image"], record["size"])
+        pil = decode_image(record["image"], record["size"])
         height, width = pil.height, pil.width
         boxes, labels, crowd = record["boxes"], record["labels"], record["iscrowd"]
         if record["size"] is None:  # no annotated size: check the boxes against the real one
-            boxes = sources.check_boxes(boxes, (height, width), str(record["image"]), "xyxy")
+            boxes = check_boxes(boxes, (height, width), str(record["image"]), "xyxy")
         if self.drop_crowd:
             keep = crowd == 0
             boxes, labels, crowd = boxes[keep], labels[keep], crowd[keep]
@@ -147,8 +160,8 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, i: int):
         image_ref, mask_ref = self.split[i]
-        pil = sources.decode_image(image_ref)
-        mask = self._labels(sources.decode_mask(mask_ref, (pil.height, pil.width)), i)
+        pil = decode_image(image_ref)
+        mask = self._labels(decode_mask(mask_ref, (pil.height, pil.width)), i)
         image = _to_image(pil)
         mask = tv_tensors.Mask(torch.as_tensor(mask, dtype=torch.int64))
         if self.train:
@@ -174,7 +187,7 @@ class DenseDataModule(L.LightningDataModule):
         source_type, pin_memory = arguments["source_type"], arguments["pin_memory"]
         self.source_type = source_type
         if source_type == "auto":
-            self.source_type = sources.guess_dense_source_type(self.source)
+            self.source_type = guess_dense_source_type(self.source)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._splits: dict[str, Any] = {}
         self.datasets: dict[str, Dataset] = {}
@@ -192,9 +205,7 @@ class DenseDataModule(L.LightningDataModule):
         )
 
     def _hf(self, split: str):
-        return sources.load_hf_split(
-            self.root, split, self.source_type, self.hub_config, self.cache_dir
-        )
+        return load_hf_split(self.root, split, self.source_type, self.hub_config, self.cache_dir)
 
     def _split(self, name: str):
         if name not in self._splits:
@@ -307,9 +318,9 @@ class DetectionDataModule(DenseDataModule):
 
     def _read_split(self, name: str) -> DetectionSplit:
         if self.source_type in ("coco", "demo"):
-            split = sources.read_coco_split(self.root, name, self.bbox_format)
+            split = read_coco_split(self.root, name, self.bbox_format)
         else:
-            split = sources.read_hf_detection(
+            split = read_hf_detection(
                 self._hf(name), name, self.bbox_format, self.image_column, self.objects_column
             )
         top = max((int(r["labels"].max()) for r in split.records if len(r["labels"])), default=-1)
@@ -412,10 +423,8 @@ class SegmentationDataModule(DenseDataModule):
 
     def _read_split(self, name: str) -> SegmentationSplit:
         if self.source_type in ("folders", "demo"):
-            return sources.read_mask_folder_split(self.root, name)
-        return sources.read_hf_segmentation(
-            self._hf(name), name, self.image_column, self.mask_column
-        )
+            return read_mask_folder_split(self.root, name)
+        return read_hf_segmentation(self._hf(name), name, self.image_column, self.mask_column)
 
     def _dataset(self, split: SegmentationSplit, train: bool) -> Dataset:
         transform = self.train_transform if train else self.eval_transform
