@@ -176,19 +176,19 @@ class DenseDataModule(L.LightningDataModule):
     the loaders."""
 
     train_collate = staticmethod(collate_lists)
-    SHARED = ("source", "train_split", "val_split", "test_split", "hub_config", "cache_dir")
-    SHARED += ("image_column", "batch_size", "val_batch_size", "num_workers")
+    SHARED = ("source", "source_type", "train_split", "val_split", "test_split", "hub_config")
+    SHARED += ("cache_dir", "image_column", "batch_size", "val_batch_size", "num_workers")
+    SHARED += ("pin_memory",)
 
     def __init__(self, arguments: dict[str, Any]) -> None:
         super().__init__()
         check_arguments(type(self).__init__, arguments)
         for name in self.SHARED:
             setattr(self, name, arguments[name])
-        source_type, pin_memory = arguments["source_type"], arguments["pin_memory"]
-        self.source_type = source_type
-        if source_type == "auto":
+        if self.source_type == "auto":
             self.source_type = guess_dense_source_type(self.source)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        if self.pin_memory is None:
+            self.pin_memory = torch.cuda.is_available()
         self._splits: dict[str, Any] = {}
         self.datasets: dict[str, Dataset] = {}
 
