@@ -25,7 +25,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
@@ -200,26 +200,16 @@ class RetinaNetModule(DenseTaskModule):
         self.log("train/box", losses["bbox_regression"], batch_size=size)
         return loss
 
-    @staticmethod
-    def _to_original(boxes: torch.Tensor, target: dict) -> torch.Tensor:
-        (h0, w0), (h, w) = target["orig_size"], target["size"]
-        scale = boxes.new_tensor([w0 / w, h0 / h, w0 / w, h0 / h])
-        return boxes * scale
-
     def _evaluate(self, batch, metric: MeanAveragePrecision) -> None:
         images, targets = batch
         detections = self.detector(images)
+        # boxes back at each image's original size, so that COCO's small/medium/large hold
         preds = [
-            {**d, "boxes": self._to_original(d["boxes"], t)}
+            {**d, "boxes": resize_boxes(d["boxes"], t["size"], t["orig_size"])}
             for d, t in zip(detections, targets, strict=True)
         ]
         truth = [
-            {
-                "boxes": self._to_original(t["boxes"], t),
-                "labels": t["labels"],
-                "iscrowd": t["iscrowd"],
-            }
-            for t in targets
+            {**t, "boxes": resize_boxes(t["boxes"], t["size"], t["orig_size"])} for t in targets
         ]
         metric.update(preds, truth)
 
