@@ -395,7 +395,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables = {f"bench/{key}": result.get(key) for key in ("models", "comparisons", "layers")}
         log_to_wandb(args, "bench", config, tables)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from lavit.errors import EXIT_INTERRUPTED
 from lavit.tools._cli import fail, positive_int, tool_parser
-from lavit.tools.sweep_engine import DONE_STATES, STOPPED, SweepEngineError
+from lavit.tools.sweep_engine import SweepEngineError
 from lavit.tools.sweep_runner import SweepRunner
-from lavit.tools.sweep_status import LiveStatus
+from lavit.tools.sweep_status import LiveStatus, count_states
 
 PROG = "lavit sweep"
 DEFAULT_SWEEP_ROOT = Path("runs") / "sweeps"
@@ -116,12 +116,5 @@ def main(argv: list[str]) -> int:
         return EXIT_INTERRUPTED
     except (ValueError, OSError, SweepEngineError) as err:
         return fail(PROG, str(err))
-    counts = {s: sum(r.state == s for r in state.runs) for s in (*DONE_STATES, "pending")}
-    print(
-        f"[sweep] {counts['finished']} finished, {counts['failed']} failed"
-        + (f", {counts[STOPPED]} stopped early" if counts[STOPPED] else "")
-        + (f", {counts['pending']} pending" if counts["pending"] else "")
-        + f"; table: lavit report {sweep_dir}",
-        flush=True,
-    )
+    print(f"[sweep] {count_states(state.runs) or 'no runs'}; table: lavit report {sweep_dir}")
     return 0
