@@ -1,23 +1,14 @@
 """``lavit export``: a run's checkpoint as a folder that timm loads as it loads Hub weights.
 
     lavit export runs/base                       # its best (else last) checkpoint → runs/base/export/
-    lavit export runs/base/checkpoints/last.ckpt --out exported/lavit_cifar
     lavit export runs/base --push-to-hub my-name/lavit-cifar10   # and upload it (network, token)
 
-The folder holds ``model.safetensors`` (the evaluation weights: the EMA when the run kept one) and
-``config.json``, written by timm's own ``save_for_hf``: the architecture, ``num_classes``,
-``label_names`` (the classes of the run's data), ``model_args`` (everything the model was built
-with: the LaViT switches, widths, ``img_size``) and ``pretrained_cfg`` (input size, mean, std, crop
-and interpolation of the run's evaluation transform). ``--push-to-hub`` uploads the same with
-timm's ``push_to_hf_hub``. After writing, the folder is loaded back through timm and its logits
-compared with the checkpoint's. Loading it (``import lavit`` registers the LaViT architectures)::
+timm's own ``save_for_hf`` writes ``model.safetensors`` (the EMA weights when the run kept them)
+and ``config.json`` (architecture, label names, the model's arguments, the run's evaluation
+preprocessing), ``push_to_hf_hub`` uploads them; the folder is then loaded back through timm and
+its logits compared with the checkpoint's. Loading it (docs/training.md)::
 
-    model = timm.create_model("local-dir:exported/lavit_cifar", pretrained=True)
-    model = timm.create_model("hf-hub:my-name/lavit-cifar10", pretrained=True)  # pushed
-    model = timm.create_model(                                          # the weights file alone
-        "lavit_cifar", pretrained=True, **model_args,
-        pretrained_cfg_overlay=dict(file="exported/lavit_cifar/model.safetensors", num_classes=10),
-    )
+    model = timm.create_model("local-dir:runs/base/export", pretrained=True)  # after `import lavit`
 """
 
 from __future__ import annotations

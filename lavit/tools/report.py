@@ -1,15 +1,11 @@
 """``lavit report``: the ablation table of a sweep, as the paper would print it.
 
     lavit report runs/sweeps/va_layers                      # a sweep run by `lavit sweep`
-    lavit report runs/sweeps/va_layers --top1 final --out reports/va_layers
     lavit report --wandb-sweep my-team/lavit/abc123 --out reports/va_layers   # online only
 
-One row per setting (the swept parameters except the seed): parameters, MACs (from each run's
-``run_info.json``), top-1 as mean ± sample std over the seeds (each run's best epoch of
-``val/top1``, or its last with ``--top1 final``), the seeds that finished, and inference
-throughput: the run's own when it logged one, else measured here with ``lavit bench``'s
-interleaved timing (``--bench-batch``, CPU or the first GPU) unless ``--no-bench``.
-Writes ``ablation.md``, ``ablation.csv`` and ``ablation.png`` (bars with ± std) in ``--out``.
+One row per setting (the swept parameters except the seed): params, MACs, top-1 as mean ± sample
+std over the seeds, and inference throughput (the runs' own, else timed here as ``lavit bench``
+times it). Writes ``ablation.md``, ``.csv`` and ``.png`` in ``--out`` (docs/sweeps.md).
 """
 
 from __future__ import annotations
@@ -93,7 +89,7 @@ def _result(name, values, state, series, meta, throughput) -> RunResult:
                      throughput, model_config)  # fmt: skip
 
 
-def _run_info(run_dir: Path) -> dict[str, Any]:
+def run_info(run_dir: Path) -> dict[str, Any]:
     """The newest readable ``run_info.json`` of a run directory (one per attempt), or ``{}``."""
     for path in sorted(run_dir.rglob("run_info.json"), key=lambda p: -p.stat().st_mtime):
         with contextlib.suppress(OSError, json.JSONDecodeError):  # a run killed while writing
@@ -112,7 +108,7 @@ def collect_local(sweep_dir: Path, metric: str | None = None) -> tuple[list[RunR
     results = []
     for record in state.runs:
         run_dir = sweep_dir / record.run_dir
-        info = _run_info(run_dir)
+        info = run_info(run_dir)
         history = record.history or read_metric_history(run_dir)
         series = [row[metric] for row in history if metric in row]
         final = (info.get("final") or {}).get("metrics") or {}
