@@ -37,7 +37,6 @@ from lavit.tools.sweep_engine import (
     replace_configs,
     run_values,
     save_state,
-    summarise,
 )
 from lavit.tools.sweep_status import LiveStatus, format_values, status_lines
 
@@ -199,7 +198,9 @@ class SweepRunner:
         record.exitcode, record.ended_at = exitcode, now()
         record.duration_s = round(time.monotonic() - active.started, 1)
         history = read_metric_history(self.sweep_dir / record.run_dir)
-        record.summary_metrics, record.history = summarise(history), self._metric_rows(history)
+        # W&B's summary: the last logged value of every metric
+        record.summary_metrics = {k: v for row in history for k, v in row.items()}
+        record.history = self._metric_rows(history)
         finished = "finished" if exitcode == 0 else "failed"
         record.state = STOPPED if active.stop_requested else finished
         metric = self.state.metric_name
@@ -221,13 +222,12 @@ class SweepRunner:
 
     def _run_after_run(self, record: RunRecord) -> None:
         """``--after-run``, once the state file records the run; its failure is logged only."""
-        env = dict(os.environ)
-        env.update(
-            LAVIT_SWEEP_DIR=str(self.sweep_dir),
-            LAVIT_SWEEP_RUN=record.name,
-            LAVIT_SWEEP_RUN_DIR=str(self.sweep_dir / record.run_dir),
-            LAVIT_SWEEP_RUN_STATE=record.state,
-        )
+        env = os.environ | {
+            "LAVIT_SWEEP_DIR": str(self.sweep_dir),
+            "LAVIT_SWEEP_RUN": record.name,
+            "LAVIT_SWEEP_RUN_DIR": str(self.sweep_dir / record.run_dir),
+            "LAVIT_SWEEP_RUN_STATE": record.state,
+        }
         try:
             done = subprocess.run(
                 self.after_run, shell=True, env=env, capture_output=True, text=True,
