@@ -1,15 +1,12 @@
-"""Images held decoded in memory, augmented as whole batches on the training device (kornia).
+"""Images held decoded in memory (one ``uint8`` tensor per split), the training recipe run on
+whole batches on the device with kornia: for small images such as CIFAR's, where decoding and
+transforming each image in a worker costs as much as a third of a training step.
 
-For small images (CIFAR's 32×32) decoding and transforming each image in a worker costs as much
-as a third of a training step of ``lavit_cifar``. Here every image of a split is decoded once
-into one ``uint8`` tensor; a batch is an index into it, and the training augmentation runs on the
-batch, each image with its own random draws from torch's global RNG (seeded, and restored on a
-mid-epoch resume, like the rest of training): kornia's random resized crop and flips, then
-RandAugment (``rand-*`` policies: kornia's, at timm's magnitude ×3 on kornia's 0–30 scale;
-timm's magnitude noise ``mstd`` and ``inc`` ops are not kornia's) or colour jitter, then
-normalisation and timm's random erasing (which works on batches). Evaluation images get timm's
-evaluation resize and centre crop once, when decoded, so an evaluation batch is exactly the
-per-image path's.
+Each image gets its own random draws from torch's global RNG (seeded, and restored on resume):
+random resized crop and flips, then RandAugment (kornia's, at timm's magnitude ×3 on kornia's
+0–30 scale; timm's ``mstd`` noise and ``inc`` ops are not kornia's) or colour jitter, then
+normalisation and timm's random erasing. Evaluation images get timm's evaluation resize and
+centre crop once, when decoded: an evaluation batch is exactly the per-image path's.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from collections.abc import Callable, Sequence
 import datasets
 import kornia.augmentation as K
 import numpy as np
-import PIL.Image
 import torch
 from kornia.augmentation.auto import RandAugment
 from timm.data.auto_augment import rand_augment_transform
@@ -39,23 +35,16 @@ class NotInMemory(Exception):
 
 
 class InMemoryImages(Dataset):
-    """Every image of ``rows`` decoded once into a ``uint8`` tensor (N, 3, H, W).
-
-    ``__getitems__`` hands a DataLoader a whole batch, ``(images (B, 3, H, W) uint8, labels)``;
-    use it with ``collate_fn=lambda batch: batch``. Raises :class:`NotInMemory` when the
-    images (after ``geometry``, e.g. the evaluation resize and crop) differ in size or would
-    pass ``MAX_IN_MEMORY_BYTES``.
+    """Every image of ``rows`` decoded once (after ``geometry``) into a ``uint8`` tensor (N, 3,
+    H, W); ``__getitems__`` hands a DataLoader whole batches (use ``collate_fn=lambda b: b``).
+    Raises :class:`NotInMemory` when the images differ in size or pass the memory budget.
     """
 
     def __init__(
-        self,
-        rows: datasets.Dataset,
-        split: str,
-        row_ids: Sequence[int] | None = None,
-        geometry: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
+        self, rows: datasets.Dataset, split: str, geometry: Callable | None = None
     ) -> None:
-        self.rows, self.split, self.row_ids = rows, split, row_ids  # for per-image reading
-        decoder = DecodedImages(rows, transform=None, split=split, row_ids=row_ids)
+        self.rows, self.split = rows, split  # for per-image reading (test, predict)
+        decoder = DecodedImages(rows, transform=None, split=split)
         arrays, first = [], None
         for index in range(len(rows)):
             image = decoder.decode(index)
@@ -96,10 +85,8 @@ def batch_policy_problem(auto_augment: str | None) -> str | None:
 
 
 class BatchAugment(nn.Module):
-    """uint8 batches → normalised float batches; in training, timm's recipe on the batch.
-
-    Args: as the same-named arguments of :class:`lavit.training.data.ImageDataModule`.
-    """
+    """uint8 batches → normalised float batches; in training, timm's recipe on the batch
+    (arguments as ImageDataModule's)."""
 
     def __init__(
         self,
@@ -136,21 +123,19 @@ class BatchAugment(nn.Module):
             self.rand_augment = RandAugment(n=policy.num_layers, m=m)
         self.erasing = (re_prob, re_mode, re_count)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) → (x / 255 − mean) / std, as ``ToTensor`` + ``Normalize`` do."""
-        return self._normalize(images.float() / 255.0)
-
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(x − mean) / std, of x in [0, 1] (uint8 / 255, as ``ToTensor`` gives)."""
         return (x - self.mean.to(x.device)) / self.std.to(x.device)  # a datamodule moves no buffer
 
     def forward(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        x = images.float() / 255.0
         if not train:
-            return self.normalize(images)
-        x = self.geometry_and_colour(images.float() / 255.0)
+            return self.normalize(x)
+        x = self.geometry_and_colour(x)
         if self.rand_augment is not None:
             # kornia's RandAugment draws its operations once per call: one call per image.
             x = torch.cat([self.rand_augment(image[None]) for image in x])
-        x = self._normalize(x.clamp(0.0, 1.0))
+        x = self.normalize(x.clamp(0.0, 1.0))
         re_prob, re_mode, re_count = self.erasing
         if re_prob:
             x = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=x.device)(x)

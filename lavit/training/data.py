@@ -1,9 +1,6 @@
-"""The LightningDataModule: image classification data, split, transformed and batched.
-
-The images come from one of four kinds of source (:mod:`lavit.training.sources`: the embedded
-CIFAR-10 subset, a Hub dataset, an image folder, parquet files) and are decoded lazily in the
-DataLoader workers (:mod:`lavit.training.images`), transformed with timm's transform factory.
-Mixup/CutMix happen on the batch, in the module.
+"""The LightningDataModule: images from one of four sources (:mod:`lavit.training.sources`),
+decoded in the DataLoader workers with timm's transforms, or held in memory and augmented on
+batches (:mod:`lavit.training.batch_transforms`). Mixup/CutMix happen in the module.
 """
 
 from __future__ import annotations
@@ -58,11 +55,6 @@ Interpolation = Literal["bicubic", "bilinear", "nearest"]
 # The training recipe: arguments of timm's create_transform, and of BatchAugment, by name.
 RECIPE = ("scale", "ratio", "hflip", "vflip", "interpolation", "color_jitter", "auto_augment")
 RECIPE += ("re_prob", "re_mode", "re_count")
-
-
-def default_num_workers() -> int:
-    """A small number of DataLoader workers that fits the machine."""
-    return min(4, os.cpu_count() or 1)
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -162,7 +154,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.batch_size = batch_size
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         if predict_source is not None and not Path(predict_source).expanduser().is_dir():
             raise OptionError("predict_source", predict_source, "must be a folder of images")
@@ -182,7 +174,7 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_transform = create_transform(
             img_size, interpolation=interpolation, mean=mean, std=std, crop_pct=crop_pct
         )
-        self.num_skipped_images = 0
+        self.lazy, self.num_skipped_images = bad_images == "lazy", 0
         self._train_loader: StatefulDataLoader | None = None
         self._train_loader_state: dict[str, Any] | None = None
         self.train_dataset: DecodedImages | None = None
@@ -206,10 +198,6 @@ class ImageDataModule(L.LightningDataModule):
         return len(self.class_names)
 
     @property
-    def _lazy(self) -> bool:
-        return self.image_source.bad_images == "lazy"
-
-    @property
     def num_unreadable_met(self) -> int:
         """Unreadable images met and replaced so far (``bad_images="lazy"``; all splits)."""
         splits = {id(d): d for d in (self.train_dataset, self.val_dataset, self.test_dataset) if d}
@@ -227,10 +215,10 @@ class ImageDataModule(L.LightningDataModule):
         train_rows = splits[self.train_split]
         val_name = self.val_split or next((n for n in VALIDATION_SPLIT_NAMES if n in splits), None)
         if val_name is not None:
-            self.train_dataset = self._fit_dataset(train_rows, self.train_split, None, train=True)
-            self.val_dataset = self._fit_dataset(splits[val_name], val_name, None, train=False)
+            self.train_dataset = self._fit_dataset(train_rows, self.train_split, train=True)
+            self.val_dataset = self._fit_dataset(splits[val_name], val_name, train=False)
         else:
-            rows = train_rows.add_column("row", np.arange(len(train_rows)))
+            rows = train_rows.add_column("row", np.arange(len(train_rows)))  # names images
             held_out = round(self.val_fraction * len(rows))  # datasets would round up
             if held_out == 0:
                 raise ValueError(
@@ -242,34 +230,30 @@ class ImageDataModule(L.LightningDataModule):
             except ValueError as why:  # too few images, of a class or in all, to stratify
                 rank_zero_info(f"Data: validation images drawn without stratification ({why})")
                 parts = rows.train_test_split(held_out, seed=self.seed)
-            for train, part in ((True, parts["train"]), (False, parts["test"])):
-                dataset = self._fit_dataset(part, self.train_split, np.asarray(part["row"]), train)
-                setattr(self, "train_dataset" if train else "val_dataset", dataset)
+            self.train_dataset = self._fit_dataset(parts["train"], self.train_split, train=True)
+            self.val_dataset = self._fit_dataset(parts["test"], self.train_split, train=False)
         test_name = self.test_split or ("test" if _is_labelled(splits.get("test")) else None)
         if test_name:
-            self.test_dataset = DecodedImages(
-                splits[test_name], self.eval_transform, test_name, replace_unreadable=self._lazy
-            )
+            test = splits[test_name]
+            self.test_dataset = DecodedImages(test, self.eval_transform, test_name, self.lazy)
         elif isinstance(self.val_dataset, InMemoryImages):  # test and predict read per image
-            rows, ids = self.val_dataset.rows, self.val_dataset.row_ids
-            self.test_dataset = DecodedImages(
-                rows, self.eval_transform, self.val_dataset.split, ids
-            )
+            val = self.val_dataset
+            self.test_dataset = DecodedImages(val.rows, self.eval_transform, val.split)
         else:
             self.test_dataset = self.val_dataset
 
-    def _fit_dataset(self, rows: datasets.Dataset, split: str, row_ids, train: bool):
+    def _fit_dataset(self, rows: datasets.Dataset, split: str, train: bool):
         """A training or validation dataset: held in memory where it can be, else per image."""
         transform = self.train_transform if train else self.eval_transform
         role = "training" if train else "validation"
-        per_image = DecodedImages(rows, transform, split, row_ids, replace_unreadable=self._lazy)
-        if not self.in_memory or (self._lazy and self.in_memory == "auto"):
+        per_image = DecodedImages(rows, transform, split, replace_unreadable=self.lazy)
+        if not self.in_memory or (self.lazy and self.in_memory == "auto"):
             return per_image  # (bad_images="lazy" replaces unreadable images as it meets them)
         # Evaluation geometry (timm's resize + centre crop) applied once; ToTensor and
         # Normalize happen on the batch (BatchAugment.normalize gives the same values).
         geometry = None if train else Compose(transform.transforms[:-2])
         try:
-            dataset = InMemoryImages(rows, split, row_ids, geometry)
+            dataset = InMemoryImages(rows, split, geometry)
         except NotInMemory as why:
             if self.in_memory is True:
                 raise DataError(

@@ -10,7 +10,6 @@ import multiprocessing
 import os
 import sys
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,19 +138,14 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 class DecodedImages(Dataset):
     """Rows of ``image`` (undecoded) and ``label``, decoded to RGB and transformed on access,
-    with errors that name the image (by path, else by ``split`` and row: ``row_ids`` are the
-    rows' indices in the whole split). ``replace_unreadable`` (``bad_images="lazy"``): an
-    image that does not decode is replaced by the next one, with a warning, and counted."""
+    with errors that name the image (by path, else by ``split`` and its ``row`` column, the row
+    in the whole split). ``replace_unreadable`` (``bad_images="lazy"``): an image that does not
+    decode is replaced by the next one, with a warning, and counted."""
 
     def __init__(
-        self,
-        rows: datasets.Dataset,
-        transform: Any,
-        split: str,
-        row_ids: Sequence[int] | None = None,
-        replace_unreadable: bool = False,
+        self, rows: datasets.Dataset, transform: Any, split: str, replace_unreadable: bool = False
     ) -> None:
-        self.rows, self.transform, self.split, self.row_ids = rows, transform, split, row_ids
+        self.rows, self.transform, self.split = rows, transform, split
         # Shared with the DataLoader workers, which inherit it.
         self._unreadable = multiprocessing.Value("i", 0) if replace_unreadable else None
 
@@ -188,11 +182,11 @@ class DecodedImages(Dataset):
             ) from None
 
     def item_id(self, index: int) -> str | int:
-        """What names image ``index``: its file path, else its row in the original split."""
-        encoded = self.rows[index]["image"]
-        if encoded.get("path") and not encoded.get("bytes"):
-            return encoded["path"]
-        return int(self.row_ids[index]) if self.row_ids is not None else index
+        """What names image ``index``: its file path, else its row in the whole split."""
+        row = self.rows[index]
+        if row["image"].get("path") and not row["image"].get("bytes"):
+            return row["image"]["path"]
+        return int(row.get("row", index))
 
     def describe(self, index: int) -> str:
         name = self.item_id(index)
