@@ -77,13 +77,6 @@ class InMemoryImages(Dataset):
         return self.images[index], self.labels[index]  # (B, 3, H, W) uint8, (B,)
 
 
-def batch_policy_problem(auto_augment: str | None) -> str | None:
-    """Why the auto-augment policy cannot run on batches (only RandAugment can), or ``None``."""
-    if auto_augment is None or auto_augment.startswith("rand"):
-        return None
-    return f"auto_augment={auto_augment!r} has no batch version (only RandAugment, 'rand-*')"
-
-
 class BatchAugment(nn.Module):
     """uint8 batches → normalised float batches; in training, timm's recipe on the batch
     (arguments as ImageDataModule's)."""
@@ -105,8 +98,6 @@ class BatchAugment(nn.Module):
         re_count: int = 1,
     ) -> None:
         super().__init__()
-        if problem := batch_policy_problem(auto_augment):
-            raise ValueError(problem)
         self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
         size, resample = (img_size, img_size), interpolation.upper()

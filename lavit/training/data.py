@@ -20,12 +20,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import Compose
 
 from lavit.errors import DataError, OptionError
-from lavit.training.batch_transforms import (
-    BatchAugment,
-    InMemoryImages,
-    NotInMemory,
-    batch_policy_problem,
-)
+from lavit.training.batch_transforms import BatchAugment, InMemoryImages, NotInMemory
 from lavit.training.images import DecodedImages, make_posterize_safe, unlabelled_folder
 from lavit.training.local_datasets import local_copy
 from lavit.training.options import (
@@ -85,16 +80,13 @@ class ImageDataModule(L.LightningDataModule):
             replaces an unreadable image met in training by the next one, counted.
         cache_dir: Hugging Face ``datasets`` cache folder; default: the library's.
         in_memory: hold the training and validation images decoded in one uint8 tensor and
-            augment whole batches on the device (:mod:`lavit.training.batch_transforms`), for
-            small images such as CIFAR. ``auto``: for each split whose images share one size
-            and fit the memory budget, with no policy but RandAugment, else per image; one log
-            line says which. ``true``: an error where a split cannot be held.
+            augment batches on the device, for small images such as CIFAR's. ``auto``: each
+            split whose images share one size and fit the memory budget, under no policy but
+            RandAugment (one log line says which); ``true``: an error where one cannot be held.
         predict_source: a folder of images (any layout) for ``lavit predict``; default: test.
 
-    Attributes:
-        num_classes, class_names: readable before ``setup``.
-        num_skipped_images: image-folder files left out by ``bad_images="skip"``.
-        train_dataset, val_dataset, test_dataset: the torch datasets, after ``setup``.
+    ``num_classes`` and ``class_names`` can be read before ``setup``; ``num_skipped_images``
+    counts the files left out by ``bad_images="skip"``.
     """
 
     def __init__(
@@ -164,7 +156,8 @@ class ImageDataModule(L.LightningDataModule):
         self.train_transform = create_transform(img_size, True, mean=mean, std=std, **recipe)
         make_posterize_safe(self.train_transform)
         self.in_memory, self.batch_augment = in_memory, None
-        if in_memory and (problem := batch_policy_problem(auto_augment)):
+        if in_memory and auto_augment and not auto_augment.startswith("rand"):
+            problem = f"auto_augment={auto_augment!r} has no batch version (only 'rand-*')"
             if in_memory is True:
                 raise OptionError("auto_augment", auto_augment, f"{problem}: set in_memory=auto")
             rank_zero_info(f"Data: read per image: {problem}")
@@ -215,10 +208,10 @@ class ImageDataModule(L.LightningDataModule):
         train_rows = splits[self.train_split]
         val_name = self.val_split or next((n for n in VALIDATION_SPLIT_NAMES if n in splits), None)
         if val_name is not None:
-            self.train_dataset = self._fit_dataset(train_rows, self.train_split, train=True)
-            self.val_dataset = self._fit_dataset(splits[val_name], val_name, train=False)
-        else:
-            rows = train_rows.add_column("row", np.arange(len(train_rows)))  # names images
+            val_rows = splits[val_name]
+        else:  # carved out of the training split
+            val_name = self.train_split
+            rows = train_rows.add_column("row", np.arange(len(train_rows)))  # names each image
             held_out = round(self.val_fraction * len(rows))  # datasets would round up
             if held_out == 0:
                 raise ValueError(
@@ -230,8 +223,9 @@ class ImageDataModule(L.LightningDataModule):
             except ValueError as why:  # too few images, of a class or in all, to stratify
                 rank_zero_info(f"Data: validation images drawn without stratification ({why})")
                 parts = rows.train_test_split(held_out, seed=self.seed)
-            self.train_dataset = self._fit_dataset(parts["train"], self.train_split, train=True)
-            self.val_dataset = self._fit_dataset(parts["test"], self.train_split, train=False)
+            train_rows, val_rows = parts["train"], parts["test"]
+        self.train_dataset = self._fit_dataset(train_rows, self.train_split, train=True)
+        self.val_dataset = self._fit_dataset(val_rows, val_name, train=False)
         test_name = self.test_split or ("test" if _is_labelled(splits.get("test")) else None)
         if test_name:
             test = splits[test_name]
@@ -262,48 +256,40 @@ class ImageDataModule(L.LightningDataModule):
                 ) from None
             rank_zero_info(f"Data: {role} images (split {split!r}) read per image: {why}")
             return per_image
-        size = "×".join(map(str, dataset.images.shape[-2:]))
+        size, mib = "×".join(map(str, dataset.images.shape[-2:])), dataset.images.nbytes / 2**20
+        batches = ", augmented on batches" if train else ""
         rank_zero_info(
             f"Data: {role} images (split {split!r}) held in memory ({len(dataset)} of {size}, "
-            f"{dataset.images.nbytes / 2**20:.0f} MiB)"
-            + (", augmented on batches" if train else "")
+            f"{mib:.0f} MiB){batches}"
         )
         return dataset
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.train_dataset), train=True)
+        return self._loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.val_dataset), train=False)
+        return self._loader(self.val_dataset, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.test_dataset), train=False)
+        return self._loader(self.test_dataset, train=False)
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_source is None:
             return self.test_dataloader()
-        return self._loader(
-            unlabelled_folder(self.predict_source, self.eval_transform), train=False
-        )
-
-    def _require(self, dataset: DecodedImages | None) -> DecodedImages:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a DataLoader")
-        return dataset
+        images = unlabelled_folder(self.predict_source, self.eval_transform)
+        return self._loader(images, train=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """In-memory batches arrive as uint8: crop, flip and normalise them here, on the device."""
-        if self.batch_augment is not None and batch[0].dtype == torch.uint8:
-            training = self.trainer is not None and self.trainer.training
-            batch = (self.batch_augment(batch[0], training), *batch[1:])
-        return batch
+        training = self.trainer is not None and self.trainer.training
+        return (self.evaluation_images(batch[0], training), *batch[1:])
 
-    def evaluation_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images of a validation batch as the model sees them, for callbacks that read the
-        loader themselves (Lightning's transfer hooks do not run for them): in-memory uint8
-        batches normalised, per-image batches as they are."""
+    def evaluation_images(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Images of a batch as the model sees them (in-memory uint8 batches augmented or
+        normalised), also for callbacks that read a loader themselves (Lightning's transfer
+        hooks do not run for them)."""
         if self.batch_augment is not None and images.dtype == torch.uint8:
-            return self.batch_augment(images, train=False)
+            return self.batch_augment(images, train)
         return images
 
     def _loader(self, dataset: DecodedImages | InMemoryImages, train: bool) -> DataLoader:
@@ -368,13 +354,8 @@ def _as_is(batch):
     return batch  # InMemoryImages hands over whole batches
 
 
-# stage → (split, dataset attribute, Trainer limit option, whether the last partial batch is dropped)
-_STAGE_SPLITS = {
-    "fit": (("training", "train_dataset", "limit_train_batches", True),
-            ("validation", "val_dataset", "limit_val_batches", False)),
-    "validate": (("validation", "val_dataset", "limit_val_batches", False),),
-    "test": (("test", "test_dataset", "limit_test_batches", False),),
-}  # fmt: skip
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+_SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 
 
 def too_few_batches(datamodule: ImageDataModule, trainer: L.Trainer, stage: str) -> str | None:
@@ -386,13 +367,13 @@ def too_few_batches(datamodule: ImageDataModule, trainer: L.Trainer, stage: str)
     datamodule.setup(stage)
     world = max(1, trainer.world_size)
     batch = datamodule.batch_size
-    for split, attribute, limit_name, drop_last in _STAGE_SPLITS.get(stage, ()):
-        limit = getattr(trainer, limit_name)
-        dataset = getattr(datamodule, attribute)
+    for short in _STAGE_SPLITS.get(stage, ()):
+        split, limit_name = _SPLIT_NAMES[short], f"limit_{short}_batches"
+        dataset, limit = getattr(datamodule, f"{short}_dataset"), getattr(trainer, limit_name)
         if dataset is None or limit == 0:
             continue
         images = -(-len(dataset) // world)  # per process: a distributed sampler pads up
-        batches = images // batch if drop_last else -(-images // batch)
+        batches = images // batch if short == "train" else -(-images // batch)  # drop_last
         per = f" per process ({len(dataset)} over {world})" if world > 1 else ""
         if batches == 0:
             return (

@@ -189,10 +189,9 @@ class DecodedImages(Dataset):
         return int(row.get("row", index))
 
     def describe(self, index: int) -> str:
-        name = self.item_id(index)
+        name, path = self.item_id(index), self.rows[index]["image"].get("path")
         if isinstance(name, str):
             return repr(name)  # a file on disk: its path says it all
-        path = self.rows[index]["image"].get("path")
         return f"at row {name} of split {self.split!r}" + (f" ({path})" if path else "")
 
 
@@ -213,10 +212,7 @@ def _posterize_allowing_zero_bits(
 def make_posterize_safe(transform: Any) -> None:
     """Swap the zero-bits-safe posterize into the auto-augment ops of a timm ``transform``."""
     for step in getattr(transform, "transforms", []):
-        ops = list(getattr(step, "ops", []))  # RandAugment, AugMix
-        ops += [
-            op for sub_policy in getattr(step, "policy", []) for op in sub_policy
-        ]  # AutoAugment
-        for op in ops:
+        policy = [op for sub_policy in getattr(step, "policy", []) for op in sub_policy]
+        for op in [*getattr(step, "ops", []), *policy]:  # RandAugment, AugMix; AutoAugment
             if op.aug_fn is timm_posterize:
                 op.aug_fn = _posterize_allowing_zero_bits

@@ -1,14 +1,10 @@
-"""Local copies of Hub datasets, named by the machine instead of the config.
-
-A config names a dataset by its Hub id (``uoft-cs/cifar10``), so that it runs anywhere. A machine
-that keeps a copy says where, in the environment::
+"""Local copies of Hub datasets, named by the machine instead of the config::
 
     export LAVIT_LOCAL_DATASETS=uoft-cs/cifar10=../shared/data/cifar10,ILSVRC/imagenet-1k=/data/in1k
 
-and every data module built there (``lavit fit``, each run of ``lavit sweep`` or ``wandb agent``,
-which hand the environment on) reads the copy (a parquet folder, parquet files or an image
-folder, as any local ``source``) instead of downloading. Relative paths are from the working
-directory. The config, and so ``run_info.json`` and W&B, keep the Hub id.
+Every data module built there (``lavit fit``, each sweep run, which inherit the environment)
+reads the copy (any local ``source``; relative paths from the working directory) instead of
+downloading; the config, ``run_info.json`` and W&B keep the Hub id.
 """
 
 from __future__ import annotations

@@ -6,15 +6,14 @@ A Hub token, where needed, comes from ``HF_TOKEN`` or ``hf auth login``, never f
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import itertools
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import datasets
 import huggingface_hub
@@ -80,10 +79,7 @@ class ImageSource:
         if self.source_type == "imagefolder":
             return self._load_image_folder()
         if self.source_type == "hub":
-            with self._hub_access():
-                raw = datasets.load_dataset(
-                    self.source, name=self.hub_config, cache_dir=self.cache_dir
-                )
+            raw = self._from_hub(datasets.load_dataset)
         else:
             raw = self._load_parquet()
         features = next(iter(raw.values())).features
@@ -97,11 +93,7 @@ class ImageSource:
         if self.source_type == "imagefolder":
             return self._image_folder_class_names()
         if self.source_type == "hub":
-            with self._hub_access():
-                builder = datasets.load_dataset_builder(
-                    self.source, name=self.hub_config, cache_dir=self.cache_dir
-                )
-            features = builder.info.features
+            features = self._from_hub(datasets.load_dataset_builder).info.features
         else:
             files = sorted(self._parquet_files())
             if not files:
@@ -141,9 +133,9 @@ class ImageSource:
         return datasets.load_dataset("parquet", data_files=data_files, cache_dir=self.cache_dir)
 
     # ------------------------------------------------------------------------------------- hub
-    @contextlib.contextmanager
-    def _hub_access(self) -> Iterator[None]:
-        """Fail fast when the Hub is unreachable, and turn Hub errors into actionable messages."""
+    def _from_hub(self, load: Callable) -> Any:
+        """``load`` (``datasets.load_dataset`` or ``load_dataset_builder``) of the source, failing
+        fast when the Hub is unreachable, with actionable messages for the Hub's errors."""
         offline = huggingface_hub.constants.HF_HUB_OFFLINE
         try:
             if not offline:  # load_dataset would retry for about half a minute
@@ -153,7 +145,7 @@ class ImageSource:
                     pass  # the Hub answered (404, 401, ...): load_dataset says so precisely
                 except Exception as err:  # the transport's error classes differ between versions
                     raise ConnectionError(err) from None
-            yield
+            return load(self.source, name=self.hub_config, cache_dir=self.cache_dir)
         except ConnectionError as err:
             if offline:
                 raise ConnectionError(
