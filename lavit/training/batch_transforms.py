@@ -98,8 +98,7 @@ class BatchAugment(nn.Module):
         re_count: int = 1,
     ) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
+        self.normalize = K.Normalize(torch.tensor(mean), torch.tensor(std))  # of x in [0, 1]
         size, resample = (img_size, img_size), interpolation.upper()
         steps = [K.RandomResizedCrop(size, scale, ratio, resample, align_corners=False)]
         steps += [K.RandomHorizontalFlip(p=hflip)] if hflip else []
@@ -113,10 +112,6 @@ class BatchAugment(nn.Module):
             m = min(29, max(1, round(3 * policy.ops[0].magnitude)))
             self.rand_augment = RandAugment(n=policy.num_layers, m=m)
         self.erasing = (re_prob, re_mode, re_count)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(x − mean) / std, of x in [0, 1] (uint8 / 255, as ``ToTensor`` gives)."""
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)  # a datamodule moves no buffer
 
     def forward(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         x = images.float() / 255.0

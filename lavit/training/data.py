@@ -22,7 +22,6 @@ from torchvision.transforms import Compose
 from lavit.errors import DataError, OptionError
 from lavit.training.batch_transforms import BatchAugment, InMemoryImages, NotInMemory
 from lavit.training.images import DecodedImages, make_posterize_safe, unlabelled_folder
-from lavit.training.local_datasets import local_copy
 from lavit.training.options import (
     AspectRatioRange,
     AutoAugmentPolicy,
@@ -44,6 +43,7 @@ from lavit.training.sources import (
     ImageSource,
     SourceType,
     guess_source_type,
+    local_copy,
 )
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]

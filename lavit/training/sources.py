@@ -2,6 +2,12 @@
 image folder, each read by ``datasets`` into splits of ``image`` (undecoded) and ``label``.
 
 A Hub token, where needed, comes from ``HF_TOKEN`` or ``hf auth login``, never from the config.
+A machine names its local copies of Hub datasets in the environment, to be read instead::
+
+    export LAVIT_LOCAL_DATASETS=uoft-cs/cifar10=../shared/data/cifar10,ILSVRC/imagenet-1k=/data/in1k
+
+(any local ``source``; relative paths from the working directory); the config, ``run_info.json``
+and W&B keep the Hub id.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any, Literal
 import datasets
 import huggingface_hub
 import pyarrow.parquet as pq
+from lightning.pytorch.utilities import rank_zero_info
 from torchvision.datasets.folder import make_dataset
 
 from lavit.training.images import IMAGE_EXTENSIONS, check_cache_file, drop_bad_images
@@ -30,6 +37,7 @@ VALIDATION_SPLIT_NAMES = ("validation", "val", "valid")
 SPLIT_FOLDER_NAMES = frozenset({"train", "test", *VALIDATION_SPLIT_NAMES})
 HUB_ID_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
 HUB_PROBE_TIMEOUT_S = 5.0
+LOCAL_DATASETS_ENV = "LAVIT_LOCAL_DATASETS"
 
 
 def embedded_dataset_dir() -> Path:
@@ -58,6 +66,38 @@ def guess_source_type(source: str) -> str:
         f"Data source {source!r} is not an existing file or folder, nor 'embedded', nor a Hub "
         "dataset id of the form 'owner/name'."
     )
+
+
+def local_copies(text: str | None = None) -> dict[str, str]:
+    """``{hub id: path}`` from ``text`` (default: ``$LAVIT_LOCAL_DATASETS``), ``id=path,...``."""
+    text = os.environ.get(LOCAL_DATASETS_ENV, "") if text is None else text
+    copies: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        hub_id, sep, path = (part.strip() for part in entry.partition("="))
+        if not (sep and hub_id and path):
+            raise ValueError(
+                f"{LOCAL_DATASETS_ENV}: {entry!r} is not HUB_ID=PATH (e.g. "
+                "uoft-cs/cifar10=../shared/data/cifar10; entries separated by commas)"
+            )
+        copies[hub_id] = path
+    return copies
+
+
+def local_copy(source: str) -> str | None:
+    """The local copy of the Hub dataset ``source`` that this machine names, if any.
+
+    Raises ``ValueError`` when the named copy does not exist (rather than silently downloading).
+    """
+    path = local_copies().get(source)
+    if path is None:
+        return None
+    if not Path(path).expanduser().exists():
+        raise ValueError(
+            f"{LOCAL_DATASETS_ENV} names {path!r} as the local copy of {source}, but it does not "
+            f"exist (relative to {os.getcwd()}); fix the path or remove the entry to download it"
+        )
+    rank_zero_info(f"Data: {source} read from its local copy {path} ({LOCAL_DATASETS_ENV})")
+    return path
 
 
 @dataclass
