@@ -153,7 +153,7 @@ def test_image_folder_split_subfolders_are_used(tmp_path, cache_dir):
     dm.setup("fit")
     assert (len(dm.train_dataset), len(dm.val_dataset)) == (8, 4)
     assert dm.val_dataset.split == "val"
-    assert dm.test_dataset is dm.val_dataset  # no test folder: test on the validation images
+    assert (dm.test_dataset.split, len(dm.test_dataset)) == ("val", 4)  # no test folder
     check_batch(dm.val_dataloader(), num_classes=2)
 
 

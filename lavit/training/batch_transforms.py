@@ -43,7 +43,6 @@ class InMemoryImages(Dataset):
     def __init__(
         self, rows: datasets.Dataset, split: str, geometry: Callable | None = None
     ) -> None:
-        self.rows, self.split = rows, split  # for per-image reading (test, predict)
         decoder = DecodedImages(rows, transform=None, split=split)
         arrays, first = [], None
         for index in range(len(rows)):

@@ -193,8 +193,8 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def num_unreadable_met(self) -> int:
         """Unreadable images met and replaced so far (``bad_images="lazy"``; all splits)."""
-        splits = {id(d): d for d in (self.train_dataset, self.val_dataset, self.test_dataset) if d}
-        return sum(getattr(dataset, "unreadable_met", 0) for dataset in splits.values())
+        splits = (self.train_dataset, self.val_dataset, self.test_dataset)
+        return sum(getattr(dataset, "unreadable_met", 0) for dataset in splits)
 
     # ------------------------------------------------------------------------------ Lightning
     def prepare_data(self) -> None:
@@ -227,14 +227,9 @@ class ImageDataModule(L.LightningDataModule):
         self.train_dataset = self._fit_dataset(train_rows, self.train_split, train=True)
         self.val_dataset = self._fit_dataset(val_rows, val_name, train=False)
         test_name = self.test_split or ("test" if _is_labelled(splits.get("test")) else None)
-        if test_name:
-            test = splits[test_name]
-            self.test_dataset = DecodedImages(test, self.eval_transform, test_name, self.lazy)
-        elif isinstance(self.val_dataset, InMemoryImages):  # test and predict read per image
-            val = self.val_dataset
-            self.test_dataset = DecodedImages(val.rows, self.eval_transform, val.split)
-        else:
-            self.test_dataset = self.val_dataset
+        # Test and predict read per image: the test split, else the validation images.
+        rows, name = (splits[test_name], test_name) if test_name else (val_rows, val_name)
+        self.test_dataset = DecodedImages(rows, self.eval_transform, name, self.lazy)
 
     def _fit_dataset(self, rows: datasets.Dataset, split: str, train: bool):
         """A training or validation dataset: held in memory where it can be, else per image."""

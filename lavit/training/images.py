@@ -61,18 +61,14 @@ def _signature(path: str) -> list[int]:
 
 
 def check_images(paths: list[str], cache_file: Path) -> dict[str, str]:
-    """``{path: why}`` for the files that do not decode completely.
-
-    A file whose path, size and modification time are in ``cache_file`` is not decoded again;
-    the others are decoded in threads (PIL releases the GIL) and the results written back
-    (atomically: a half-written cache is never read).
-    """
+    """``{path: why}`` for the files that do not decode completely; a file whose path, size and
+    modification time are in ``cache_file`` is not decoded again."""
     known: dict[str, list] = {}
     with contextlib.suppress(OSError, ValueError):
         known = json.loads(cache_file.read_text())
     signatures = {path: _signature(path) for path in paths}
     todo = [path for path in paths if known.get(path, [])[:2] != signatures[path]]
-    if todo:  # a progress bar where it is long or watched
+    if todo:  # decoded in threads (PIL releases the GIL), with a progress bar where it helps
         problems = thread_map(
             image_problem, todo, max_workers=min(16, 2 * (os.cpu_count() or 1)),
             desc="checking images", unit=" files", file=sys.stderr,
@@ -84,7 +80,7 @@ def check_images(paths: list[str], cache_file: Path) -> dict[str, str]:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(known))
-        os.replace(temporary, cache_file)
+        os.replace(temporary, cache_file)  # atomically: a half-written cache is never read
     rank_zero_info(
         f"checked {len(paths)} image files: {len(todo)} decoded, the others known from {cache_file}"
     )
@@ -122,18 +118,9 @@ def unlabelled_folder(folder: str | Path, transform: Any) -> DecodedImages:
         raise ValueError(
             f"predict_source {str(root)!r} holds no images ({sorted(IMAGE_EXTENSIONS)})"
         )
-    features = datasets.Features(
-        {"image": datasets.Image(decode=False), "label": datasets.Value("int64")}
-    )
-    rows = datasets.Dataset.from_dict({"image": paths, "label": [-1] * len(paths)}, features)
+    rows = datasets.Dataset.from_dict({"image": paths, "label": [-1] * len(paths)})
+    rows = rows.cast_column("image", datasets.Image(decode=False))
     return DecodedImages(rows, transform, split="predict")
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Convert greyscale, RGBA, palette, CMYK, ... images to RGB."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # avoids PIL's palette-transparency warning
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class DecodedImages(Dataset):
@@ -175,7 +162,10 @@ class DecodedImages(Dataset):
     def decode(self, index: int) -> PIL.Image.Image:
         """Image ``index`` as RGB; a ``ValueError`` naming it when it cannot be decoded."""
         try:
-            return to_rgb(_IMAGE_DECODER.decode_example(self.rows[index]["image"]))
+            image = _IMAGE_DECODER.decode_example(self.rows[index]["image"])
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # avoids PIL's palette-transparency warning
+            return image if image.mode == "RGB" else image.convert("RGB")
         except Exception as err:  # PIL raises many types; name the image instead
             raise ValueError(
                 f"Cannot read image {self.describe(index)}: {type(err).__name__}: {err}"

@@ -84,10 +84,8 @@ def local_copies(text: str | None = None) -> dict[str, str]:
 
 
 def local_copy(source: str) -> str | None:
-    """The local copy of the Hub dataset ``source`` that this machine names, if any.
-
-    Raises ``ValueError`` when the named copy does not exist (rather than silently downloading).
-    """
+    """The local copy of the Hub dataset ``source`` that this machine names, if any (an error
+    where the named copy does not exist, rather than a silent download)."""
     path = local_copies().get(source)
     if path is None:
         return None
