@@ -1,12 +1,8 @@
-"""Images held decoded in memory (one ``uint8`` tensor per split), the training recipe run on
-whole batches on the device with kornia: for small images such as CIFAR's, where decoding and
-transforming each image in a worker costs as much as a third of a training step.
-
-Each image gets its own random draws from torch's global RNG (seeded, and restored on resume):
-random resized crop and flips, then RandAugment (kornia's, at timm's magnitude ×3 on kornia's
-0–30 scale; timm's ``mstd`` noise and ``inc`` ops are not kornia's) or colour jitter, then
-normalisation and timm's random erasing. Evaluation images get timm's evaluation resize and
-centre crop once, when decoded: an evaluation batch is exactly the per-image path's.
+"""Images held decoded in memory (one ``uint8`` tensor per split) and augmented as whole batches
+on the device with kornia, for small images (CIFAR's), where per-image work in the workers costs
+up to a third of a training step. Each image gets its own draws from torch's seeded global RNG.
+Evaluation images get timm's evaluation resize and crop once, when decoded, so that evaluation
+batches are exactly the per-image path's.
 """
 
 from __future__ import annotations
@@ -40,14 +36,11 @@ class InMemoryImages(Dataset):
     Raises :class:`NotInMemory` when the images differ in size or pass the memory budget.
     """
 
-    def __init__(
-        self, rows: datasets.Dataset, split: str, geometry: Callable | None = None
-    ) -> None:
+    def __init__(self, rows: datasets.Dataset, split: str, geometry: Callable) -> None:
         decoder = DecodedImages(rows, transform=None, split=split)
         arrays, first = [], None
         for index in range(len(rows)):
-            image = decoder.decode(index)
-            image = image if geometry is None else geometry(image)
+            image = geometry(decoder.decode(index))
             if first is None:
                 first = image.size
                 needed = len(rows) * 3 * first[0] * first[1]
@@ -106,7 +99,9 @@ class BatchAugment(nn.Module):
             steps.append(K.ColorJitter(color_jitter, color_jitter, color_jitter, p=1.0))
         self.geometry_and_colour = nn.Sequential(*steps)
         self.rand_augment = None
-        if auto_augment:  # timm's policy string read by timm: layers and magnitude (0–10)
+        # RandAugment: kornia's, at timm's magnitude (0–10) ×3 on kornia's 0–30 scale (timm's
+        # magnitude noise "mstd" and "inc" ops are not kornia's).
+        if auto_augment:
             policy = rand_augment_transform(auto_augment, {})
             m = min(29, max(1, round(3 * policy.ops[0].magnitude)))
             self.rand_augment = RandAugment(n=policy.num_layers, m=m)

@@ -64,16 +64,15 @@ class ImageDataModule(L.LightningDataModule):
         hub_config: the configuration name of a Hub dataset that has several.
         image_column, label_column: default: the first ``Image`` / ``ClassLabel`` feature, else
             a column named ``image``/``img`` / ``label``/``labels``.
-        train_split: name of the training split.
-        val_split: default: a split named ``validation``, ``val`` or ``valid``, else
-            ``val_fraction`` of the training split, stratified by class, drawn with ``seed``.
-        test_split: for testing and prediction; default: ``test`` if labelled, else validation.
+        train_split, val_split, test_split: split names; validation default: a split named
+            ``validation``, ``val`` or ``valid``, else ``val_fraction`` of the training split,
+            stratified by class, drawn with ``seed``; test (and predict) default: ``test`` if
+            labelled, else validation.
         val_fraction, seed: the held-out validation fraction and its seed.
         img_size, mean, std, crop_pct, interpolation, scale, ratio, hflip, vflip, color_jitter,
             auto_augment, re_prob, re_mode, re_count: timm's ``create_transform`` arguments.
-        batch_size: images per batch (per device).
-        num_workers: DataLoader worker processes; default ``min(4, number of CPUs)``.
-        pin_memory: default: when CUDA is available.
+        batch_size, num_workers, pin_memory: per device; default ``min(4, CPUs)`` workers,
+            pinned memory when CUDA is available.
         bad_images: image-folder files that do not decode, found by a check of every file
             before training (cached by path, size and modification time): ``error`` lists them
             and stops, ``skip`` leaves them out with a warning; ``lazy`` skips the check and
@@ -127,17 +126,15 @@ class ImageDataModule(L.LightningDataModule):
         arguments = locals()
         check_arguments(ImageDataModule.__init__, arguments)
         self.save_hyperparameters()
-        if hub_config is not None:  # checked on the source as named (before a local copy)
-            named_type = guess_source_type(source) if source_type == "auto" else source_type
-            if named_type != "hub":
-                allowed = f"a configuration name of a Hub dataset; {named_type!r} has none"
-                raise OptionError("hub_config", hub_config, allowed)
-        if source_type in ("auto", "hub") and (copy := local_copy(source)) is not None:
-            source, source_type = copy, "auto"  # this machine's copy of a Hub dataset
-        self.source = source
-        self.source_type = guess_source_type(source) if source_type == "auto" else source_type
+        named_type = guess_source_type(source) if source_type == "auto" else source_type
+        if hub_config is not None and named_type != "hub":
+            allowed = f"a configuration name of a Hub dataset; {named_type!r} has none"
+            raise OptionError("hub_config", hub_config, allowed)
+        copy = local_copy(source) if named_type == "hub" else None  # this machine's copy
+        self.source = copy or source
+        self.source_type = guess_source_type(copy) if copy else named_type
         self.image_source = ImageSource(
-            source, self.source_type, hub_config, image_column, label_column, train_split,
+            self.source, self.source_type, hub_config, image_column, label_column, train_split,
             bad_images, cache_dir,
         )  # fmt: skip
         self.train_split = train_split
@@ -155,15 +152,14 @@ class ImageDataModule(L.LightningDataModule):
         recipe = {name: arguments[name] for name in RECIPE}
         self.train_transform = create_transform(img_size, True, mean=mean, std=std, **recipe)
         make_posterize_safe(self.train_transform)
-        self.in_memory, self.batch_augment = in_memory, None
+        self.in_memory = in_memory
         if in_memory and auto_augment and not auto_augment.startswith("rand"):
             problem = f"auto_augment={auto_augment!r} has no batch version (only 'rand-*')"
             if in_memory is True:
                 raise OptionError("auto_augment", auto_augment, f"{problem}: set in_memory=auto")
             rank_zero_info(f"Data: read per image: {problem}")
             self.in_memory = False
-        if self.in_memory:
-            self.batch_augment = BatchAugment(img_size, mean, std, **recipe)
+        self.batch_augment = BatchAugment(img_size, mean, std, **recipe) if self.in_memory else None
         self.eval_transform = create_transform(
             img_size, interpolation=interpolation, mean=mean, std=std, crop_pct=crop_pct
         )
@@ -183,7 +179,7 @@ class ImageDataModule(L.LightningDataModule):
         if self._class_names is None:
             self._class_names = self.image_source.class_names()
         if self._class_names is None:
-            self._class_names = list(self._load_splits()[self.train_split].features["label"].names)
+            self._load_splits()  # which reads them
         return self._class_names
 
     @property
@@ -240,7 +236,7 @@ class ImageDataModule(L.LightningDataModule):
             return per_image  # (bad_images="lazy" replaces unreadable images as it meets them)
         # Evaluation geometry (timm's resize + centre crop) applied once; ToTensor and
         # Normalize happen on the batch (BatchAugment.normalize gives the same values).
-        geometry = None if train else Compose(transform.transforms[:-2])
+        geometry = Compose([] if train else transform.transforms[:-2])
         try:
             dataset = InMemoryImages(rows, split, geometry)
         except NotInMemory as why:
@@ -251,11 +247,9 @@ class ImageDataModule(L.LightningDataModule):
                 ) from None
             rank_zero_info(f"Data: {role} images (split {split!r}) read per image: {why}")
             return per_image
-        size, mib = "×".join(map(str, dataset.images.shape[-2:])), dataset.images.nbytes / 2**20
-        batches = ", augmented on batches" if train else ""
+        shape, mib = tuple(dataset.images.shape), dataset.images.nbytes / 2**20
         rank_zero_info(
-            f"Data: {role} images (split {split!r}) held in memory ({len(dataset)} of {size}, "
-            f"{mib:.0f} MiB){batches}"
+            f"Data: {role} images (split {split!r}) held in memory: {shape}, {mib:.0f} MiB"
         )
         return dataset
 

@@ -74,27 +74,27 @@ def check_images(paths: list[str], cache_file: Path) -> dict[str, str]:
             desc="checking images", unit=" files", file=sys.stderr,
             disable=not sys.stderr.isatty() and len(todo) < 10_000,
         )  # fmt: skip
-        known.update(
-            {path: [*signatures[path], why] for path, why in zip(todo, problems, strict=True)}
-        )
+        for path, why in zip(todo, problems, strict=True):
+            known[path] = [*signatures[path], why]
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(known))
         os.replace(temporary, cache_file)  # atomically: a half-written cache is never read
-    rank_zero_info(
-        f"checked {len(paths)} image files: {len(todo)} decoded, the others known from {cache_file}"
-    )
+    rank_zero_info(f"checked {len(paths)} image files, {len(todo)} decoded (cache: {cache_file})")
     return {path: known[path][2] for path in paths if known[path][2]}
 
 
-def drop_bad_images(files: Files, source: str, policy: str, cache_file: Path) -> tuple[Files, int]:
+def drop_bad_images(
+    files: Files, source: str, policy: str, cache_dir: str | None
+) -> tuple[Files, int]:
     """Apply ``--data.bad_images`` to the files of an image folder: ``error`` raises a
     ``ValueError`` listing every unreadable file, one per line; ``skip`` warns with the list
     and leaves them out; ``lazy`` checks nothing (:class:`DecodedImages` replaces them).
     Returns the files kept and how many were left out."""
     if policy == "lazy":
         return files, 0
-    problems = check_images([path for split in files.values() for path, _ in split], cache_file)
+    paths = [path for split in files.values() for path, _ in split]
+    problems = check_images(paths, check_cache_file(source, cache_dir))
     if not problems:
         return files, 0
     listing = "".join(f"\n  {path}: {why}" for path, why in problems.items())
@@ -189,11 +189,8 @@ class DecodedImages(Dataset):
 def _posterize_allowing_zero_bits(
     image: PIL.Image.Image, bits_to_keep: int, **kwargs: Any
 ) -> PIL.Image.Image:
-    """timm's posterize, with 0 bits kept giving a black image as Pillow < 13 did.
-
-    timm's increasing-magnitude RandAugment (the ``inc1`` of the DeiT recipe) asks for 0 bits at
-    its top magnitude, which Pillow 13 rejects with a ValueError that would stop training.
-    """
+    """timm's posterize, 0 bits giving a black image as in Pillow < 13: timm's ``inc1``
+    RandAugment (DeiT's) asks for 0 bits at its top magnitude, which Pillow 13 refuses."""
     if bits_to_keep <= 0:
         return PIL.Image.new(image.mode, image.size)
     return timm_posterize(image, bits_to_keep, **kwargs)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision.datasets.folder import make_dataset
 
-from lavit.training.images import IMAGE_EXTENSIONS, check_cache_file, drop_bad_images
+from lavit.training.images import IMAGE_EXTENSIONS, drop_bad_images
 
 SourceType = Literal["auto", "embedded", "hub", "imagefolder", "parquet"]
 
@@ -112,6 +112,10 @@ class ImageSource:
     cache_dir: str | None = None
     num_skipped_images: int = field(default=0, init=False)  # by bad_images="skip", after load
 
+    def __post_init__(self) -> None:
+        if self.source_type == "embedded":  # read as any parquet folder
+            self.source = str(embedded_dataset_dir())
+
     def load(self) -> datasets.DatasetDict:
         """All splits, normalised to ``image`` (undecoded) and ``label`` (one ClassLabel)."""
         if self.source_type == "imagefolder":
@@ -144,16 +148,11 @@ class ImageSource:
         return list(label.names) if isinstance(label, datasets.ClassLabel) else None
 
     # ----------------------------------------------------------------------- embedded, parquet
-    @property
-    def _path(self) -> Path:
-        if self.source_type == "embedded":
-            return embedded_dataset_dir()
-        return Path(self.source).expanduser()
-
     def _parquet_files(self) -> list[str]:
-        if self._path.is_dir():
-            return [str(p) for p in self._path.rglob("*.parquet")]
-        return glob.glob(os.path.expanduser(self.source), recursive=True)  # a file or a glob
+        path = Path(self.source).expanduser()
+        if path.is_dir():
+            return [str(p) for p in path.rglob("*.parquet")]
+        return glob.glob(str(path), recursive=True)  # a file or a glob
 
     def _load_parquet(self) -> datasets.DatasetDict:
         files = self._parquet_files()
@@ -162,13 +161,10 @@ class ImageSource:
         if sum(pq.ParquetFile(file).metadata.num_rows for file in files) == 0:
             # Checked here: datasets would fail with an obscure "error while generating".
             raise ValueError(f"{self.source!r} has no images: its parquet files have no rows")
-        if self._path.is_dir():
-            # datasets infers the splits from the file names (train.parquet, test-0000.parquet, ...).
-            return datasets.load_dataset(
-                "parquet", data_dir=str(self._path), cache_dir=self.cache_dir
-            )
-        data_files = {"train": os.path.expanduser(self.source)}
-        return datasets.load_dataset("parquet", data_files=data_files, cache_dir=self.cache_dir)
+        # A folder's files become the splits they are named after (train.parquet, test-0000.parquet).
+        path = Path(self.source).expanduser()
+        files = {"data_dir": str(path)} if path.is_dir() else {"data_files": {"train": str(path)}}
+        return datasets.load_dataset("parquet", cache_dir=self.cache_dir, **files)
 
     # ------------------------------------------------------------------------------------- hub
     def _from_hub(self, load: Callable) -> Any:
@@ -192,10 +188,9 @@ class ImageSource:
                 ) from None
             raise ConnectionError(
                 f"Cannot load {self.source!r}: the Hugging Face Hub is unreachable from this "
-                f"machine ({type(err).__name__}: {err}). Use a local copy instead (an image folder "
-                "or parquet files as `source`), or, if the dataset is already in the Hugging Face "
-                "cache, set HF_HUB_OFFLINE=1 to load it from there. (If it was meant as a local "
-                "path, it does not exist.)"
+                f"machine ({type(err).__name__}: {err}). Use a local copy (an image folder or "
+                "parquet files as `source`), or set HF_HUB_OFFLINE=1 if the dataset is in the "
+                "Hugging Face cache. (If it was meant as a local path, it does not exist.)"
             ) from None
         except datasets.exceptions.DatasetNotFoundError as err:
             raise FileNotFoundError(
@@ -219,7 +214,7 @@ class ImageSource:
         names = sorted({p.name for folder in folders for p in _visible_subfolders(folder)})
         if not names:
             raise ValueError(
-                f"Image folder {self.source!r} has no class folders (expected root/class_name/*.jpg)"
+                f"Image folder {self.source!r} has no class folders (root/class/*.jpg)"
             )
         return names
 
@@ -233,10 +228,7 @@ class ImageSource:
             except FileNotFoundError as err:  # "Found no valid file for the classes ..."
                 raise ValueError(f"Image folder {self.source!r}, split {split!r}: {err}") from None
         files_by_split, self.num_skipped_images = drop_bad_images(
-            files_by_split,
-            self.source,
-            self.bad_images,
-            check_cache_file(self.source, self.cache_dir),
+            files_by_split, self.source, self.bad_images, self.cache_dir
         )
         features = datasets.Features(
             {"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=class_names)}
