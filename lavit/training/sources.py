@@ -113,8 +113,8 @@ class ImageSource:
     num_skipped_images: int = field(default=0, init=False)  # by bad_images="skip", after load
 
     def __post_init__(self) -> None:
-        if self.source_type == "embedded":  # read as any parquet folder
-            self.source = str(embedded_dataset_dir())
+        embedded = self.source_type == "embedded"  # read as any parquet folder
+        self.path = embedded_dataset_dir() if embedded else Path(self.source).expanduser()
 
     def load(self) -> datasets.DatasetDict:
         """All splits, normalised to ``image`` (undecoded) and ``label`` (one ClassLabel)."""
@@ -149,10 +149,9 @@ class ImageSource:
 
     # ----------------------------------------------------------------------- embedded, parquet
     def _parquet_files(self) -> list[str]:
-        path = Path(self.source).expanduser()
-        if path.is_dir():
-            return [str(p) for p in path.rglob("*.parquet")]
-        return glob.glob(str(path), recursive=True)  # a file or a glob
+        if self.path.is_dir():
+            return [str(p) for p in self.path.rglob("*.parquet")]
+        return glob.glob(str(self.path), recursive=True)  # a file or a glob
 
     def _load_parquet(self) -> datasets.DatasetDict:
         files = self._parquet_files()
@@ -162,8 +161,8 @@ class ImageSource:
             # Checked here: datasets would fail with an obscure "error while generating".
             raise ValueError(f"{self.source!r} has no images: its parquet files have no rows")
         # A folder's files become the splits they are named after (train.parquet, test-0000.parquet).
-        path = Path(self.source).expanduser()
-        files = {"data_dir": str(path)} if path.is_dir() else {"data_files": {"train": str(path)}}
+        path = str(self.path)
+        files = {"data_dir": path} if self.path.is_dir() else {"data_files": {"train": path}}
         return datasets.load_dataset("parquet", cache_dir=self.cache_dir, **files)
 
     # ------------------------------------------------------------------------------------- hub
@@ -201,7 +200,7 @@ class ImageSource:
     # --------------------------------------------------------------------------- image folders
     def _image_folder_splits(self) -> dict[str, Path]:
         """Split name → folder: ``root/train``, ``root/val``, ... if present, else root is train."""
-        root = Path(self.source).expanduser()
+        root = self.path
         if not root.is_dir():
             raise FileNotFoundError(f"Image folder {str(root)!r} does not exist")
         subfolders = {p.name for p in _visible_subfolders(root)}
