@@ -14,8 +14,7 @@ import pytest
 from conftest import REPO
 
 from lavit.training.data import ImageDataModule
-from lavit.training.local_datasets import LOCAL_DATASETS_ENV, local_copies
-from lavit.training.sources import embedded_dataset_dir
+from lavit.training.sources import LOCAL_DATASETS_ENV, embedded_dataset_dir, local_copies
 
 
 @pytest.fixture(autouse=True)

@@ -37,8 +37,7 @@ from lavit.models.attention import AttentionDownsample
 from lavit.models.lavit import LaViTBlock
 from lavit.models.token_mixing import DenseTokenMixing
 from lavit.tools.sweep_engine import agent_command, load_sweep_config, replace_configs, run_values
-from lavit.training.local_datasets import LOCAL_DATASETS_ENV
-from lavit.training.sources import embedded_dataset_dir
+from lavit.training.sources import LOCAL_DATASETS_ENV, embedded_dataset_dir
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # sweeps' pydantic-v1-style config warns on import

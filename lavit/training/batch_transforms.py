@@ -1,15 +1,8 @@
-"""Images held decoded in memory, augmented as whole batches on the training device (kornia).
-
-For small images (CIFAR's 32×32) decoding and transforming each image in a worker costs as much
-as a third of a training step of ``lavit_cifar``. Here every image of a split is decoded once
-into one ``uint8`` tensor; a batch is an index into it, and the training augmentation runs on the
-batch, each image with its own random draws from torch's global RNG (seeded, and restored on a
-mid-epoch resume, like the rest of training): kornia's random resized crop and flips, then
-RandAugment (``rand-*`` policies: kornia's, at timm's magnitude ×3 on kornia's 0–30 scale;
-timm's magnitude noise ``mstd`` and ``inc`` ops are not kornia's) or colour jitter, then
-normalisation and timm's random erasing (which works on batches). Evaluation images get timm's
-evaluation resize and centre crop once, when decoded, so an evaluation batch is exactly the
-per-image path's.
+"""Images held decoded in memory (one ``uint8`` tensor per split) and augmented as whole batches
+on the device with kornia, for small images (CIFAR's), where per-image work in the workers costs
+up to a third of a training step. Each image gets its own draws from torch's seeded global RNG.
+Evaluation images get timm's evaluation resize and crop once, when decoded, so that evaluation
+batches are exactly the per-image path's.
 """
 
 from __future__ import annotations
@@ -20,7 +13,6 @@ from collections.abc import Callable, Sequence
 import datasets
 import kornia.augmentation as K
 import numpy as np
-import PIL.Image
 import torch
 from kornia.augmentation.auto import RandAugment
 from timm.data.auto_augment import rand_augment_transform
@@ -39,27 +31,16 @@ class NotInMemory(Exception):
 
 
 class InMemoryImages(Dataset):
-    """Every image of ``rows`` decoded once into a ``uint8`` tensor (N, 3, H, W).
-
-    ``__getitems__`` hands a DataLoader a whole batch, ``(images (B, 3, H, W) uint8, labels)``;
-    use it with ``collate_fn=lambda batch: batch``. Raises :class:`NotInMemory` when the
-    images (after ``geometry``, e.g. the evaluation resize and crop) differ in size or would
-    pass ``MAX_IN_MEMORY_BYTES``.
+    """Every image of ``rows`` decoded once (after ``geometry``) into a ``uint8`` tensor (N, 3,
+    H, W); ``__getitems__`` hands a DataLoader whole batches (use ``collate_fn=lambda b: b``).
+    Raises :class:`NotInMemory` when the images differ in size or pass the memory budget.
     """
 
-    def __init__(
-        self,
-        rows: datasets.Dataset,
-        split: str,
-        row_ids: Sequence[int] | None = None,
-        geometry: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
-    ) -> None:
-        self.rows, self.split, self.row_ids = rows, split, row_ids  # for per-image reading
-        decoder = DecodedImages(rows, transform=None, split=split, row_ids=row_ids)
+    def __init__(self, rows: datasets.Dataset, split: str, geometry: Callable) -> None:
+        decoder = DecodedImages(rows, transform=None, split=split)
         arrays, first = [], None
         for index in range(len(rows)):
-            image = decoder.decode(index)
-            image = image if geometry is None else geometry(image)
+            image = geometry(decoder.decode(index))
             if first is None:
                 first = image.size
                 needed = len(rows) * 3 * first[0] * first[1]
@@ -88,18 +69,9 @@ class InMemoryImages(Dataset):
         return self.images[index], self.labels[index]  # (B, 3, H, W) uint8, (B,)
 
 
-def batch_policy_problem(auto_augment: str | None) -> str | None:
-    """Why the auto-augment policy cannot run on batches (only RandAugment can), or ``None``."""
-    if auto_augment is None or auto_augment.startswith("rand"):
-        return None
-    return f"auto_augment={auto_augment!r} has no batch version (only RandAugment, 'rand-*')"
-
-
 class BatchAugment(nn.Module):
-    """uint8 batches → normalised float batches; in training, timm's recipe on the batch.
-
-    Args: as the same-named arguments of :class:`lavit.training.data.ImageDataModule`.
-    """
+    """uint8 batches → normalised float batches; in training, timm's recipe on the batch
+    (arguments as ImageDataModule's)."""
 
     def __init__(
         self,
@@ -118,10 +90,7 @@ class BatchAugment(nn.Module):
         re_count: int = 1,
     ) -> None:
         super().__init__()
-        if problem := batch_policy_problem(auto_augment):
-            raise ValueError(problem)
-        self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
+        self.normalize = K.Normalize(torch.tensor(mean), torch.tensor(std))  # of x in [0, 1]
         size, resample = (img_size, img_size), interpolation.upper()
         steps = [K.RandomResizedCrop(size, scale, ratio, resample, align_corners=False)]
         steps += [K.RandomHorizontalFlip(p=hflip)] if hflip else []
@@ -130,27 +99,23 @@ class BatchAugment(nn.Module):
             steps.append(K.ColorJitter(color_jitter, color_jitter, color_jitter, p=1.0))
         self.geometry_and_colour = nn.Sequential(*steps)
         self.rand_augment = None
-        if auto_augment:  # timm's policy string read by timm: layers and magnitude (0–10)
+        # RandAugment: kornia's, at timm's magnitude (0–10) ×3 on kornia's 0–30 scale (timm's
+        # magnitude noise "mstd" and "inc" ops are not kornia's).
+        if auto_augment:
             policy = rand_augment_transform(auto_augment, {})
             m = min(29, max(1, round(3 * policy.ops[0].magnitude)))
             self.rand_augment = RandAugment(n=policy.num_layers, m=m)
         self.erasing = (re_prob, re_mode, re_count)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) → (x / 255 − mean) / std, as ``ToTensor`` + ``Normalize`` do."""
-        return self._normalize(images.float() / 255.0)
-
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)  # a datamodule moves no buffer
-
     def forward(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        x = images.float() / 255.0
         if not train:
-            return self.normalize(images)
-        x = self.geometry_and_colour(images.float() / 255.0)
+            return self.normalize(x)
+        x = self.geometry_and_colour(x)
         if self.rand_augment is not None:
             # kornia's RandAugment draws its operations once per call: one call per image.
             x = torch.cat([self.rand_augment(image[None]) for image in x])
-        x = self._normalize(x.clamp(0.0, 1.0))
+        x = self.normalize(x.clamp(0.0, 1.0))
         re_prob, re_mode, re_count = self.erasing
         if re_prob:
             x = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=x.device)(x)

@@ -1,9 +1,6 @@
-"""The LightningDataModule: image classification data, split, transformed and batched.
-
-The images come from one of four kinds of source (:mod:`lavit.training.sources`: the embedded
-CIFAR-10 subset, a Hub dataset, an image folder, parquet files) and are decoded lazily in the
-DataLoader workers (:mod:`lavit.training.images`), transformed with timm's transform factory.
-Mixup/CutMix happen on the batch, in the module.
+"""The LightningDataModule: images from one of four sources (:mod:`lavit.training.sources`),
+decoded in the DataLoader workers with timm's transforms, or held in memory and augmented on
+batches (:mod:`lavit.training.batch_transforms`). Mixup/CutMix happen in the module.
 """
 
 from __future__ import annotations
@@ -23,14 +20,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import Compose
 
 from lavit.errors import DataError, OptionError
-from lavit.training.batch_transforms import (
-    BatchAugment,
-    InMemoryImages,
-    NotInMemory,
-    batch_policy_problem,
-)
+from lavit.training.batch_transforms import BatchAugment, InMemoryImages, NotInMemory
 from lavit.training.images import DecodedImages, make_posterize_safe, unlabelled_folder
-from lavit.training.local_datasets import local_copy
 from lavit.training.options import (
     AspectRatioRange,
     AutoAugmentPolicy,
@@ -52,17 +43,13 @@ from lavit.training.sources import (
     ImageSource,
     SourceType,
     guess_source_type,
+    local_copy,
 )
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 # The training recipe: arguments of timm's create_transform, and of BatchAugment, by name.
 RECIPE = ("scale", "ratio", "hflip", "vflip", "interpolation", "color_jitter", "auto_augment")
 RECIPE += ("re_prob", "re_mode", "re_count")
-
-
-def default_num_workers() -> int:
-    """A small number of DataLoader workers that fits the machine."""
-    return min(4, os.cpu_count() or 1)
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -77,32 +64,28 @@ class ImageDataModule(L.LightningDataModule):
         hub_config: the configuration name of a Hub dataset that has several.
         image_column, label_column: default: the first ``Image`` / ``ClassLabel`` feature, else
             a column named ``image``/``img`` / ``label``/``labels``.
-        train_split: name of the training split.
-        val_split: default: a split named ``validation``, ``val`` or ``valid``, else
-            ``val_fraction`` of the training split, stratified by class, drawn with ``seed``.
-        test_split: for testing and prediction; default: ``test`` if labelled, else validation.
+        train_split, val_split, test_split: split names; validation default: a split named
+            ``validation``, ``val`` or ``valid``, else ``val_fraction`` of the training split,
+            stratified by class, drawn with ``seed``; test (and predict) default: ``test`` if
+            labelled, else validation.
         val_fraction, seed: the held-out validation fraction and its seed.
         img_size, mean, std, crop_pct, interpolation, scale, ratio, hflip, vflip, color_jitter,
             auto_augment, re_prob, re_mode, re_count: timm's ``create_transform`` arguments.
-        batch_size: images per batch (per device).
-        num_workers: DataLoader worker processes; default ``min(4, number of CPUs)``.
-        pin_memory: default: when CUDA is available.
+        batch_size, num_workers, pin_memory: per device; default ``min(4, CPUs)`` workers,
+            pinned memory when CUDA is available.
         bad_images: image-folder files that do not decode, found by a check of every file
             before training (cached by path, size and modification time): ``error`` lists them
             and stops, ``skip`` leaves them out with a warning; ``lazy`` skips the check and
             replaces an unreadable image met in training by the next one, counted.
         cache_dir: Hugging Face ``datasets`` cache folder; default: the library's.
         in_memory: hold the training and validation images decoded in one uint8 tensor and
-            augment whole batches on the device (:mod:`lavit.training.batch_transforms`), for
-            small images such as CIFAR. ``auto``: for each split whose images share one size
-            and fit the memory budget, with no policy but RandAugment, else per image; one log
-            line says which. ``true``: an error where a split cannot be held.
+            augment batches on the device, for small images such as CIFAR's. ``auto``: each
+            split whose images share one size and fit the memory budget, under no policy but
+            RandAugment (one log line says which); ``true``: an error where one cannot be held.
         predict_source: a folder of images (any layout) for ``lavit predict``; default: test.
 
-    Attributes:
-        num_classes, class_names: readable before ``setup``.
-        num_skipped_images: image-folder files left out by ``bad_images="skip"``.
-        train_dataset, val_dataset, test_dataset: the torch datasets, after ``setup``.
+    ``num_classes`` and ``class_names`` can be read before ``setup``; ``num_skipped_images``
+    counts the files left out by ``bad_images="skip"``.
     """
 
     def __init__(
@@ -143,17 +126,15 @@ class ImageDataModule(L.LightningDataModule):
         arguments = locals()
         check_arguments(ImageDataModule.__init__, arguments)
         self.save_hyperparameters()
-        if hub_config is not None:  # checked on the source as named (before a local copy)
-            named_type = guess_source_type(source) if source_type == "auto" else source_type
-            if named_type != "hub":
-                allowed = f"a configuration name of a Hub dataset; {named_type!r} has none"
-                raise OptionError("hub_config", hub_config, allowed)
-        if source_type in ("auto", "hub") and (copy := local_copy(source)) is not None:
-            source, source_type = copy, "auto"  # this machine's copy of a Hub dataset
-        self.source = source
-        self.source_type = guess_source_type(source) if source_type == "auto" else source_type
+        named_type = guess_source_type(source) if source_type == "auto" else source_type
+        if hub_config is not None and named_type != "hub":
+            allowed = f"a configuration name of a Hub dataset; {named_type!r} has none"
+            raise OptionError("hub_config", hub_config, allowed)
+        copy = local_copy(source) if named_type == "hub" else None  # this machine's copy
+        self.source = copy or source
+        self.source_type = guess_source_type(copy) if copy else named_type
         self.image_source = ImageSource(
-            source, self.source_type, hub_config, image_column, label_column, train_split,
+            self.source, self.source_type, hub_config, image_column, label_column, train_split,
             bad_images, cache_dir,
         )  # fmt: skip
         self.train_split = train_split
@@ -162,7 +143,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.batch_size = batch_size
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         if predict_source is not None and not Path(predict_source).expanduser().is_dir():
             raise OptionError("predict_source", predict_source, "must be a folder of images")
@@ -171,18 +152,18 @@ class ImageDataModule(L.LightningDataModule):
         recipe = {name: arguments[name] for name in RECIPE}
         self.train_transform = create_transform(img_size, True, mean=mean, std=std, **recipe)
         make_posterize_safe(self.train_transform)
-        self.in_memory, self.batch_augment = in_memory, None
-        if in_memory and (problem := batch_policy_problem(auto_augment)):
+        self.in_memory = in_memory
+        if in_memory and auto_augment and not auto_augment.startswith("rand"):
+            problem = f"auto_augment={auto_augment!r} has no batch version (only 'rand-*')"
             if in_memory is True:
                 raise OptionError("auto_augment", auto_augment, f"{problem}: set in_memory=auto")
             rank_zero_info(f"Data: read per image: {problem}")
             self.in_memory = False
-        if self.in_memory:
-            self.batch_augment = BatchAugment(img_size, mean, std, **recipe)
+        self.batch_augment = BatchAugment(img_size, mean, std, **recipe) if self.in_memory else None
         self.eval_transform = create_transform(
             img_size, interpolation=interpolation, mean=mean, std=std, crop_pct=crop_pct
         )
-        self.num_skipped_images = 0
+        self.lazy, self.num_skipped_images = bad_images == "lazy", 0
         self._train_loader: StatefulDataLoader | None = None
         self._train_loader_state: dict[str, Any] | None = None
         self.train_dataset: DecodedImages | None = None
@@ -198,7 +179,7 @@ class ImageDataModule(L.LightningDataModule):
         if self._class_names is None:
             self._class_names = self.image_source.class_names()
         if self._class_names is None:
-            self._class_names = list(self._load_splits()[self.train_split].features["label"].names)
+            self._load_splits()  # which reads them
         return self._class_names
 
     @property
@@ -206,14 +187,10 @@ class ImageDataModule(L.LightningDataModule):
         return len(self.class_names)
 
     @property
-    def _lazy(self) -> bool:
-        return self.image_source.bad_images == "lazy"
-
-    @property
     def num_unreadable_met(self) -> int:
         """Unreadable images met and replaced so far (``bad_images="lazy"``; all splits)."""
-        splits = {id(d): d for d in (self.train_dataset, self.val_dataset, self.test_dataset) if d}
-        return sum(getattr(dataset, "unreadable_met", 0) for dataset in splits.values())
+        splits = (self.train_dataset, self.val_dataset, self.test_dataset)
+        return sum(getattr(dataset, "unreadable_met", 0) for dataset in splits)
 
     # ------------------------------------------------------------------------------ Lightning
     def prepare_data(self) -> None:
@@ -227,10 +204,10 @@ class ImageDataModule(L.LightningDataModule):
         train_rows = splits[self.train_split]
         val_name = self.val_split or next((n for n in VALIDATION_SPLIT_NAMES if n in splits), None)
         if val_name is not None:
-            self.train_dataset = self._fit_dataset(train_rows, self.train_split, None, train=True)
-            self.val_dataset = self._fit_dataset(splits[val_name], val_name, None, train=False)
-        else:
-            rows = train_rows.add_column("row", np.arange(len(train_rows)))
+            val_rows = splits[val_name]
+        else:  # carved out of the training split
+            val_name = self.train_split
+            rows = train_rows.add_column("row", np.arange(len(train_rows)))  # names each image
             held_out = round(self.val_fraction * len(rows))  # datasets would round up
             if held_out == 0:
                 raise ValueError(
@@ -242,34 +219,26 @@ class ImageDataModule(L.LightningDataModule):
             except ValueError as why:  # too few images, of a class or in all, to stratify
                 rank_zero_info(f"Data: validation images drawn without stratification ({why})")
                 parts = rows.train_test_split(held_out, seed=self.seed)
-            for train, part in ((True, parts["train"]), (False, parts["test"])):
-                dataset = self._fit_dataset(part, self.train_split, np.asarray(part["row"]), train)
-                setattr(self, "train_dataset" if train else "val_dataset", dataset)
+            train_rows, val_rows = parts["train"], parts["test"]
+        self.train_dataset = self._fit_dataset(train_rows, self.train_split, train=True)
+        self.val_dataset = self._fit_dataset(val_rows, val_name, train=False)
         test_name = self.test_split or ("test" if _is_labelled(splits.get("test")) else None)
-        if test_name:
-            self.test_dataset = DecodedImages(
-                splits[test_name], self.eval_transform, test_name, replace_unreadable=self._lazy
-            )
-        elif isinstance(self.val_dataset, InMemoryImages):  # test and predict read per image
-            rows, ids = self.val_dataset.rows, self.val_dataset.row_ids
-            self.test_dataset = DecodedImages(
-                rows, self.eval_transform, self.val_dataset.split, ids
-            )
-        else:
-            self.test_dataset = self.val_dataset
+        # Test and predict read per image: the test split, else the validation images.
+        rows, name = (splits[test_name], test_name) if test_name else (val_rows, val_name)
+        self.test_dataset = DecodedImages(rows, self.eval_transform, name, self.lazy)
 
-    def _fit_dataset(self, rows: datasets.Dataset, split: str, row_ids, train: bool):
+    def _fit_dataset(self, rows: datasets.Dataset, split: str, train: bool):
         """A training or validation dataset: held in memory where it can be, else per image."""
         transform = self.train_transform if train else self.eval_transform
         role = "training" if train else "validation"
-        per_image = DecodedImages(rows, transform, split, row_ids, replace_unreadable=self._lazy)
-        if not self.in_memory or (self._lazy and self.in_memory == "auto"):
+        per_image = DecodedImages(rows, transform, split, replace_unreadable=self.lazy)
+        if not self.in_memory or (self.lazy and self.in_memory == "auto"):
             return per_image  # (bad_images="lazy" replaces unreadable images as it meets them)
         # Evaluation geometry (timm's resize + centre crop) applied once; ToTensor and
         # Normalize happen on the batch (BatchAugment.normalize gives the same values).
-        geometry = None if train else Compose(transform.transforms[:-2])
+        geometry = Compose([] if train else transform.transforms[:-2])
         try:
-            dataset = InMemoryImages(rows, split, row_ids, geometry)
+            dataset = InMemoryImages(rows, split, geometry)
         except NotInMemory as why:
             if self.in_memory is True:
                 raise DataError(
@@ -278,48 +247,38 @@ class ImageDataModule(L.LightningDataModule):
                 ) from None
             rank_zero_info(f"Data: {role} images (split {split!r}) read per image: {why}")
             return per_image
-        size = "×".join(map(str, dataset.images.shape[-2:]))
+        shape, mib = tuple(dataset.images.shape), dataset.images.nbytes / 2**20
         rank_zero_info(
-            f"Data: {role} images (split {split!r}) held in memory ({len(dataset)} of {size}, "
-            f"{dataset.images.nbytes / 2**20:.0f} MiB)"
-            + (", augmented on batches" if train else "")
+            f"Data: {role} images (split {split!r}) held in memory: {shape}, {mib:.0f} MiB"
         )
         return dataset
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.train_dataset), train=True)
+        return self._loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.val_dataset), train=False)
+        return self._loader(self.val_dataset, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.test_dataset), train=False)
+        return self._loader(self.test_dataset, train=False)
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_source is None:
             return self.test_dataloader()
-        return self._loader(
-            unlabelled_folder(self.predict_source, self.eval_transform), train=False
-        )
-
-    def _require(self, dataset: DecodedImages | None) -> DecodedImages:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a DataLoader")
-        return dataset
+        images = unlabelled_folder(self.predict_source, self.eval_transform)
+        return self._loader(images, train=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """In-memory batches arrive as uint8: crop, flip and normalise them here, on the device."""
-        if self.batch_augment is not None and batch[0].dtype == torch.uint8:
-            training = self.trainer is not None and self.trainer.training
-            batch = (self.batch_augment(batch[0], training), *batch[1:])
-        return batch
+        training = self.trainer is not None and self.trainer.training
+        return (self.evaluation_images(batch[0], training), *batch[1:])
 
-    def evaluation_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images of a validation batch as the model sees them, for callbacks that read the
-        loader themselves (Lightning's transfer hooks do not run for them): in-memory uint8
-        batches normalised, per-image batches as they are."""
+    def evaluation_images(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Images of a batch as the model sees them (in-memory uint8 batches augmented or
+        normalised), also for callbacks that read a loader themselves (Lightning's transfer
+        hooks do not run for them)."""
         if self.batch_augment is not None and images.dtype == torch.uint8:
-            return self.batch_augment(images, train=False)
+            return self.batch_augment(images, train)
         return images
 
     def _loader(self, dataset: DecodedImages | InMemoryImages, train: bool) -> DataLoader:
@@ -384,13 +343,8 @@ def _as_is(batch):
     return batch  # InMemoryImages hands over whole batches
 
 
-# stage → (split, dataset attribute, Trainer limit option, whether the last partial batch is dropped)
-_STAGE_SPLITS = {
-    "fit": (("training", "train_dataset", "limit_train_batches", True),
-            ("validation", "val_dataset", "limit_val_batches", False)),
-    "validate": (("validation", "val_dataset", "limit_val_batches", False),),
-    "test": (("test", "test_dataset", "limit_test_batches", False),),
-}  # fmt: skip
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+_SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 
 
 def too_few_batches(datamodule: ImageDataModule, trainer: L.Trainer, stage: str) -> str | None:
@@ -402,13 +356,13 @@ def too_few_batches(datamodule: ImageDataModule, trainer: L.Trainer, stage: str)
     datamodule.setup(stage)
     world = max(1, trainer.world_size)
     batch = datamodule.batch_size
-    for split, attribute, limit_name, drop_last in _STAGE_SPLITS.get(stage, ()):
-        limit = getattr(trainer, limit_name)
-        dataset = getattr(datamodule, attribute)
+    for short in _STAGE_SPLITS.get(stage, ()):
+        split, limit_name = _SPLIT_NAMES[short], f"limit_{short}_batches"
+        dataset, limit = getattr(datamodule, f"{short}_dataset"), getattr(trainer, limit_name)
         if dataset is None or limit == 0:
             continue
         images = -(-len(dataset) // world)  # per process: a distributed sampler pads up
-        batches = images // batch if drop_last else -(-images // batch)
+        batches = images // batch if short == "train" else -(-images // batch)  # drop_last
         per = f" per process ({len(dataset)} over {world})" if world > 1 else ""
         if batches == 0:
             return (
