@@ -57,28 +57,45 @@ class LaViTModule(L.LightningModule):
     Args:
         arch: a name of :mod:`lavit.models.factory` (``lavit_tiny``, ``lavit_cifar/all-va``) or
             any timm classifier as a baseline (``pvt_v2_b1``).
-        num_classes, img_size: set from the data by the CLI (``img_size=None``: the default).
-        drop_path_rate, drop_rate: stochastic depth (linear over blocks); dropout before the head.
+        num_classes: classifier outputs (set from the data by the CLI).
+        img_size: input side; ``None``: the variant's default (set from the data by the CLI).
+        drop_path_rate: stochastic depth rate (linear over blocks).
+        drop_rate: dropout before the classifier.
         model_kwargs: other model arguments, for any arch (``embed_dims``, ``depths``, ...).
-        pretrained: start from timm's published weights of ``arch`` (Hugging Face cache, else Hub).
-        pretrained_file: or from a state dict (``lavit export``'s ``model.safetensors``) or a
-            ``lavit fit`` checkpoint (its EMA if kept); position embeddings and Ψ/Θ are resampled,
-            a classifier of another size starts afresh.
-        freeze: submodules that do not train (``stages.0``), or ``backbone``: all but the head.
-        opt: a timm optimizer (``adamw``, ``sgd``, ``lamb``: ``timm.optim.list_optimizers()``).
-        lr: peak learning rate, for a global batch of 512 when ``scale_lr_by_batch``
-            (``lr × batch × devices × accumulation / 512``).
-        weight_decay: none on norms, biases, position embeddings and Ψ/Θ.
-        momentum, betas, eps: the optimizer's (``None``: its default).
-        layer_decay: lr × layer_decay^(block groups from the head) (timm's ``group_matcher``).
-        sched: timm schedule per update: ``cosine`` (to ``min_lr``), ``step`` (× ``decay_rate``
+        pretrained: start from timm's published weights of ``arch`` (Hugging Face cache, else
+            the Hub); the data's preprocessing then follows the weights' config.
+        pretrained_file: start from a state dict (``lavit export``'s ``model.safetensors``) or a
+            ``lavit fit`` checkpoint (its EMA weights if kept); position embeddings and Ψ/Θ are
+            resampled, a classifier of another size starts afresh.
+        freeze: submodules that do not train (``stages.0``, ...), or ``backbone``: all but the
+            classifier (a linear probe).
+        opt: a timm optimizer (``adamw``, ``sgd``, ``lamb``, ...; ``timm.optim.list_optimizers()``).
+        lr: peak learning rate, for a global batch of 512 when ``scale_lr_by_batch``.
+        scale_lr_by_batch: use ``lr × global batch / 512`` (batch × devices × accumulation).
+        weight_decay: weight decay (none on norms, biases, position embeddings and Ψ/Θ).
+        momentum: momentum, for the optimizers that have one (SGD).
+        betas: Adam-family betas; ``None``: the optimizer's default.
+        eps: the optimizer's epsilon; ``None``: its default.
+        layer_decay: layer-wise lr decay, ``lr × layer_decay^(block groups from the head)``.
+        sched: timm schedule, per update: ``cosine`` (to ``min_lr``), ``step`` (× ``decay_rate``
             every ``decay_epochs``), ``multistep`` (at ``decay_milestones``), ``poly`` (power
-            ``decay_rate``), ``tanh`` or ``constant``; after ``warmup_epochs`` from ``warmup_lr``.
-        label_smoothing: of the cross-entropy (and of the Mixup targets).
-        mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, mixup_mode: timm's ``Mixup``
-            (both alphas 0: off).
-        ema_decay: an EMA of the weights, validated instead of them and saved; ``None``: off.
-        channels_last, compile: channels-last memory format; ``torch.compile`` the training forward.
+            ``decay_rate``), ``tanh`` or ``constant``.
+        warmup_epochs: linear warm-up in epochs (fractions allowed); the decay starts after it.
+        warmup_lr: learning rate at the start of the warm-up.
+        min_lr: learning rate at the end of the schedule (cosine, poly, tanh).
+        decay_epochs: ``step``: epochs between two decays.
+        decay_milestones: ``multistep``: the epochs at which the lr decays.
+        decay_rate: ``step``/``multistep``: the factor at each decay; ``poly``: the power.
+        label_smoothing: label smoothing of the cross-entropy (also inside Mixup targets).
+        mixup_alpha: Mixup Beta(α, α); 0 disables Mixup.
+        cutmix_alpha: CutMix Beta(α, α); 0 disables CutMix.
+        mixup_prob: probability of applying Mixup or CutMix to a batch.
+        mixup_switch_prob: probability of CutMix instead of Mixup when both are on.
+        mixup_mode: mix per ``batch``, per ``pair`` or per ``elem``ent.
+        ema_decay: an EMA of the weights, validated and tested instead of them and saved in
+            checkpoints; ``None`` disables it.
+        channels_last: run the model in channels-last memory format.
+        compile: ``torch.compile`` the training forward.
         reseed_every_epoch: reseed the RNGs from (seed, epoch, rank) each epoch, so that a resumed
             run draws what an uninterrupted one would (exactly with ``num_workers=0``).
         **model_args: the model's own arguments (LaViT's ``num_va_layers``, ``dp_loss_weight``...).
