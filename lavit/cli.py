@@ -25,20 +25,22 @@ from pathlib import Path
 
 import torch
 import yaml
-from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import LearningRateMonitor
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lavit.errors import (
     EXIT_CONFIG_ERROR,
+    EXIT_DISK_FULL,
     EXIT_DIVERGED,
     EXIT_FAILURE,
     EXIT_PREEMPTED,
     CheckpointError,
     ConfigError,
     DataError,
+    DiskFullError,
     NonFiniteLossError,
     OptionError,
     one_line,
@@ -47,8 +49,7 @@ from lavit.runtime import tune_cpu_runtime
 from lavit.training.callbacks import AttentionMaps, RunMetadata
 from lavit.training.checkpoint_io import AtomicCheckpointIO
 from lavit.training.checkpointing import (
-    PreemptionCheckpoint,
-    RunCheckpoint,
+    LastCheckpoint,
     check_checkpoint,
     checkpoint_file,
     resolve_best_checkpoint,
@@ -61,7 +62,7 @@ from lavit.training.module import LaViTModule, add_model_arguments
 from lavit.training.options import PositiveInt, describe_parse_error, plain
 from lavit.training.predictions import PredictionWriter
 from lavit.training.pretrained import apply_pretrained_data_config
-from lavit.training.progress import TrainingProgress
+from lavit.training.progress import Throughput
 from lavit.training.saturation_callback import AttentionSaturation
 from lavit.training.secrets import secret_in_arguments
 
@@ -98,23 +99,19 @@ class LaViTCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # the module owns its optimizer
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # main() prints one line
-        # Always on: save last.ckpt on SIGTERM, stop the other DDP ranks when this one fails.
-        defaults = dict(kwargs.pop("trainer_defaults", None) or {})
-        callbacks = defaults.get("callbacks") or []
-        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-        defaults["callbacks"] = [*callbacks, PreemptionCheckpoint(), StopOtherRanks()]
-        kwargs["trainer_defaults"] = defaults
+        # Always on: stop the other DDP ranks when this one fails.
+        kwargs.setdefault("trainer_defaults", {"callbacks": [StopOtherRanks()]})
         super().__init__(model_class, datamodule_class, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(WandbOptions, "wandb")
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best; LastCheckpoint
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(RunMetadata, "run_metadata")
         parser.add_lightning_class_args(AttentionMaps, "attention_maps")
         parser.add_lightning_class_args(AttentionSaturation, "saturation")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
-        parser.add_lightning_class_args(TrainingProgress, "progress")  # img/s, MAC/s, ETA
+        parser.add_lightning_class_args(Throughput, "throughput")  # img/s, FLOP/s, ETA
         # Plain options, not a class group: `predict` is the name of the subcommand's own group.
         parser.add_argument(
             "--predict.output",
@@ -135,7 +132,6 @@ class LaViTCLI(LightningCLI):
                 "trainer.default_root_dir": DEFAULT_RUN_DIR,
                 "checkpoint.monitor": "val/top1",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
                 # the metric name holds a "/": spell the file name out instead of auto-inserting it
                 "checkpoint.filename": "best-epoch{epoch:03d}-top1{val/top1:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
@@ -155,8 +151,23 @@ class LaViTCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.img_size", "model.img_size")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """The config decides the model: a ``--ckpt_path`` file must fit it (checked before running).
+
+        LightningCLI rebuilds the model from the hyper-parameters stored in a ``--ckpt_path`` file
+        right after parsing, over the command line (a lower ``--model.lr`` to resume a diverged run
+        would be ignored): the path is held back until :meth:`before_instantiate_classes`.
+        """
+        super().parse_arguments(parser, args)
+        config = self.config.get(str(self.config.get("subcommand")))
+        self.held_ckpt_path = config.get("ckpt_path") if config is not None else None
+        if self.held_ckpt_path is not None:
+            config.ckpt_path = None
+
     def before_instantiate_classes(self) -> None:
         config = self._subcommand_config()
+        if self.held_ckpt_path is not None:
+            config.ckpt_path = self.held_ckpt_path
         run_dir = config.trainer.default_root_dir or DEFAULT_RUN_DIR
         if sweep_run_dir(run_dir) != run_dir:  # under `wandb agent`: one directory per run
             config.trainer.default_root_dir = sweep_run_dir(run_dir)
@@ -167,15 +178,6 @@ class LaViTCLI(LightningCLI):
                 for key, value in vars(config[group]).items():
                     config[group][key] = plain(value)
         apply_pretrained_data_config(config)  # data defaults follow pretrained weights' config
-
-    def _parse_ckpt_path(self) -> None:
-        """Leave the model to the config: the checkpoint must fit it (checked before running).
-
-        LightningCLI 2.6 instead rebuilds the model from the hyper-parameters stored in a
-        ``--ckpt_path`` *file* (not ``last``/``best``), silently overriding the command line (a
-        lower ``--model.lr`` to resume a diverged run would be ignored), and loads the whole file
-        before any check. Here a checkpoint that does not fit the configured model is an error.
-        """
 
     def instantiate_classes(self) -> None:
         try:
@@ -189,7 +191,7 @@ class LaViTCLI(LightningCLI):
                 callback.config = _as_plain(self._subcommand_config())
 
     def instantiate_trainer(self, **kwargs):
-        config = self._get(self.config_init, "trainer", default={})
+        config = self._init("trainer")
         # Atomic, NaN-refusing, weights-only checkpoint files, unless a CheckpointIO is given or
         # the strategy writes sharded checkpoints its own way.
         plugins = config.get("plugins")
@@ -202,7 +204,7 @@ class LaViTCLI(LightningCLI):
         )
         if not sharded and not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        ddp = ddp_strategy(strategy, self._get(self.config_init, "ddp").timeout)
+        ddp = ddp_strategy(strategy, self._init("ddp").timeout)
         if ddp is not None:  # a DDP strategy by name: with the --ddp.timeout on collectives
             kwargs["strategy"] = ddp
         if config.get("logger") in (None, True):  # not chosen in the config: CSV + W&B
@@ -212,12 +214,17 @@ class LaViTCLI(LightningCLI):
             )
             kwargs["logger"] = default_loggers(
                 config.get("default_root_dir") or DEFAULT_RUN_DIR,
-                self._get(self.config_init, "wandb"),
+                self._init("wandb"),
                 resume=resume,
             )
         trainer = super().instantiate_trainer(**kwargs)
+        if trainer.checkpoint_callback is not None:  # last.ckpt beside the best, as often
+            when = ("every_n_epochs", "every_n_train_steps", "train_time_interval")
+            options = self._subcommand_config().checkpoint
+            when = {name: options.get(name) for name in (*when, "save_on_train_epoch_end")}
+            trainer.callbacks.append(LastCheckpoint(trainer.checkpoint_callback.dirpath, **when))
         if isinstance(self.model, LaViTModule):  # classification: predictions.csv
-            options = self._get(self.config_init, "predict")
+            options = self._init("predict")
             trainer.callbacks.append(PredictionWriter(options.output, int(options.top_k)))
         return trainer
 
@@ -260,12 +267,16 @@ class LaViTCLI(LightningCLI):
     def _subcommand_config(self):
         return self.config.get(str(self.subcommand), self.config)
 
+    def _init(self, group: str):
+        """The instantiated config's ``group`` (of the subcommand, if any)."""
+        return self.config_init.get(str(self.subcommand), self.config_init).get(group)
+
     def _option_group(self, option: str, value: object) -> str:
         """``"data."`` if the data group holds ``option`` with ``value`` (likewise the others)."""
         config = self._subcommand_config()
-        for group in ("model", "data"):
+        for group in ("model", "data", *vars(config)):
             section = config.get(group)
-            if section is not None and option in section and section[option] == value:
+            if isinstance(section, Namespace) and option in section and section[option] == value:
                 return f"{group}."
         return ""
 
@@ -387,8 +398,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli_class = DenseCLI if names_task_classes(args) else LaViTCLI
         cli_class(args=None if argv is None else args)  # None: LightningCLI reads sys.argv
-    except SIGTERMException:  # pre-empted: PreemptionCheckpoint saved last.ckpt
+    except SIGTERMException:  # pre-empted: LastCheckpoint saved last.ckpt
         sys.exit(EXIT_PREEMPTED)
+    except DiskFullError as err:
+        _fail(str(err), EXIT_DISK_FULL)
     except ArgumentError as err:
         _fail(describe_parse_error(str(err), args), EXIT_CONFIG_ERROR)
     except DataError as err:  # may list bad files, one per line

@@ -7,6 +7,8 @@ Every ``lavit`` command ends with one of these codes:
 * :data:`EXIT_CONFIG_ERROR` (2): a bad option, data or checkpoint, reported before any work
   starts with one ``error: ...`` line.
 * :data:`EXIT_DIVERGED` (3): a non-finite loss stopped training (``--nonfinite.policy=stop``).
+* :data:`EXIT_DISK_FULL` (74, ``EX_IOERR``): no space left to write a checkpoint; the previous
+  ones are intact, resume with ``--ckpt_path last`` once there is room.
 * :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL``): SIGTERM; ``last.ckpt`` was saved, resume with
   ``--ckpt_path last``.
 * :data:`EXIT_INTERRUPTED` (130): Ctrl-C of a tool that can resume (``lavit sweep``).
@@ -18,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "EXIT_CONFIG_ERROR",
+    "EXIT_DISK_FULL",
     "EXIT_DIVERGED",
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
@@ -26,6 +29,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DiskFullError",
     "NonFiniteCheckpointError",
     "NonFiniteLossError",
     "OptionError",
@@ -36,6 +40,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_DISK_FULL = 74
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
 
@@ -62,6 +67,10 @@ class OptionError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message is one line naming the file."""
+
+
+class DiskFullError(OSError):
+    """No space left to write a checkpoint; the message names it, the space, and how to resume."""
 
 
 class NonFiniteCheckpointError(RuntimeError):

@@ -1,13 +1,13 @@
-"""Write RELIABILITY.md from the reliability tests themselves.
+"""Write docs/reliability.md from the reliability tests themselves.
 
 Every test of ``tests/test_reliability.py`` and ``tests/test_distributed.py`` has a docstring
 ``<fault or bad input> => <what must happen>``, written to match what it asserts; this script
 makes one table row per test (with its pytest node ids), plus one row per case of the tests that
 run over a table of cases (``BAD_ARGUMENTS``, ``BAD_CHECKPOINTS``, ``SECRET_ARGUMENTS``).
 ``tests/test_reliability.py::test_reliability_md_is_generated_from_these_tests`` checks that
-RELIABILITY.md is this script's output.
+docs/reliability.md is this script's output.
 
-    python scripts/reliability_table.py          # rewrite RELIABILITY.md
+    python scripts/reliability_table.py          # rewrite docs/reliability.md
     python scripts/reliability_table.py --check  # exit 1 if it is out of date
 """
 
@@ -23,7 +23,7 @@ from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_FILES = ("tests/test_reliability.py", "tests/test_distributed.py")
-OUTPUT = REPO / "RELIABILITY.md"
+OUTPUT = REPO / "docs" / "reliability.md"
 # (title, module-level table, the test that runs over it, header of its two columns)
 CASE_TABLES = (
     (
@@ -53,10 +53,11 @@ reads *fault => outcome* and states what the test asserts); a test fails if this
 date. Run them with `pytest tests/test_reliability.py tests/test_distributed.py`.
 
 Exit codes of `lavit fit|validate|test|predict`: 0 done, 2 bad option/data/checkpoint (one
-`error:` line, before training), 3 stopped on a non-finite loss, 75 pre-empted by SIGTERM
+`error:` line, before training), 3 stopped on a non-finite loss, 74 disk full while writing a
+checkpoint (one `error:` line; the previous checkpoints intact), 75 pre-empted by SIGTERM
 (`last.ckpt` saved; resume with `--ckpt_path last`), 1 any other failure.
-Fault injection for tests: `python -m lavit.testing ...` with
-`LAVIT_FAULT_INJECT=name[:key=value...][,...]` (see `lavit/testing/faults.py`: `nan_loss`,
+Fault injection for tests: `python tests/helpers/faults.py ...` with
+`LAVIT_FAULT_INJECT=name[:key=value...][,...]` (see `tests/helpers/faults.py`: `nan_loss`,
 `crash`, `exit`, `hang`, `sigterm` at `step=N` on `rank=R`, and `slow_checkpoint:seconds=S`), which installs
 them as a callback and a checkpoint plugin; `python -m lavit` has no fault code.
 """
@@ -149,7 +150,9 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if RELIABILITY.md differs")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if docs/reliability.md differs"
+    )
     args = parser.parse_args(argv)
     text = render()
     if args.check:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+FAULTS_SCRIPT = REPO / "tests" / "helpers" / "faults.py"  # `lavit` with injected faults
 
 # A lavit_cifar small enough for CPU tests (~50 K parameters); default num_va_layers (1, 2, 1, 1).
 TINY_LAVIT = {

@@ -157,6 +157,32 @@ def test_a_bad_value_exits_with_one_line(tmp_path, capsys, argument, expected):
     assert not any("Traceback" in line for line in err)
 
 
+def test_a_checkpoint_files_hyperparameters_do_not_override_the_command_line(tmp_path):
+    """LightningCLI rebuilds the model from a --ckpt_path file's stored hyper-parameters, over
+    the command line; LaViTCLI holds the path back until the config is final (this fails if
+    Lightning moves that step past ``parse_arguments``)."""
+    ckpt = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 0.5, "arch": "pvt_v2_b0"}}, ckpt)
+
+    class Parsed(Exception):
+        pass
+
+    class Probe(LaViTCLI):
+        def before_instantiate_classes(self) -> None:
+            super().before_instantiate_classes()
+            raise Parsed(self.config.fit)
+
+    args = ["fit", f"--trainer.default_root_dir={tmp_path}", *FAST_DATA, "--model.lr=1e-3"]
+    with pytest.raises(Parsed) as parsed:
+        Probe(args=[*args, f"--ckpt_path={ckpt}"])
+    config = parsed.value.args[0]
+    assert (config.model.lr, config.model.arch, config.ckpt_path) == (
+        1e-3,
+        "lavit_cifar",
+        str(ckpt),
+    )
+
+
 def test_tools_are_dispatched_with_their_arguments(tmp_path, monkeypatch):
     (tmp_path / "fake_tool.py").write_text("def main(argv):\n    return len(argv)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -182,17 +208,17 @@ def test_wandb_mode_follows_env_and_credentials(monkeypatch, tmp_path):
 def test_loggers_keep_the_wandb_run_id_of_a_run_dir(tmp_path):
     first = default_loggers(tmp_path, WandbOptions(tags=["t"]))
     assert isinstance(first[0], CSVLogger) and isinstance(first[1], FallbackWandbLogger)
-    assert first[1]._wandb_init["mode"] == "offline"
-    run_id = first[1]._wandb_init["id"]
+    run_id = first[1].version
     assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
-    assert default_loggers(tmp_path, resume=True)[1]._wandb_init["id"] == run_id
-    assert default_loggers(tmp_path, resume=False)[1]._wandb_init["id"] != run_id
+    assert default_loggers(tmp_path, resume=True)[1].version == run_id
+    assert default_loggers(tmp_path, resume=False)[1].version != run_id
     assert len(default_loggers(tmp_path, WandbOptions(enabled=False))) == 1
 
 
 def test_a_failed_online_start_falls_back_to_offline(tmp_path, monkeypatch):
-    """The server answered the probe, then wandb.init failed online (the real conditions, a
-    refused, silent or key-rejecting server, are in tests/test_reliability.py)."""
+    """The server answered the probe, then wandb.init failed online (`lavit bench|analyze
+    --wandb`; the real conditions, a refused, silent or key-rejecting server, are in
+    tests/test_reliability.py)."""
     import wandb
 
     from lavit.training import wandb_runs
@@ -207,9 +233,8 @@ def test_a_failed_online_start_falls_back_to_offline(tmp_path, monkeypatch):
         return real_init(**kwargs)
 
     monkeypatch.setattr(wandb, "init", init)
-    logger = FallbackWandbLogger(project="p", save_dir=str(tmp_path), mode="online")
     with pytest.warns(UserWarning, match="logging offline"):
-        run = logger.experiment
+        run = wandb_runs.start_wandb_run(mode="online", project="p", dir=str(tmp_path))
     try:
         assert modes == ["online", "offline"] and run.settings.mode == "offline"
     finally:

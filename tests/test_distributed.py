@@ -1,6 +1,6 @@
 """DDP on CPU (gloo, 2 processes): same results as one process, and a failing rank ends the job.
 
-Docstrings read ``<fault or setting> => <what must happen>`` (see RELIABILITY.md).
+Docstrings read ``<fault or setting> => <what must happen>`` (see docs/reliability.md).
 """
 
 import csv
@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import REPO
+from conftest import FAULTS_SCRIPT, REPO
 from test_reliability import TINY_MODEL, run_env
 
 from lavit.cli import main
@@ -154,7 +154,7 @@ def test_a_failing_rank_ends_the_whole_ddp_job_in_bounded_time(
     ]
     started = time.monotonic()
     result = subprocess.run(  # capture_output: waits until every process holding the pipes ends
-        [sys.executable, "-m", "lavit.testing", *args],
+        [sys.executable, str(FAULTS_SCRIPT), *args],
         cwd=REPO,
         env=run_env(tmp_path, LAVIT_FAULT_INJECT=fault),
         capture_output=True,

@@ -1,4 +1,4 @@
-"""Training progress: images/s, achieved MACs/s and the whole run's ETA, logged and in the bar."""
+"""Training throughput: images/s and FLOP/s (Lightning's ThroughputMonitor) and the run's ETA."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lavit.analysis.flops import count_model_macs
 from lavit.models.factory import create_model
 from lavit.training.data import ImageDataModule
 from lavit.training.module import LaViTModule
-from lavit.training.progress import TrainingProgress, training_macs_per_image
+from lavit.training.progress import Throughput, images_in_batch, training_macs_per_image
 from lavit.units import format_duration, format_si
 
 
@@ -28,36 +28,35 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_fit_logs_images_macs_and_eta_and_shows_them(tmp_path):
+def test_fit_logs_images_flops_and_eta_and_shows_the_eta(tmp_path):
     module = LaViTModule(
         num_classes=10, img_size=32, model_kwargs=TINY_LAVIT, scale_lr_by_batch=False
     )
-    progress = TrainingProgress(every_n_batches=2)
+    throughput = Throughput(window_size=2)
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=2, limit_train_batches=6, limit_val_batches=1,
         log_every_n_steps=1, logger=CSVLogger(tmp_path, name=""), enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[progress],
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[throughput],
     )  # fmt: skip
     trainer.fit(module, ImageDataModule(**SMALL_DATA))
 
-    # The training MACs of one image are the project's counter's (on the meta device).
+    # The training FLOPs of one image are twice the project's MAC count (on the meta device).
     expected = count_model_macs(
         lambda: create_model("lavit_cifar", 10, 32, model_kwargs=TINY_LAVIT), 32
     )
-    assert progress.train_macs == pytest.approx(expected.train_macs)
+    assert throughput.flops_per_image == 2 * expected.train_macs
     with open(tmp_path / "version_0" / "metrics.csv", newline="") as stream:
-        rows = [row for row in csv.DictReader(stream) if row.get("train/images_per_s")]
-    assert len(rows) == 2 * 5  # every batch but the first of each epoch
-    for row in rows:
-        images_per_s = float(row["train/images_per_s"])
+        rows = list(csv.DictReader(stream))
+    trained = [row for row in rows if row.get("train/device/samples_per_sec")]
+    assert len(trained) == 2 * 6 - 1  # every batch once the window holds two
+    for row in trained:
+        images_per_s = float(row["train/device/samples_per_sec"])  # 16 images per batch
         assert images_per_s > 0
-        assert float(row["train/macs_per_s"]) == pytest.approx(images_per_s * expected.train_macs)
-    etas = [float(row["train/eta_s"]) for row in rows]
-    assert etas[0] > etas[-1] >= 0  # the whole run's: it falls across the epochs
-    bar = trainer.progress_bar_callback.get_metrics(trainer, module)
-    assert bar["img/s"] == f"{progress.images_per_s:.0f}" and bar["ETA"] == "0:00"
-    assert bar["MAC/s"] == format_si(progress.images_per_s * expected.train_macs)
-    assert "train/loss" in bar  # the bar's own items are kept
+        flops_per_s = float(row["train/device/flops_per_sec"])
+        assert flops_per_s == pytest.approx(images_per_s * 2 * expected.train_macs)
+    etas = [float(row["train/eta_s"]) for row in rows if row.get("train/eta_s")]
+    assert len(etas) == 2 * 6 and etas[0] > etas[-1] >= 0  # the whole run's, falling
+    assert "train/eta_s" in trainer.progress_bar_callback.get_metrics(trainer, module)
 
 
 def test_counting_training_macs_leaves_the_model_as_it_was():
@@ -74,8 +73,8 @@ def test_counting_training_macs_leaves_the_model_as_it_was():
 def test_human_readable_units():
     assert [format_si(v) for v in (950.0, 4.04e9, 1.234e12, None)] == ["950", "4.04G", "1.23T", "?"]
     assert format_duration(3725) == "1:02:05"
-    with pytest.raises(ValueError, match=r"every_n_batches: invalid value 0 \(must be >= 1\)"):
-        TrainingProgress(every_n_batches=0)
+    with pytest.raises(ValueError, match=r"window_size: invalid value 1 \(must be >= 2\)"):
+        Throughput(window_size=1)
 
 
 def test_bench_and_report_say_what_they_are_doing(tmp_path, capsys):
@@ -114,8 +113,6 @@ def test_bench_and_report_say_what_they_are_doing(tmp_path, capsys):
 
 def test_batches_of_image_lists_count_their_images():
     """Detection batches hold a list of differently sized images."""
-    from lavit.training.progress import _batch_size
-
     images = [torch.zeros(3, 32, 48), torch.zeros(3, 40, 40)]
-    assert _batch_size((images, [{}, {}])) == 2
-    assert _batch_size((torch.zeros(5, 3, 8, 8), torch.zeros(5))) == 5
+    assert images_in_batch((images, [{}, {}])) == 2
+    assert images_in_batch((torch.zeros(5, 3, 8, 8), torch.zeros(5))) == 5

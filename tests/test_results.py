@@ -129,9 +129,10 @@ def test_the_page_states_what_the_seeds_resolve_and_what_they_cannot(tmp_path, m
     assert "| 3 | 0→1 | va→la | 0.900 ± 0.000 | 0.610 ± 0.010 |" in text
     assert "cosine similarity 0.61–0.61 (centred 0.20–0.20; LaViT's transformed maps" in text
     assert "the saturation the paper reports (and that LA reuse presumes) is not seen here" in text
-    # the plot and CSV of the sweep, linked relative to the page
+    # the plot and CSV of the sweep, and the page's own copy of the plot (mkdocs serves docs/ only)
     assert (root / "va_layers" / "report" / "ablation.png").stat().st_size > 1000
-    assert "](results/va_layers/report/ablation.png)" in text
+    assert (page.parent / "ablations" / "va_layers.png").stat().st_size > 1000
+    assert "](ablations/va_layers.png)" in text
 
     assert results.main([*argv, "--check"]) == 0
     page.write_text(text.replace("-10.33", "-9.99"))

@@ -6,6 +6,8 @@
   ``os.replace``-d over ``<name>`` (and the folder is ``fsync``-ed): a process killed at any moment,
   even mid-write, leaves either the previous complete file or the new complete one, never a
   truncated ``last.ckpt``. Replacing also turns a ``last.ckpt`` symlink into a real file.
+* a **full disk** leaves the previous files intact too, and ends in one :class:`DiskFullError`
+  naming the file, the space it needed and the checkpoint to resume from;
 * a checkpoint whose weights hold NaN is **refused** (:class:`NonFiniteCheckpointError`), so a
   diverged run can never overwrite a good checkpoint with a broken one.
 * **reads** use ``torch.load(weights_only=True)`` whatever the caller asks: a checkpoint holds
@@ -19,9 +21,12 @@ Which checkpoint a run resumes from, and when ``last.ckpt`` is written, is
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
 import re
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +36,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lavit.errors import CheckpointError, NonFiniteCheckpointError
+from lavit.errors import CheckpointError, DiskFullError, NonFiniteCheckpointError
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -204,8 +209,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, target)
-        except BaseException:
+        except BaseException as err:
             temporary.unlink(missing_ok=True)
+            if not isinstance(err, OSError | RuntimeError):
+                raise
+            needed, free = _file_size(checkpoint), shutil.disk_usage(target.parent).free
+            # torch's zip writer reports ENOSPC as "unexpected pos": tell it by the free space
+            if getattr(err, "errno", None) == errno.ENOSPC or free < needed:
+                raise DiskFullError(_disk_full_message(target, needed, free)) from None
             raise
         _fsync_dir(target.parent)
 
@@ -228,4 +239,39 @@ def _nan_message(path: _PATH, keys: list[str]) -> str:
     return (
         f"refusing to write checkpoint {path}: {len(keys)} weight tensor(s) hold NaN "
         f"(e.g. {keys[0]}); the checkpoint already on disk is kept"
+    )
+
+
+class _ByteCounter(io.RawIOBase):
+    """A file that keeps nothing and counts what is written: the size a checkpoint needs."""
+
+    size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.size += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+
+def _file_size(checkpoint: dict[str, Any]) -> int:
+    counter = _ByteCounter()
+    torch.save(checkpoint, counter)
+    return counter.size
+
+
+def _disk_full_message(target: Path, needed: int, free: int) -> str:
+    saved = [p for p in target.parent.glob("*.ckpt") if p.is_file()]
+    last = target.parent / "last.ckpt"
+    if last.is_file():
+        resume = f"{last} is intact: make room, then resume from it with --ckpt_path last"
+    elif saved:
+        newest = max(saved, key=os.path.getmtime)
+        resume = f"{newest} is intact: make room, then resume from it with --ckpt_path {newest}"
+    else:
+        resume = "no earlier checkpoint was saved: make room and start again"
+    return (
+        f"no space left to write checkpoint {target}: it needs about {needed / 2**20:.1f} MiB "
+        f"and {free / 2**20:.1f} MiB are free there; {resume}"
     )

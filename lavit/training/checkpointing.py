@@ -1,9 +1,8 @@
 """Which checkpoints a run writes, and which one ``--ckpt_path`` means.
 
-* :class:`RunCheckpoint`: Lightning's ``ModelCheckpoint`` with ``last.ckpt`` kept current (every
-  checkpointing epoch and the end of training) and nothing saved by a ``fast_dev_run``.
-* :class:`PreemptionCheckpoint`: on SIGTERM during ``fit``, saves ``last.ckpt`` (the CLI then
-  exits with :data:`lavit.errors.EXIT_PREEMPTED`).
+* :class:`LastCheckpoint`: ``last.ckpt``, kept current at every epoch's end and saved on SIGTERM
+  (the CLI then exits with :data:`lavit.errors.EXIT_PREEMPTED`); the best checkpoints are a plain
+  ``ModelCheckpoint`` (``--checkpoint.*``).
 * :func:`resolve_best_checkpoint`, :func:`checkpoint_file` and :func:`check_checkpoint`: what
   ``--ckpt_path best`` / ``last`` / a file mean in a new process, and a one-line
   :class:`~lavit.errors.ConfigError` before anything runs if that file cannot be used (unreadable,
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -29,8 +28,7 @@ from lavit.errors import CheckpointError, ConfigError
 from lavit.training.checkpoint_io import load_checkpoint_file, state_dict_mismatch
 
 __all__ = [
-    "PreemptionCheckpoint",
-    "RunCheckpoint",
+    "LastCheckpoint",
     "check_checkpoint",
     "checkpoint_file",
     "last_good_checkpoint",
@@ -38,85 +36,44 @@ __all__ = [
 ]
 
 
-class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that saves nothing under ``fast_dev_run`` and keeps ``last`` current.
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``: rewritten at every checkpointing epoch's end, and on SIGTERM during fit.
 
-    Lightning 2.6 still writes ``last.ckpt`` at the end of a ``fast_dev_run``, which a later
-    ``--ckpt_path last`` would then resume from. And with a monitored metric it refreshes
-    ``last.ckpt`` only when a top-k checkpoint is saved (the metric improved): a run that stops
-    improving would resume from its best epoch instead of its last one. Here ``last.ckpt``
-    follows every checkpointing epoch, and the end of training.
+    Lightning's ``save_last`` rewrites it only when a top-k checkpoint is saved (a run that stops
+    improving would resume from its best epoch), its ``save_on_exception`` saves on any exception
+    (a crash's half-done step; a NaN stop), and ``OnExceptionCheckpoint`` deletes its file when fit
+    ends and makes every later fit resume from it. Hence one unmonitored file, saved on SIGTERM
+    only: Lightning lets the batch finish, then raises ``SIGTERMException`` (the CLI exits 75).
     """
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.fast_dev_run:
-            return
-        super().on_train_end(trainer, pl_module)
-        # Stopped between checkpoints (max_steps, early stopping): last.ckpt is the final state.
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def _refresh_last(self, trainer: L.Trainer) -> None:
-        every = self._every_n_epochs
-        if (
-            self.save_last
-            and every >= 1
-            and (trainer.current_epoch + 1) % every == 0
-            and not self._should_skip_saving_checkpoint(trainer)  # also: saved at this step
-        ):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-class PreemptionCheckpoint(Callback):
-    """On SIGTERM during ``fit``, saves ``last.ckpt`` in the checkpoint folder (then the run stops).
-
-    Lightning 2.6 catches SIGTERM itself (and forwards it to its DDP children): it lets the current
-    batch finish, then raises ``SIGTERMException`` (a ``SystemExit``) from the loop, which reaches
-    callbacks through ``on_exception`` while the loop state is consistent. Without this callback
-    the process would exit with code 0 and nothing saved since the last checkpoint.
-    """
-
-    def __init__(self) -> None:
-        self.saved_path: str | None = None
+    def __init__(self, dirpath: str, **when: Any) -> None:
+        """``when``: ``every_n_epochs``, ``every_n_train_steps``, ... as for ``ModelCheckpoint``."""
+        super().__init__(
+            dirpath, self.CHECKPOINT_NAME_LAST, save_top_k=1, enable_version_counter=False,
+            save_on_exception=True, **when,
+        )  # fmt: skip
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
-            return
-        callback = trainer.checkpoint_callback
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            name = callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION
-            previous = callback.last_model_path
-            path = previous if previous else os.path.join(callback.dirpath, name)
-            callback.last_model_path = path  # recorded in the checkpoint's callback state
-        else:
-            path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
-        trainer.save_checkpoint(path)
-        self.saved_path = path
-        if trainer.is_global_zero:
-            print(
-                f"SIGTERM: saved {path} at global step {trainer.global_step} "
-                f"(epoch {trainer.current_epoch}); resume with --ckpt_path last",
-                file=sys.stderr,
-                flush=True,
-            )
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
+            super().on_exception(trainer, pl_module, exception)  # unless saved at this step
+            if trainer.is_global_zero:
+                print(
+                    f"SIGTERM: saved {self.format_checkpoint_name({})} at global step "
+                    f"{trainer.global_step} (epoch {trainer.current_epoch}); resume with "
+                    "--ckpt_path last",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 def last_good_checkpoint(trainer: L.Trainer) -> str:
     """``"<path> (global step N)"`` of the newest checkpoint this run saved, or a sentence saying none."""
-    callback = trainer.checkpoint_callback
-    paths = [getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")]
+    callbacks = trainer.checkpoint_callbacks
+    paths = [
+        getattr(c, name, "") for c in callbacks for name in ("last_model_path", "best_model_path")
+    ]
     existing = [p for p in paths if p and Path(p).is_file()]
     if not existing:
         return "none (no checkpoint was saved before this step)"

@@ -25,12 +25,6 @@ from lavit.training.options import check_arguments
 __all__ = ["NonFiniteGuard"]
 
 
-def _grads_finite(grads: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor: every gradient is finite (norms fused per device; no sync)."""
-    norms = torch._foreach_norm(grads)
-    return torch.stack([n.to(grads[0].device) for n in norms]).isfinite().all()
-
-
 class NonFiniteGuard(Callback):
     """Keeps NaN/inf out of the weights: checks the loss and gradients before each optimizer step.
 
@@ -77,7 +71,7 @@ class NonFiniteGuard(Callback):
                 if p.grad is not None
             ]
             if grads:
-                checks.append(_grads_finite(grads))
+                checks.append(torch.nn.utils.get_total_norm(grads, foreach=True).isfinite())
         if not checks:
             return
         finite = bool(torch.stack([c.to(checks[0].device) for c in checks]).all())

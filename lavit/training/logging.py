@@ -17,7 +17,6 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
@@ -99,8 +98,6 @@ def default_loggers(
         resume: continue the W&B run whose id is stored in ``run_dir`` (when resuming a fit, or
             evaluating a trained run), instead of starting a new one.
     """
-    import wandb as wandb_lib
-
     options = wandb or WandbOptions()
     run_dir = Path(run_dir)
     # One CSV version per attempt: Lightning's CSV writer would delete an existing metrics.csv.
@@ -109,18 +106,16 @@ def default_loggers(
     if options.enabled and mode != "disabled":
         save_dir = os.environ.get("WANDB_DIR") or str(run_dir)
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        kwargs: dict[str, Any] = dict(
-            project=options.project,
-            name=options.name or run_dir.resolve().name,
-            save_dir=save_dir,
-            id=_run_id(run_dir, resume),
-            mode=mode,
-            settings=wandb_lib.Settings(init_timeout=options.init_timeout),
-            tags=list(options.tags) or None,
+        loggers.append(
+            FallbackWandbLogger(
+                project=options.project,
+                name=options.name or run_dir.resolve().name,
+                save_dir=save_dir,
+                id=_run_id(run_dir, resume),
+                init_timeout=options.init_timeout,
+                tags=list(options.tags) or None,
+                **{k: v for k, v in (("entity", options.entity), ("group", options.group)) if v},
+                **({} if mode == "online" else {"mode": mode}),  # online: probed first
+            )
         )
-        if options.entity:
-            kwargs["entity"] = options.entity
-        if options.group:
-            kwargs["group"] = options.group
-        loggers.append(FallbackWandbLogger(**kwargs))
     return loggers

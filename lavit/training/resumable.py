@@ -39,6 +39,8 @@ def mid_epoch(trainer: Any) -> bool:
     return not progress.is_last_batch and progress.current.completed > 0
 
 
+# torchdata's stateful RandomSampler seeds once when built, so a resume from an epoch's end
+# shuffles anew (tests/test_module.py::test_resume_gives_the_same_weights...): hence this one.
 class ResumableShuffle(Sampler[int]):
     """A random permutation per epoch, like ``RandomSampler``, that resumes where it stopped."""
 

@@ -11,7 +11,8 @@ sweep`` runs ``lavit fit``) follows one rule:
    or a key it rejects means offline, without ever starting an online run: ``wandb.init`` itself
    retries a dead server for longer than its ``init_timeout``, and after a failed online start
    its service keeps the run id, so an offline run with the same id fails ("run ID is in use").
-3. If the online start fails anyway, W&B's service is torn down and the run starts offline.
+3. If the online start fails anyway (tools only, :func:`start_wandb_run`), W&B's service is torn
+   down and the run starts offline.
 
 Falling back says so once, with the ``wandb sync`` command that uploads the run later.
 """
@@ -148,38 +149,27 @@ def start_wandb_run(init_timeout: float = 30.0, mode: WandbMode = "auto", **init
 
 
 class FallbackWandbLogger(WandbLogger):
-    """Lightning's ``WandbLogger`` that starts offline when W&B cannot start online.
+    """Lightning's ``WandbLogger`` that starts offline when the W&B server cannot be used.
 
-    Takes the same arguments as ``WandbLogger``; ``mode`` and ``settings`` go to ``wandb.init``
-    (Lightning's own ``offline=True`` sets ``WANDB_MODE`` for the whole process, hence ``mode``).
-    ``settings.init_timeout`` bounds the probe of the server as well.
+    Without ``mode`` (an online run) the server is probed, within ``init_timeout`` seconds, when
+    the run starts; failing that, ``WANDB_MODE=offline`` for this process before ``wandb.init``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, init_timeout: float = 30.0, **kwargs: Any) -> None:
+        import wandb
+
+        kwargs.setdefault("settings", wandb.Settings(init_timeout=init_timeout))
         super().__init__(*args, **kwargs)
-        if self._wandb_init.get("anonymous") is None:  # wandb warns about the unused setting
-            self._wandb_init.pop("anonymous", None)
+        self.init_timeout, self.probe = init_timeout, "mode" not in kwargs
         self.fallback_reason: str | None = None
 
     @property
     @rank_zero_experiment
     def experiment(self):  # noqa: D102 (documented by WandbLogger)
-        if self._experiment is not None or self._wandb_init.get("mode") != "online":
-            return super().experiment
-        import wandb
-
-        settings = self._wandb_init.get("settings")
-        timeout = float(getattr(settings, "init_timeout", None) or 30.0)
-        reason = wandb_unreachable(timeout)
-        if reason is None:
-            try:
-                return super().experiment
-            except Exception as err:  # wandb raises several types (CommError, UsageError, ...)
-                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-                self._experiment = None
-                wandb.teardown()  # its service keeps the failed run's id otherwise
-        self.fallback_reason = reason
-        self._wandb_init["mode"] = "offline"
-        run = super().experiment
-        rank_zero_warn(_offline_message(reason, run))
-        return run
+        if self.probe:
+            self.probe = False
+            self.fallback_reason = wandb_unreachable(self.init_timeout)
+            if self.fallback_reason:
+                os.environ["WANDB_MODE"] = "offline"
+                rank_zero_warn(_offline_message(self.fallback_reason, super().experiment))
+        return super().experiment

@@ -1,12 +1,12 @@
 """Fault injection for tests: ``lavit`` with crashes, NaN batches, hangs or slow checkpoint writes.
 
-A test runs ``python -m lavit.testing <lavit arguments>`` (or :func:`main` in-process) with
+A test runs ``python tests/helpers/faults.py <lavit arguments>`` (or :func:`main` in-process) with
 ``LAVIT_FAULT_INJECT=name[:key=value...][,...]``, e.g. ``crash:rank=1:step=2`` or
 ``nan_loss:step=3,slow_checkpoint:seconds=2`` (see :data:`FAULTS`). :func:`main` adds the faults
 to the command line through the CLI's ordinary extension points, a callback
 (:class:`FaultInjection`) and a checkpoint plugin (:class:`SlowCheckpointIO`), then runs
 ``lavit.cli.main``; under DDP every rank re-runs the same command and gets the same faults.
-``python -m lavit`` itself never reads ``LAVIT_FAULT_INJECT``.
+``python -m lavit`` itself never reads ``LAVIT_FAULT_INJECT``; this file is not installed with it.
 """
 
 from __future__ import annotations
@@ -153,3 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     lavit_main([*args, *fault_arguments()])
+
+
+if __name__ == "__main__":
+    main()
