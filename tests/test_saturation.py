@@ -109,9 +109,10 @@ def test_callback_logs_files_and_wandb_table_and_image(tmp_path):
     batches = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4)), batch_size=2)
     trainer = SimpleNamespace(
         loggers=[wandb], log_dir=str(tmp_path), default_root_dir=str(tmp_path), global_step=5,
-        datamodule=None, val_dataloaders=batches,
     )  # fmt: skip
     callback = AttentionSaturation(num_images=3)
+    for i, batch in enumerate(batches):  # what validation shows it
+        callback.on_validation_batch_end(trainer, module, None, batch, i)
     callback.on_train_end(trainer, module)
     assert {p.name for p in (tmp_path / "saturation").iterdir()} == {
         "saturation.csv",

@@ -1,11 +1,9 @@
-"""The one model factory: a model by name, as training, ``lavit bench``, ``lavit analyze``, the
-ablation report and the scripts build it.
+"""The one model factory: a model by name, for training, the tools and the scripts.
 
-A name is any timm model (``pvt_v2_b1``, ``resnet50``), a LaViT variant (``lavit_tiny``), or a
-LaViT variant with every Less-Attention layer switched to Vanilla Attention
-(``lavit_tiny/all-va``: ``num_va_layers`` = the variant's depths, the paper's all-attention
-baseline), or with another Ψ/Θ form (``lavit_tiny/separable``). The model's own constructor
-checks its arguments; every mistake is a ``ValueError`` that names the argument.
+A name is any timm model (``pvt_v2_b1``), a LaViT variant (``lavit_tiny``), the variant with every
+Less-Attention layer a Vanilla Attention one (``lavit_tiny/all-va``: the paper's all-attention
+baseline) or with another Ψ/Θ form (``lavit_tiny/separable``). The model's own constructor checks
+its arguments; every mistake is a ``ValueError`` that names the argument.
 """
 
 from __future__ import annotations
@@ -21,14 +19,7 @@ from torch import nn
 from .lavit import LAVIT_CONFIGS, LaViT
 from .token_mixing import LA_MIXINGS
 
-__all__ = [
-    "ALL_VA",
-    "LAVIT_SWITCHES",
-    "ModelSpec",
-    "create_model",
-    "is_lavit_arch",
-    "parse_model_name",
-]
+__all__ = ["ALL_VA", "LAVIT_SWITCHES", "ModelSpec", "create_model", "parse_model_name"]
 
 ALL_VA = "all-va"
 # LaViT's own constructor arguments (name → type), beyond what every timm classifier takes: read
@@ -38,11 +29,6 @@ LAVIT_SWITCHES: dict[str, Any] = {
     for name in inspect.signature(LaViT).parameters
     if name not in ("img_size", "num_classes", "drop_rate", "drop_path_rate")
 }
-
-
-def is_lavit_arch(arch: str) -> bool:
-    """Whether ``arch`` names a LaViT variant (``lavit_tiny``, ``lavit_cifar.untrained``, ...)."""
-    return arch.split(".")[0] in LAVIT_CONFIGS
 
 
 @dataclass(frozen=True)
@@ -55,16 +41,18 @@ class ModelSpec:
 
     @property
     def is_lavit(self) -> bool:
-        return is_lavit_arch(self.arch)
+        """Whether ``arch`` is a LaViT variant (``lavit_tiny``, ``lavit_cifar.untrained``)."""
+        return self.arch.split(".")[0] in LAVIT_CONFIGS
 
 
 def parse_model_name(name: str) -> ModelSpec:
     """``lavit_tiny``, ``pvt_v2_b1`` (any timm model), ``lavit_tiny/all-va`` or a LaViT with
     another ``la_mixing`` form, ``lavit_tiny/separable`` / ``lavit_tiny/pooled`` → a spec."""
     arch, _, variant = name.partition("/")
-    if variant in LA_MIXINGS and is_lavit_arch(arch):
+    base = arch.split(".")[0]
+    if variant in LA_MIXINGS and base in LAVIT_CONFIGS:
         return ModelSpec(name, arch, {"la_mixing": variant})
-    if arch.split(".")[0] not in timm.list_models():
+    if base not in timm.list_models():
         raise ValueError(
             f"unknown model {name!r}: arch={arch!r} is not a timm model (e.g. lavit_cifar, "
             f"lavit_tiny, pvt_v2_b1; a LaViT variant may end in '/{ALL_VA}')"
@@ -76,12 +64,11 @@ def parse_model_name(name: str) -> ModelSpec:
             f"unknown model variant {variant!r} in {name!r}: only '/{ALL_VA}' exists besides "
             f"the la_mixing forms ({', '.join('/' + f for f in LA_MIXINGS)})"
         )
-    if not is_lavit_arch(arch):
+    if base not in LAVIT_CONFIGS:
         raise ValueError(
             f"{name!r}: only LaViT variants ({', '.join(LAVIT_CONFIGS)}) have LA layers"
         )
-    depths = tuple(LAVIT_CONFIGS[arch.split(".")[0]]["depths"])
-    return ModelSpec(name, arch, {"num_va_layers": depths})
+    return ModelSpec(name, arch, {"num_va_layers": tuple(LAVIT_CONFIGS[base]["depths"])})
 
 
 def create_model(

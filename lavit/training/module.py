@@ -1,10 +1,9 @@
 """The LightningModule: a LaViT (or any timm classifier) trained with the DeiT/PVT recipe.
 
-``loss = CE + λ·DP`` (λ = the model's ``dp_loss_weight``), top-1/top-5 accuracy per split, timm's
-optimizers and schedules, Mixup/CutMix and label smoothing, an optional EMA of the weights (what
-is evaluated; saved in checkpoints), and fine-tuning: from weights, at another size or class count,
-with parts frozen. The model's own arguments (``num_va_layers``, ``la_init``, ...) are not restated
-here: they arrive as keyword arguments; the CLI reads their types from LaViT's signature.
+``loss = CE + λ·DP`` (λ: the model's ``dp_loss_weight``), top-1/top-5 accuracy per split, timm's
+optimizers, schedules, Mixup/CutMix and EMA (what is evaluated, and saved), and fine-tuning from
+weights with parts frozen. LaViT's own arguments (``num_va_layers``, ``la_init``, ...) arrive as
+keyword arguments; the CLI reads their types from LaViT's signature.
 """
 
 from __future__ import annotations
@@ -42,58 +41,45 @@ from lavit.training.resumable import mid_epoch, rng_states, set_rng_states
 __all__ = ["LaViTModule", "add_model_arguments"]
 
 RNG_KEY = "lavit_rng_states"  # the global RNG states of a mid-epoch checkpoint
-BACKBONE = "backbone"  # freeze=backbone: everything but the classifier (a linear probe)
 
 
 def add_model_arguments(parser, group: str = "model") -> None:
     """LaViT's constructor arguments as ``--model.<name>`` options (``null``: the variant's
     default), with the types of its signature; LaViT itself checks the values."""
     for name, hint in LAVIT_SWITCHES.items():
-        parser.add_argument(
-            f"--{group}.{name}",
-            type=hint | None,
-            default=None,
-            help=f"LaViT's {name} (see lavit.models.LaViT; null: the variant's default)",
-        )
-
-
-def _accuracy(num_classes: int, prefix: str, top5: bool = True) -> MetricCollection:
-    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
-    if top5 and num_classes >= 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+        text = f"LaViT's {name} (see lavit.models.LaViT; null: the variant's default)"
+        parser.add_argument(f"--{group}.{name}", type=hint | None, default=None, help=text)
 
 
 class LaViTModule(L.LightningModule):
     """Image classification with a LaViT or a timm baseline (the recipe of docs/spec.md §5).
 
     Args:
-        arch: a model name of :mod:`lavit.models.factory` (``lavit_tiny``, ``lavit_cifar/all-va``,
-            ...) or any timm classifier as a baseline (``pvt_v2_b1``).
-        num_classes: classifier outputs (linked from the data module by the CLI).
-        img_size: input side; ``None``: the variant's default (linked from the data by the CLI).
+        arch: a name of :mod:`lavit.models.factory` (``lavit_tiny``, ``lavit_cifar/all-va``) or
+            any timm classifier as a baseline (``pvt_v2_b1``).
+        num_classes: classifier outputs (set from the data by the CLI).
+        img_size: input side; ``None``: the variant's default (set from the data by the CLI).
         drop_path_rate: stochastic depth rate (linear over blocks).
         drop_rate: dropout before the classifier.
         model_kwargs: other model arguments, for any arch (``embed_dims``, ``depths``, ...).
-        pretrained: start from timm's published weights of ``arch`` (the Hugging Face cache, else
+        pretrained: start from timm's published weights of ``arch`` (Hugging Face cache, else
             the Hub); the data's preprocessing then follows the weights' config.
-        pretrained_file: start from this weights file instead: a state dict (``lavit export``'s
-            ``model.safetensors``) or a ``lavit fit`` checkpoint (its EMA weights if any); position
-            embeddings and Ψ/Θ are resampled, a classifier of another size starts afresh.
-        freeze: submodules of the model whose parameters do not train (``stages.0``, ...), or
-            ``backbone``: all but the classifier (a linear probe).
+        pretrained_file: start from a state dict (``lavit export``'s ``model.safetensors``) or a
+            ``lavit fit`` checkpoint (its EMA weights if kept); position embeddings and Ψ/Θ are
+            resampled, a classifier of another size starts afresh.
+        freeze: submodules that do not train (``stages.0``, ...), or ``backbone``: all but the
+            classifier (a linear probe).
         opt: a timm optimizer (``adamw``, ``sgd``, ``lamb``, ...; ``timm.optim.list_optimizers()``).
         lr: peak learning rate, for a global batch of 512 when ``scale_lr_by_batch``.
         scale_lr_by_batch: use ``lr × global batch / 512`` (batch × devices × accumulation).
         weight_decay: weight decay (none on norms, biases, position embeddings and Ψ/Θ).
         momentum: momentum, for the optimizers that have one (SGD).
-        betas: Adam-family betas; ``None``: the optimizer's default ((0.9, 0.999) for AdamW).
-        eps: the optimizer's epsilon; ``None``: its default (1e-8 for AdamW).
-        layer_decay: layer-wise lr decay, ``lr × layer_decay^(groups from the head)`` (timm's
-            ``param_groups_layer_decay`` over the model's ``group_matcher``).
-        sched: timm schedule, stepped per optimizer update: ``cosine`` (to ``min_lr``), ``step``
-            (× ``decay_rate`` every ``decay_epochs``), ``multistep`` (at ``decay_milestones``),
-            ``poly`` (power ``decay_rate``), ``tanh`` or ``constant``.
+        betas: Adam-family betas; ``None``: the optimizer's default.
+        eps: the optimizer's epsilon; ``None``: its default.
+        layer_decay: layer-wise lr decay, ``lr × layer_decay^(block groups from the head)``.
+        sched: timm schedule, per update: ``cosine`` (to ``min_lr``), ``step`` (× ``decay_rate``
+            every ``decay_epochs``), ``multistep`` (at ``decay_milestones``), ``poly`` (power
+            ``decay_rate``), ``tanh`` or ``constant``.
         warmup_epochs: linear warm-up in epochs (fractions allowed); the decay starts after it.
         warmup_lr: learning rate at the start of the warm-up.
         min_lr: learning rate at the end of the schedule (cosine, poly, tanh).
@@ -106,12 +92,12 @@ class LaViTModule(L.LightningModule):
         mixup_prob: probability of applying Mixup or CutMix to a batch.
         mixup_switch_prob: probability of CutMix instead of Mixup when both are on.
         mixup_mode: mix per ``batch``, per ``pair`` or per ``elem``ent.
-        ema_decay: decay of an exponential moving average of the weights, validated and tested
-            instead of the raw weights and saved in checkpoints; ``None`` disables it.
+        ema_decay: an EMA of the weights, validated and tested instead of them and saved in
+            checkpoints; ``None`` disables it.
         channels_last: run the model in channels-last memory format.
         compile: ``torch.compile`` the training forward.
-        reseed_every_epoch: reseed the RNGs from (global seed, epoch, rank) each epoch, so that a
-            resumed run draws what an uninterrupted one would (exactly with ``num_workers=0``).
+        reseed_every_epoch: reseed the RNGs from (seed, epoch, rank) each epoch, so that a resumed
+            run draws what an uninterrupted one would (exactly with ``num_workers=0``).
         **model_args: the model's own arguments (LaViT's ``num_va_layers``, ``dp_loss_weight``...).
     """
 
@@ -177,11 +163,16 @@ class LaViTModule(L.LightningModule):
         # Mixup already smooths its soft targets; without it, CE smooths the hard ones.
         smoothed = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_criterion = smoothed if self.mixup is None else SoftTargetCrossEntropy()
-        # Separate metric objects per split: their states must not mix. No train accuracy under
-        # Mixup, whose targets are not classes.
-        self.train_metrics = _accuracy(num_classes, "train/", top5=False)
-        self.val_metrics = _accuracy(num_classes, "val/")
-        self.test_metrics = _accuracy(num_classes, "test/")
+        # One collection per split, their states must not mix; in training top-1 only, and none
+        # under Mixup, whose targets are not classes.
+        top = {
+            f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+            for k in (1, 5)
+            if k <= num_classes
+        }
+        accuracy = MetricCollection(top, compute_groups=False)
+        self.train_metrics = MetricCollection({"top1": top["top1"].clone()}, prefix="train/")
+        self.val_metrics, self.test_metrics = (accuracy.clone(prefix=p) for p in ("val/", "test/"))
 
         self.ema: ModelEmaV3 | None = None
         if ema_decay is not None:
@@ -195,13 +186,11 @@ class LaViTModule(L.LightningModule):
         self._resumed_rng: dict[str, Any] | None = None
 
         # Compiled functions, not modules, so the state_dict keeps its plain keys.
-        self._train_forward = self._forward_with_dp
-        if compile:
-            self._train_forward = torch.compile(self._forward_with_dp)
+        train_forward = self._forward_with_dp
+        self._train_forward = torch.compile(train_forward) if compile else train_forward
 
     def _freeze(self, names: list[str]) -> None:
-        """No gradient for these submodules of the model (``backbone``: all but the classifier)."""
-        if BACKBONE in names:
+        if "backbone" in names:  # a linear probe
             classifier = self.model.get_classifier()
             names = [n for n, m in self.model.named_children() if m is not classifier]
         try:
@@ -210,7 +199,6 @@ class LaViTModule(L.LightningModule):
             children = ", ".join(n for n, _ in self.model.named_children())
             raise ValueError(f"freeze={names}: {err} (the model's parts: {children})") from None
 
-    # --------------------------------------------------------------------------------- forward
     @property
     def is_lavit(self) -> bool:
         """Whether the model is a LaViT (which has a DP loss)."""
@@ -235,7 +223,6 @@ class LaViTModule(L.LightningModule):
             return out.logits, out.dp_loss
         return self.model(x), None
 
-    # -------------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
         x, target = self._prepare(x), y
@@ -287,7 +274,6 @@ class LaViTModule(L.LightningModule):
             self.ema.update(self.model, step=self.global_step)
             self._last_ema_step = self.global_step
 
-    # ------------------------------------------------------------------------------ evaluation
     def _evaluate(self, batch, metrics: MetricCollection, split: str) -> None:
         x, y = batch
         logits = self(x)
@@ -308,7 +294,6 @@ class LaViTModule(L.LightningModule):
         probs = self(x).float().softmax(dim=-1)
         return {"probs": probs, "pred": probs.argmax(dim=-1)}
 
-    # ------------------------------------------------------------------------------ checkpoints
     def _attached_trainer(self) -> L.Trainer | None:
         try:
             return self.trainer
@@ -348,31 +333,29 @@ class LaViTModule(L.LightningModule):
             for key in ema_keys:
                 del state[key]
 
-    # ------------------------------------------------------------------------------ optimizer
-    def _global_batch_size(self) -> int:
-        trainer = self.trainer
-        per_device = getattr(trainer.datamodule, "batch_size", None) or getattr(
-            trainer.train_dataloader, "batch_size", None
-        )
-        if per_device is None:
-            raise ValueError(
-                "scale_lr_by_batch needs the batch size (a `batch_size` on the datamodule or the "
-                "train DataLoader); set scale_lr_by_batch=False to use lr as given"
-            )
-        return per_device * trainer.world_size * trainer.accumulate_grad_batches
-
     def configure_optimizers(self):
-        hp = self.hparams
-        lr = hp.lr * (self._global_batch_size() / 512 if hp.scale_lr_by_batch else 1.0)
-        per_epoch = steps_per_epoch(self.trainer)
-        given = {"betas": hp.betas, "eps": hp.eps}  # None: the optimizer's own default
+        hp, trainer = self.hparams, self.trainer
+        lr = hp.lr
+        if hp.scale_lr_by_batch:
+            batch = getattr(trainer.datamodule, "batch_size", None) or getattr(
+                trainer.train_dataloader, "batch_size", None
+            )
+            if batch is None:
+                raise ValueError(
+                    "scale_lr_by_batch needs the batch size (a `batch_size` on the datamodule or "
+                    "the train DataLoader); set scale_lr_by_batch=False to use lr as given"
+                )
+            lr *= batch * trainer.world_size * trainer.accumulate_grad_batches / 512
+        per_epoch = steps_per_epoch(trainer)
         return optimizer_and_schedule(
             self.model,
-            self.trainer,
+            trainer,
             opt=hp.opt,
             lr=lr,
             weight_decay=hp.weight_decay,
             momentum=hp.momentum,
+            betas=hp.betas and tuple(hp.betas),
+            eps=hp.eps,
             layer_decay=hp.layer_decay,
             sched=hp.sched,
             warmup_steps=round(hp.warmup_epochs * per_epoch),
@@ -381,7 +364,6 @@ class LaViTModule(L.LightningModule):
             decay_steps=hp.decay_epochs * per_epoch,
             milestone_steps=[round(e * per_epoch) for e in hp.decay_milestones or ()],
             decay_rate=hp.decay_rate,
-            **{k: tuple(v) if k == "betas" else v for k, v in given.items() if v is not None},
         )
 
     lr_scheduler_step = step_schedule  # a timm scheduler, stepped per update

@@ -57,8 +57,9 @@ def optimizer_and_schedule(
     """
     total = max(1, int(trainer.estimated_stepping_batches))  # sets up the data
     warmup = min(warmup_steps, total - 1)
+    given = {k: v for k, v in optimizer_kwargs.items() if v is not None}  # None: timm's default
     optimizer = create_optimizer_v2(
-        model, opt, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, **optimizer_kwargs
+        model, opt, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, **given
     )
     if layer_decay is None and len(optimizer.param_groups) == 2:  # LearningRateMonitor: lr/decay
         for group in optimizer.param_groups:

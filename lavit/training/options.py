@@ -1,10 +1,8 @@
 """Value ranges of the options, declared once: as the types of the constructor arguments.
 
-``lr: PositiveFloat``, ``scale: CropScale``: jsonargparse checks the annotation when the command
-line is parsed, :func:`check_arguments` when a class is built from Python, and
-:func:`describe_parse_error` turns jsonargparse's message into the CLI's one line:
-``--model.lr: invalid value -1.0 (must be > 0)``. jsonargparse's own restricted types are used
-where they fit; the others are built the same way here.
+``lr: PositiveFloat``: jsonargparse checks the type when the command line is parsed,
+:func:`check_arguments` when a class is built from Python; both say it the same way:
+``lr: invalid value -1.0 (must be > 0)`` (the CLI's line names ``--model.lr``).
 """
 
 from __future__ import annotations
@@ -49,7 +47,7 @@ AtLeastTwoInt = restricted_number_type("AtLeastTwoInt", int, [(">=", 2)])  # e.g
 
 
 def _checked_type(name: str, base: type, description: str, convert: Callable, valid: Callable):
-    """A ``base`` subclass whose constructor converts and checks; registered with jsonargparse
+    """A ``base`` subclass whose constructor converts and checks, registered with jsonargparse
     (which has restricted numbers only)."""
 
     def new(cls, value):
@@ -58,8 +56,9 @@ def _checked_type(name: str, base: type, description: str, convert: Callable, va
             raise ValueError(f"{value!r} is not {description}")
         return base.__new__(cls, value)
 
-    kind = type(name, (base,), {"__new__": new, "description": description})
+    kind = type(name, (base,), {"__new__": new})
     register_type(kind, serializer=list if base is tuple else base, deserializer=kind)
+    ALLOWED[kind] = description
     return kind
 
 
@@ -78,6 +77,18 @@ def _timm_policy(policy: str) -> bool:
     return True
 
 
+# What each constrained type allows, as the error line says it.
+ALLOWED: dict[type, str] = {
+    PositiveInt: ">= 1",
+    NonNegativeInt: ">= 0",
+    PositiveFloat: "> 0",
+    NonNegativeFloat: ">= 0",
+    OpenUnitInterval: "in (0, 1)",
+    ClosedUnitInterval: "a probability in [0, 1]",
+    UnitIntervalRightOpen: "in [0, 1)",
+    UnitIntervalLeftOpen: "in (0, 1]",
+    AtLeastTwoInt: ">= 2",
+}
 PositiveSeconds = _checked_type("PositiveSeconds", float, "> 0 seconds", float, lambda v: v > 0)
 CropScale = _checked_type(
     "CropScale",
@@ -99,29 +110,14 @@ AutoAugmentPolicy = _checked_type(
     str,
     _timm_policy,
 )
-
-# What each constrained type allows, as the error line says it; and its base type.
-RANGES: dict[str, tuple[type, str]] = {
-    "PositiveInt": (int, ">= 1"),
-    "NonNegativeInt": (int, ">= 0"),
-    "PositiveFloat": (float, "> 0"),
-    "NonNegativeFloat": (float, ">= 0"),
-    "OpenUnitInterval": (float, "in (0, 1)"),
-    "ClosedUnitInterval": (float, "a probability in [0, 1]"),
-    "UnitIntervalRightOpen": (float, "in [0, 1)"),
-    "UnitIntervalLeftOpen": (float, "in (0, 1]"),
-    "AtLeastTwoInt": (int, ">= 2"),
-    "PositiveSeconds": (float, PositiveSeconds.description),
-    **{t.__name__: (list, t.description) for t in (CropScale, AspectRatioRange)},
-    **{t.__name__: (str, t.description) for t in (Folder, AutoAugmentPolicy)},
-}
+BY_NAME = {kind.__name__: kind for kind in ALLOWED}
 _COUNTS = {2: "two", 3: "three", 4: "four"}
 
 
 # ------------------------------------------------------------------------------ from Python
 def _constrained(annotation: Any) -> list[tuple[type, bool]]:
     """The constrained types in ``annotation``: ``(type, applies to each element)``."""
-    if isinstance(annotation, type) and annotation.__name__ in RANGES:
+    if annotation in ALLOWED:
         return [(annotation, False)]
     found = []
     for arg in typing.get_args(annotation):
@@ -145,15 +141,15 @@ def check_arguments(function: Callable, arguments: dict[str, Any]) -> None:
             except (TypeError, ValueError):
                 shown = list(value) if isinstance(value, tuple) else value
                 raise ValueError(
-                    f"{name}: invalid value {shown} (must be {_allowed(kind.__name__, value)})"
+                    f"{name}: invalid value {shown} (must be {_allowed(kind, value)})"
                 ) from None
 
 
-def _allowed(type_name: str, value: Any) -> str:
-    base, description = RANGES[type_name]
-    if isinstance(value, (list, tuple)) and base is not list:
-        return f"{_COUNTS.get(len(value), len(value))} values {description}"
-    return description
+def _allowed(kind: type, value: Any) -> str:
+    """What ``kind`` allows; for a list of values of a scalar kind, how many of them."""
+    if isinstance(value, (list, tuple)) and not issubclass(kind, tuple):
+        return f"{_COUNTS.get(len(value), len(value))} values {ALLOWED[kind]}"
+    return ALLOWED[kind]
 
 
 def plain(value: Any) -> Any:
@@ -187,14 +183,14 @@ def describe_parse_error(message: str, args: Sequence[str] = ()) -> str:
         return one_line(message)
     key, detail = match.groups()
     constrained = re.search(r"Not of type (\w+): (.*)$", detail, re.M)
-    if constrained and constrained.group(1) in RANGES:
-        name = constrained.group(1)
-        value = _given_value(key, args, name)
+    if constrained and constrained.group(1) in BY_NAME:
+        kind = BY_NAME[constrained.group(1)]
+        value = _given_value(key, args, kind)
         if value is None:  # not on the command line: the value the message names
             given = re.search(r"Given value: (.*)$", detail, re.M)
             text = given.group(1) if given else constrained.group(2).split(" does not conform")[0]
-            value = _cast(text.strip(), name)
-        return f"--{key}: invalid value {value} (must be {_allowed(name, value)})"
+            value = _cast(text.strip(), kind)
+        return f"--{key}: invalid value {value} (must be {_allowed(kind, value)})"
     expected = [
         _readable_type(t)
         for t in re.findall(r"Expected a (.+?)(?:\. Got value: .*)?$", detail, re.M)
@@ -206,17 +202,18 @@ def describe_parse_error(message: str, args: Sequence[str] = ()) -> str:
     return f"--{key}: invalid value {given.group(1)} (expected {' or '.join(expected)})"
 
 
-def _cast(value: Any, type_name: str) -> Any:
-    base = RANGES[type_name][0]
+def _cast(value: Any, kind: type) -> Any:
+    """``value`` as the base type of ``kind`` (float, int, str; a list of them), as parsed."""
+    base = next(b for b in (int, float, str, tuple) if issubclass(kind, b))
     try:
-        if isinstance(value, list) and base is not list:
-            return [base(v) for v in value]
-        return [float(v) for v in value] if base is list else base(value)
+        if base is tuple:
+            return [float(v) for v in value]
+        return [base(v) for v in value] if isinstance(value, list) else base(value)
     except (TypeError, ValueError):
         return value
 
 
-def _given_value(key: str, args: Sequence[str], type_name: str) -> Any:
+def _given_value(key: str, args: Sequence[str], kind: type) -> Any:
     """The last value of ``--key`` on the command line, parsed as YAML and cast, or ``None``."""
     raw = None
     for i, arg in enumerate(args):
@@ -230,7 +227,7 @@ def _given_value(key: str, args: Sequence[str], type_name: str) -> Any:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    return _cast(value, type_name)
+    return _cast(value, kind)
 
 
 def _readable_type(text: str) -> str:

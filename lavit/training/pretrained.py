@@ -14,17 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import timm
+from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg
 
-__all__ = [
-    "apply_pretrained_data_config",
-    "model_state_dict",
-    "pretrained_data_config",
-    "pretrained_kwargs",
-]
+__all__ = ["apply_pretrained_data_config", "model_state_dict", "pretrained_kwargs"]
 
 HUB_PROBE_TIMEOUT_S = 5.0
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for, in order
+SAMPLERS = ("bicubic", "bilinear", "nearest")  # the interpolations of ImageDataModule
 
 
 def _cfg(arch: str):
@@ -34,16 +31,11 @@ def _cfg(arch: str):
         return None
 
 
-# Where a LaViTModule keeps its model's tensors, in the order they are preferred: the EMA copy
-# (the weights the run evaluated), then the trained model.
-MODEL_PREFIXES = ("ema.module.", "model.")
-
-
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The model's weights (timm's keys) from a ``lavit fit`` checkpoint, its ``state_dict``,
     or a plain state dict (returned as is): the EMA's when the run kept one."""
     state = checkpoint.get("state_dict", checkpoint)
-    for prefix in MODEL_PREFIXES:
+    for prefix in ("ema.module.", "model."):  # a LaViTModule's EMA copy first: what it evaluated
         inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if inner:
             return inner
@@ -132,18 +124,11 @@ def pretrained_data_config(arch: str) -> dict[str, Any]:
     cfg = _cfg(arch)
     if cfg is None:
         return {}
-    config: dict[str, Any] = {}
-    if cfg.input_size:
-        config["img_size"] = int(cfg.input_size[-1])
-    if cfg.mean:
-        config["mean"] = tuple(float(v) for v in cfg.mean)
-    if cfg.std:
-        config["std"] = tuple(float(v) for v in cfg.std)
-    if cfg.crop_pct:
-        config["crop_pct"] = float(cfg.crop_pct)
-    if cfg.interpolation in ("bicubic", "bilinear", "nearest"):
-        config["interpolation"] = cfg.interpolation
-    return config
+    config = resolve_data_config(pretrained_cfg=cfg.to_dict())
+    keys = ["mean", "std", "crop_pct"]
+    if config["interpolation"] in SAMPLERS:
+        keys.append("interpolation")
+    return {"img_size": int(config["input_size"][-1]), **{k: config[k] for k in keys}}
 
 
 def _same(value: Any, default: Any) -> bool:
@@ -162,9 +147,8 @@ def apply_pretrained_data_config(config: Any) -> list[str]:
     from lavit.training.data import ImageDataModule
 
     model, data = config.get("model"), config.get("data")
-    if model is None or data is None:
-        return []
-    if not model.get("pretrained") or model.get("pretrained_file"):  # timm's published weights
+    # Only timm's published weights have a preprocessing config (a pretrained_file has none).
+    if model is None or data is None or not model.get("pretrained") or model.get("pretrained_file"):
         return []
     defaults = {k: p.default for k, p in inspect.signature(ImageDataModule).parameters.items()}
     changed = []

@@ -1,10 +1,6 @@
-"""A trained run's checkpoint, read weights-only: its evaluation model and its data settings.
-
-What ``lavit export`` and ``lavit analyze`` need from a checkpoint that ``lavit fit`` wrote: the
-model the run validated (its EMA weights when it kept one), rebuilt from the checkpoint's
-hyper-parameters, and the run's evaluation preprocessing (input size, mean, std, crop). Nothing
-in the file is unpickled as code (:func:`~lavit.training.checkpoint_io.load_checkpoint_file`).
-:func:`load_checkpoint_resized` puts its weights into a model of another input size.
+"""What ``lavit export`` and ``lavit analyze`` read from a ``lavit fit`` checkpoint (weights-only:
+nothing is unpickled as code): the model the run validated (its EMA when kept), rebuilt from the
+checkpoint's hyper-parameters, and the run's evaluation preprocessing.
 """
 
 from __future__ import annotations
@@ -52,8 +48,8 @@ def load_eval_model(checkpoint: dict[str, Any], ema: bool = True) -> tuple[nn.Mo
             "the checkpoint has no LaViTModule hyper-parameters (hyper_parameters.arch): "
             "only the checkpoints `lavit fit` writes can be read"
         )
-    hparams["compile"] = False  # nothing is trained: no compiled forward
-    hparams.update(pretrained=False, pretrained_file=None)  # the checkpoint holds the weights
+    # Nothing is trained (no compiled forward); the checkpoint holds the weights.
+    hparams.update(compile=False, pretrained=False, pretrained_file=None)
     try:
         module = LaViTModule(**hparams)
         module.load_state_dict(checkpoint["state_dict"])
@@ -82,11 +78,7 @@ def data_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 def eval_transform(config: dict[str, Any]) -> Any:
     """The evaluation transform of a :func:`data_config` (as the run's data module built it)."""
-    return create_transform(
-        input_size=tuple(config["input_size"]),
-        is_training=False,
-        **{k: config[k] for k in ("mean", "std", "crop_pct", "interpolation") if k in config},
-    )
+    return create_transform(**config, is_training=False)
 
 
 def load_trained(path: str | Path, ema: bool = True) -> tuple[nn.Module, dict[str, Any], dict]:
