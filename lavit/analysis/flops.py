@@ -1,14 +1,9 @@
-"""The one MAC counter: ``torch.utils.flop_counter`` with the attention made visible.
+"""The one MAC counter (``fit`` run metadata, ``lavit bench``, ``scripts/model_size.py``).
 
-Used for the run metadata of every ``lavit fit`` (``run_info.json``), ``lavit bench``, the model
-size table (``scripts/model_size.py``) and the ablation report, so that they count alike:
-
-* MACs = FLOPs / 2, every matmul and convolution, the Ψ/Θ transforms and the attention matmuls
-  included;
-* the scaled-dot-product attention runs on its math backend while counting: the fused kernels
-  are invisible to the counter (the CPU one) or counted differently per device;
-* training MACs (forward + backward) count a grouped (e.g. depth-wise) convolution's backward as
-  twice its forward: torch's own formula counts its weight gradient ``groups`` times too often.
+``torch.utils.flop_counter`` with MACs = FLOPs / 2, every matmul and convolution included (Ψ/Θ
+and the attention matmuls too, as attention runs on its math backend while counting: the fused
+kernels are invisible to the counter or counted differently per device). Fixed here: torch
+counts a grouped convolution's weight gradient ``groups`` times too often.
 """
 
 from __future__ import annotations
@@ -25,20 +20,9 @@ __all__ = ["MacCount", "count_macs", "count_model_macs", "flop_counter"]
 
 
 def _conv_backward_flop(
-    grad_out_shape,
-    x_shape,
-    w_shape,
-    _bias,
-    _stride,
-    _padding,
-    _dilation,
-    transposed,
-    _output_padding,
-    _groups,
-    output_mask,
-    out_shape,
-    **kwargs,
-) -> int:
+    grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+    _output_padding, _groups, output_mask, out_shape, **kwargs,
+) -> int:  # fmt: skip
     """Conv backward FLOPs that respect groups: each gradient costs what the forward conv costs."""
     flops = 0
     if output_mask[0]:  # grad_input: a transposed conv of grad_out with the weight

@@ -1,13 +1,10 @@
 """Attention saturation: how alike the attention maps of a stage's layers are.
 
-The paper's motivation: within a stage, later layers' attention maps look much like the earlier
-ones ("saturation"), so recomputing them is wasted work. For each stage this measures, per head and
-averaged over images, the cosine similarity of the flattened attention maps (N×N') of each layer
-and the layer before it (``consecutive``) and of each layer and the stage's first (``to_first``),
-also of the maps minus uniform attention (``centred_similarity``), which separates real reuse
-from the near-uniform maps of an untrained model. LaViT's maps come from
-``forward_with_aux(collect_attn=True)``, other timm models' (PVTv2, ViT) from
-``timm.utils.AttentionExtract``. Shared by the training callback and ``lavit analyze``.
+Per stage, head and image: the cosine similarity of each layer's flattened attention map (N×N')
+with the layer before (``consecutive``) and with the stage's first (``to_first``), raw and minus
+uniform attention (``centred_similarity``, which tells real reuse from an untrained model's
+near-uniform maps). Maps come from ``forward_with_aux(collect_attn=True)`` for LaViT and from
+``timm.utils.AttentionExtract`` for other timm models (PVTv2, ViT).
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
-"""Resampling the size-dependent weights of LaViT to another token grid (docs/spec.md §3.5).
+"""Resampling LaViT's size-dependent weights to another token grid (docs/spec.md §3.5).
 
-Three kinds of weights depend on the input size: the per-stage position embeddings (one vector
-per token), Ψ/Θ of the Less-Attention layers (token-mixing matrices, N×N over an h×w grid) and
-Θ's bias (one value per key token). All are resampled with one linear operator per grid pair,
-``R`` (N_new × N_old): bicubic interpolation of the h×w grid, antialiased when it shrinks,
-written as a matrix so that a resampled weight is a differentiable matmul and ``R`` can be cached
-per size (``interpolation_matrix``).
-
-A token-mixing matrix is not a smooth kernel: its identity part (exact reuse of the attention it
-is handed) is a delta, which interpolation would smear. So the *deviation from the identity* is
-resampled and the identity added back::
-
-    W_new = I + (N_old / N_new) · R (W_old − I) Rᵀ
-
-``resize(I) == I`` exactly, at any size, and a learned deviation keeps its scale: the factor
-N_old/N_new compensates for the number of input tokens each output token now sums over, so the
-row sums of ``W`` are (up to border effects) resampled, not multiplied.
+Position embeddings, Ψ/Θ and Θ's bias are resampled with one linear operator per grid pair,
+``R`` (N_new × N_old): bicubic, antialiased when shrinking, as a cached matrix so that resampling
+is a differentiable matmul. Token-mixing matrices are resampled as deviations from the identity,
+``W_new = I + (N_old/N_new)·R (W_old − I) Rᵀ``: identity stays exact, and the factor keeps a
+learned deviation's row sums.
 """
 
 from __future__ import annotations
