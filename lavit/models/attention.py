@@ -12,15 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .resize import Grid
-from .token_mixing import LessAttentionInit, TokenMixing
+from .token_mixing import TokenMixing
 
-__all__ = [
-    "AttentionDownsample",
-    "LessAttention",
-    "LessAttentionInit",  # re-exported: the type of the la_init switch
-    "SpatialReduction",
-    "VanillaAttention",
-]
+__all__ = ["AttentionDownsample", "LessAttention", "SpatialReduction", "VanillaAttention"]
 
 
 class SpatialReduction(nn.Module):

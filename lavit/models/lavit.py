@@ -169,7 +169,6 @@ class LaViTStage(nn.Module):
         self.grid = tuple(grid)  # the native token grid: position embeddings and Ψ are made for it
         self.sr_ratio = sr_ratio
         self.attn_state = attn_state
-        self.hand_on_scores = hand_on_scores  # the next stage downsamples our last attention
         self.grad_checkpointing = False
         self.downsample = PatchEmbed(in_dim, dim, stride, overlapping=stage_index == 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
@@ -179,7 +178,7 @@ class LaViTStage(nn.Module):
         for i in range(depth):
             la = i >= num_va_layers
             mixing = make_mixing(self.grid, self.key_grid) if la else None
-            hand_on = _hand_on(i, depth, num_va_layers, attn_state, hand_on_scores)
+            hand_on = _hand_on(i, depth, num_va_layers, attn_state, to_next=hand_on_scores)
             self.blocks.append(
                 LaViTBlock(
                     dim, num_heads, sr_ratio, mlp_ratio, drop_path[i], qkv_bias, hand_on, mixing
@@ -193,7 +192,6 @@ class LaViTStage(nn.Module):
 
     def stop_handing_on(self) -> None:
         """The next stage is gone (pruned): the last block keeps its attention to itself."""
-        self.hand_on_scores = False
         self.blocks[-1].hand_on = None
 
     def forward(
@@ -421,10 +419,8 @@ class LaViT(nn.Module):
         _check_pool(pool, num_classes)
         self.num_classes, self.global_pool = num_classes, pool
         if num_classes > 0:
-            like = self.stages[-1].norm.weight
-            self.head = nn.Linear(
-                self.num_features, num_classes, device=like.device, dtype=like.dtype
-            )
+            like = self.stages[-1].norm.weight  # the model's device and dtype
+            self.head = nn.Linear(self.num_features, num_classes).to(like)
             self._init_weights(self.head)
         else:
             self.head = nn.Identity()

@@ -228,10 +228,10 @@ class PooledTokenMixing(TokenMixing):
 
     def forward(self, scores: torch.Tensor, query_grid: Grid, key_grid: Grid) -> torch.Tensor:
         bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)  # (N',)
-        eye = torch.eye(self.theta.shape[0], dtype=scores.dtype, device=scores.device)
-        t = _pooled_mix(scores, self.theta - eye, self.key_grid, key_grid, -1) + bias
-        eye = torch.eye(self.psi.shape[0], dtype=scores.dtype, device=scores.device)
-        return _pooled_mix(t, self.psi - eye, self.query_grid, query_grid, -2)  # (B, H, N, N')
+        d_theta = token_mixing_deviation(self.theta, self.key_grid, self.key_grid)  # Θ − I
+        t = _pooled_mix(scores, d_theta, self.key_grid, key_grid, -1) + bias
+        d_psi = token_mixing_deviation(self.psi, self.query_grid, self.query_grid)  # Ψ − I
+        return _pooled_mix(t, d_psi, self.query_grid, query_grid, -2)  # (B, H, N, N')
 
 
 def make_token_mixing(
