@@ -33,10 +33,8 @@ def _conv_backward_flop(
 
 
 def flop_counter() -> FlopCounterMode:
-    """A silent ``FlopCounterMode`` with the grouped-conv backward fix.
-
-    Run the counted code under ``sdpa_kernel(SDPBackend.MATH)`` too (as :func:`count_macs` does).
-    """
+    """A silent ``FlopCounterMode`` with the grouped-conv backward fix; run the counted code
+    under ``sdpa_kernel(SDPBackend.MATH)`` too (as :func:`count_macs` does)."""
     return FlopCounterMode(
         display=False,
         custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop},
@@ -58,11 +56,8 @@ def _image_shape(input_shape: int | tuple[int, int, int]) -> tuple[int, int, int
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_shape: int | tuple[int, int, int]) -> int:
-    """Forward MACs of ``model`` on one image of ``input_shape`` ((C, H, W) or a side), in place.
-
-    The model runs once in eval mode on its own device and dtype (its mode is restored): what
-    a training run records about the model it trains, without building another copy.
-    """
+    """Forward MACs of ``model`` on one image of ``input_shape`` ((C, H, W) or a side): run
+    once in place, in eval mode, on its own device and dtype (its mode is restored)."""
     param = next(model.parameters())
     x = torch.zeros(1, *_image_shape(input_shape), device=param.device, dtype=param.dtype)
     was_training = model.training
@@ -78,11 +73,8 @@ def count_macs(model: nn.Module, input_shape: int | tuple[int, int, int]) -> int
 def count_model_macs(
     model_factory: Callable[[], nn.Module], input_shape: int | tuple[int, int, int]
 ) -> MacCount:
-    """Params, forward MACs and training MACs per image of the model ``model_factory`` builds.
-
-    The model is built and run on the ``meta`` device (no memory, no compute), batch 1: the
-    forward in eval mode, the training step (forward + backward of a sum) in train mode.
-    """
+    """Params, forward MACs and training MACs per image of the model ``model_factory`` builds,
+    on the ``meta`` device (no memory, no compute): forward in eval mode, training in train mode."""
     with torch.device("meta"):
         model = model_factory()
         x = torch.empty(1, *_image_shape(input_shape))

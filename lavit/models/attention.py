@@ -18,10 +18,7 @@ __all__ = ["AttentionDownsample", "LessAttention", "SpatialReduction", "VanillaA
 
 
 class SpatialReduction(nn.Module):
-    """Keys/values on a coarser grid: conv k=s=sr_ratio + LayerNorm (PVT's SRA).
-
-    With ``sr_ratio == 1`` it is the identity, so stage-4 attention is global.
-    """
+    """Keys/values on a coarser grid: conv k=s=sr_ratio + LayerNorm (PVT's SRA); 1: identity."""
 
     def __init__(self, dim: int, sr_ratio: int) -> None:
         super().__init__()
@@ -42,8 +39,7 @@ class SpatialReduction(nn.Module):
 class VanillaAttention(nn.Module):
     """Spatial-reduction MHSA, ``A_h = Softmax(Q_h K_hᵀ / √d + residual)``.
 
-    ``explicit=True`` materialises the attention and returns the pre-softmax scores and the
-    probabilities (what an LA layer, the next stage or an analysis needs); otherwise the fused
+    ``explicit=True`` returns the pre-softmax scores and the probabilities; otherwise the fused
     ``scaled_dot_product_attention`` runs and both come back as ``None``.
     """
 
@@ -91,9 +87,8 @@ class VanillaAttention(nn.Module):
 class LessAttention(nn.Module):
     """Less-Attention: ``S' = TokenMixing(S)``, ``Z = Softmax(S') V`` with its own V projection.
 
-    The attention path of a VA block with ``Q Kᵀ`` replaced; values come from the layer's own
-    projection of the same spatially reduced tokens a VA layer would use. It always
-    materialises ``S'`` (the next LA layer's input), so ``explicit`` changes nothing.
+    Values come from the same spatially reduced tokens a VA layer would use. ``S'`` (the next
+    LA layer's input) is always materialised, so ``explicit`` changes nothing.
     """
 
     def __init__(

@@ -45,11 +45,8 @@ def diagonality_preserving_loss(
 def region_attention(
     probs: torch.Tensor, query_grid: tuple[int, int], key_grid: tuple[int, int]
 ) -> torch.Tensor:
-    """Pool an N×N' attention over its query grid to the square N'×N' region-to-region matrix.
-
-    Row-stochastic input stays row-stochastic (each pooled row is a mean of rows).
-    ``probs``: (B, H, N, N') with N = h·w and N' = h'·w'. Returns (B, H, N', N').
-    """
+    """Pool attention (B, H, N, N') over its query grid to the square region-to-region
+    (B, H, N', N'); row-stochastic input stays so (each pooled row is a mean of rows)."""
     B, H, N, K = probs.shape
     if N == K:
         return probs
