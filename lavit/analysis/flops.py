@@ -1,14 +1,9 @@
-"""The one MAC counter: ``torch.utils.flop_counter`` with the attention made visible.
+"""The one MAC counter (``fit`` run metadata, ``lavit bench``, ``scripts/model_size.py``).
 
-Used for the run metadata of every ``lavit fit`` (``run_info.json``), ``lavit bench``, the model
-size table (``scripts/model_size.py``) and the ablation report, so that they count alike:
-
-* MACs = FLOPs / 2, every matmul and convolution, the Ψ/Θ transforms and the attention matmuls
-  included;
-* the scaled-dot-product attention runs on its math backend while counting: the fused kernels
-  are invisible to the counter (the CPU one) or counted differently per device;
-* training MACs (forward + backward) count a grouped (e.g. depth-wise) convolution's backward as
-  twice its forward: torch's own formula counts its weight gradient ``groups`` times too often.
+``torch.utils.flop_counter`` with MACs = FLOPs / 2, every matmul and convolution included (Ψ/Θ
+and the attention matmuls too, as attention runs on its math backend while counting: the fused
+kernels are invisible to the counter or counted differently per device). Fixed here: torch
+counts a grouped convolution's weight gradient ``groups`` times too often.
 """
 
 from __future__ import annotations
@@ -25,20 +20,9 @@ __all__ = ["MacCount", "count_macs", "count_model_macs", "flop_counter"]
 
 
 def _conv_backward_flop(
-    grad_out_shape,
-    x_shape,
-    w_shape,
-    _bias,
-    _stride,
-    _padding,
-    _dilation,
-    transposed,
-    _output_padding,
-    _groups,
-    output_mask,
-    out_shape,
-    **kwargs,
-) -> int:
+    grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+    _output_padding, _groups, output_mask, out_shape, **kwargs,
+) -> int:  # fmt: skip
     """Conv backward FLOPs that respect groups: each gradient costs what the forward conv costs."""
     flops = 0
     if output_mask[0]:  # grad_input: a transposed conv of grad_out with the weight
@@ -49,10 +33,8 @@ def _conv_backward_flop(
 
 
 def flop_counter() -> FlopCounterMode:
-    """A silent ``FlopCounterMode`` with the grouped-conv backward fix.
-
-    Run the counted code under ``sdpa_kernel(SDPBackend.MATH)`` too (as :func:`count_macs` does).
-    """
+    """A silent ``FlopCounterMode`` with the grouped-conv backward fix; run the counted code
+    under ``sdpa_kernel(SDPBackend.MATH)`` too (as :func:`count_macs` does)."""
     return FlopCounterMode(
         display=False,
         custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop},
@@ -74,11 +56,8 @@ def _image_shape(input_shape: int | tuple[int, int, int]) -> tuple[int, int, int
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_shape: int | tuple[int, int, int]) -> int:
-    """Forward MACs of ``model`` on one image of ``input_shape`` ((C, H, W) or a side), in place.
-
-    The model runs once in eval mode on its own device and dtype (its mode is restored): what
-    a training run records about the model it trains, without building another copy.
-    """
+    """Forward MACs of ``model`` on one image of ``input_shape`` ((C, H, W) or a side): run
+    once in place, in eval mode, on its own device and dtype (its mode is restored)."""
     param = next(model.parameters())
     x = torch.zeros(1, *_image_shape(input_shape), device=param.device, dtype=param.dtype)
     was_training = model.training
@@ -94,11 +73,8 @@ def count_macs(model: nn.Module, input_shape: int | tuple[int, int, int]) -> int
 def count_model_macs(
     model_factory: Callable[[], nn.Module], input_shape: int | tuple[int, int, int]
 ) -> MacCount:
-    """Params, forward MACs and training MACs per image of the model ``model_factory`` builds.
-
-    The model is built and run on the ``meta`` device (no memory, no compute), batch 1: the
-    forward in eval mode, the training step (forward + backward of a sum) in train mode.
-    """
+    """Params, forward MACs and training MACs per image of the model ``model_factory`` builds,
+    on the ``meta`` device (no memory, no compute): forward in eval mode, training in train mode."""
     with torch.device("meta"):
         model = model_factory()
         x = torch.empty(1, *_image_shape(input_shape))

@@ -1,13 +1,10 @@
 """Attention saturation: how alike the attention maps of a stage's layers are.
 
-The paper's motivation: within a stage, later layers' attention maps look much like the earlier
-ones ("saturation"), so recomputing them is wasted work. For each stage this measures, per head and
-averaged over images, the cosine similarity of the flattened attention maps (N×N') of each layer
-and the layer before it (``consecutive``) and of each layer and the stage's first (``to_first``),
-also of the maps minus uniform attention (``centred_similarity``), which separates real reuse
-from the near-uniform maps of an untrained model. LaViT's maps come from
-``forward_with_aux(collect_attn=True)``, other timm models' (PVTv2, ViT) from
-``timm.utils.AttentionExtract``. Shared by the training callback and ``lavit analyze``.
+Per stage, head and image: the cosine similarity of each layer's flattened attention map (N×N')
+with the layer before (``consecutive``) and with the stage's first (``to_first``), raw and minus
+uniform attention (``centred_similarity``, which tells real reuse from an untrained model's
+near-uniform maps). Maps come from ``forward_with_aux(collect_attn=True)`` for LaViT and from
+``timm.utils.AttentionExtract`` for other timm models (PVTv2, ViT).
 """
 
 from __future__ import annotations
@@ -119,9 +116,8 @@ def head_means(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows averaged over heads: one per (stage, layer pair, comparison), heads listed."""
     grouped: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        grouped.setdefault(
-            (row["stage"], row["layer_a"], row["layer_b"], row["comparison"]), []
-        ).append(row)
+        key = (row["stage"], row["layer_a"], row["layer_b"], row["comparison"])
+        grouped.setdefault(key, []).append(row)
     return [
         {
             "stage": stage,
@@ -162,20 +158,14 @@ def plot_saturation(rows: Sequence[dict[str, Any]], path: Path, title: str) -> P
         for ax, stage in zip(row_axes, stages, strict=False):
             in_stage = [r for r in rows if r["stage"] == stage]
             for comparison, (color, marker, label) in styles.items():
+                # saturation_table's rows: in layer order, one per head at each layer
                 selected = [r for r in in_stage if r["comparison"] == comparison]
-                layers = sorted({r["layer_b"] for r in selected})
-                for head in sorted({r["head"] for r in selected}):
-                    ys = [
-                        r[metric]
-                        for r in sorted(selected, key=lambda r: r["layer_b"])
-                        if r["head"] == head
-                    ]
+                layers, heads = (sorted({r[k] for r in selected}) for k in ("layer_b", "head"))
+                for head in heads:
+                    ys = [r[metric] for r in selected if r["head"] == head]
                     ax.plot(layers, ys, color=color, alpha=0.3, lw=0.8)
-                means = [
-                    sum(r[metric] for r in selected if r["layer_b"] == layer)
-                    / sum(1 for r in selected if r["layer_b"] == layer)
-                    for layer in layers
-                ]
+                sums = [sum(r[metric] for r in selected if r["layer_b"] == b) for b in layers]
+                means = [total / len(heads) for total in sums]
                 ax.plot(layers, means, color=color, marker=marker, label=label)
             kinds = {r["layer_b"]: r["kind_b"] for r in in_stage}
             ax.set_xticks(sorted(kinds), [f"{k}\n{kinds[k]}" for k in sorted(kinds)])
@@ -199,11 +189,7 @@ def write_report(
 ) -> dict[str, Path]:
     """``saturation.csv``, ``saturation.json`` and ``saturation.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "csv": out_dir / "saturation.csv",
-        "json": out_dir / "saturation.json",
-        "png": out_dir / "saturation.png",
-    }
+    paths = {ext: out_dir / f"saturation.{ext}" for ext in ("csv", "json", "png")}
     write_csv(paths["csv"], rows)
     paths["json"].write_text(
         json.dumps({**(meta or {}), "rows": list(rows), "summary": head_means(rows)}, indent=2)

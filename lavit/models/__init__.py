@@ -1,17 +1,8 @@
-"""LaViT model code: attention operators, the DP loss, and the timm-registered model family."""
+"""LaViT model code: attention operators, the DP loss, and the model (its variants are registered
+with timm: ``timm.create_model("lavit_tiny")``)."""
 
 from .attention import AttentionDownsample, LessAttention, VanillaAttention
-from .lavit import (
-    LAVIT_CONFIGS,
-    AttentionRecord,
-    LaViT,
-    LaViTOutput,
-    checkpoint_filter_fn,
-    lavit_base,
-    lavit_cifar,
-    lavit_small,
-    lavit_tiny,
-)
+from .lavit import LAVIT_CONFIGS, AttentionRecord, LaViT, LaViTOutput, checkpoint_filter_fn
 from .losses import attention_dp_loss, diagonality_preserving_loss
 
 __all__ = [
@@ -25,8 +16,4 @@ __all__ = [
     "attention_dp_loss",
     "checkpoint_filter_fn",
     "diagonality_preserving_loss",
-    "lavit_base",
-    "lavit_cifar",
-    "lavit_small",
-    "lavit_tiny",
 ]

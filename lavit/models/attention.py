@@ -1,13 +1,5 @@
 """The three attention operators of LaViT (docs/spec.md §3.1–§3.3).
 
-* ``VanillaAttention``: spatial-reduction multi-head self-attention (PVT-style) that can hand on
-  its pre-softmax scores ``S = Q Kᵀ / √d (+ residual)`` to the layers after it.
-* ``LessAttention``: computes no ``Q Kᵀ``; its ``TokenMixing`` re-parameterises the attention
-  it is handed (``S' = W_Ψ · S · W_Θᵀ + (W_Ψ 1) b_Θᵀ`` in the dense form), then
-  ``Softmax(S') V`` with its own value projection.
-* ``AttentionDownsample``: brings the last attention of stage m−1 down to stage m's shape, the
-  residual that guides stage m's first attention.
-
 VA and LA share one call, ``attn(x, grid, handed, explicit) → (out, scores, probs)``, so a block
 holds either. Shapes: B batch, H heads, N query tokens (h×w grid), N' key tokens (the spatially
 reduced h'×w' grid), C channels, d = C / H.
@@ -20,22 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .resize import Grid
-from .token_mixing import LessAttentionInit, TokenMixing
+from .token_mixing import TokenMixing
 
-__all__ = [
-    "AttentionDownsample",
-    "LessAttention",
-    "LessAttentionInit",  # re-exported: the type of the la_init switch
-    "SpatialReduction",
-    "VanillaAttention",
-]
+__all__ = ["AttentionDownsample", "LessAttention", "SpatialReduction", "VanillaAttention"]
 
 
 class SpatialReduction(nn.Module):
-    """Keys/values on a coarser grid: conv k=s=sr_ratio + LayerNorm (PVT's SRA).
-
-    With ``sr_ratio == 1`` it is the identity, so stage-4 attention is global.
-    """
+    """Keys/values on a coarser grid: conv k=s=sr_ratio + LayerNorm (PVT's SRA); 1: identity."""
 
     def __init__(self, dim: int, sr_ratio: int) -> None:
         super().__init__()
@@ -56,14 +39,12 @@ class SpatialReduction(nn.Module):
 class VanillaAttention(nn.Module):
     """Spatial-reduction MHSA, ``A_h = Softmax(Q_h K_hᵀ / √d + residual)``.
 
-    ``explicit=True`` materialises the attention and returns the pre-softmax scores and the
-    probabilities (what an LA layer, the next stage or an analysis needs); otherwise the fused
+    ``explicit=True`` returns the pre-softmax scores and the probabilities; otherwise the fused
     ``scaled_dot_product_attention`` runs and both come back as ``None``.
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True) -> None:
         super().__init__()
-        assert dim % num_heads == 0, f"embed dim {dim} is not divisible by num_heads {num_heads}"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -106,9 +87,8 @@ class VanillaAttention(nn.Module):
 class LessAttention(nn.Module):
     """Less-Attention: ``S' = TokenMixing(S)``, ``Z = Softmax(S') V`` with its own V projection.
 
-    The attention path of a VA block with ``Q Kᵀ`` replaced; values come from the layer's own
-    projection of the same spatially reduced tokens a VA layer would use. It always
-    materialises ``S'`` (the next LA layer's input), so ``explicit`` changes nothing.
+    Values come from the same spatially reduced tokens a VA layer would use. ``S'`` (the next
+    LA layer's input) is always materialised, so ``explicit`` changes nothing.
     """
 
     def __init__(
@@ -120,7 +100,6 @@ class LessAttention(nn.Module):
         qkv_bias: bool = True,
     ) -> None:
         super().__init__()
-        assert dim % num_heads == 0, f"embed dim {dim} is not divisible by num_heads {num_heads}"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.sr_ratio = sr_ratio
@@ -144,24 +123,13 @@ class LessAttention(nn.Module):
 
 
 class AttentionDownsample(nn.Module):
-    """Residual attention downsampling: ``γ · HeadMix(KeyResize(Pool2×2(S_{m−1})))``.
+    """Residual attention downsampling (spec §3.3): ``γ · HeadMix(KeyResize(Pool2×2(S_{m−1})))``.
 
-    The previous stage's query axis is a 2h×2w grid; a one-channel k=2, s=2 convolution (the
-    paper's convolution with in/out channels one) pools it to this stage's h×w. The key axis is
-    resized (bilinear) only when the stages' key grids differ, which the two SR ratios decide
-    (``in_sr_ratio != 2·out_sr_ratio``); a 1×1 convolution over heads maps H_{m−1} heads to H_m.
-    Initialised as 2×2 averaging and head averaging.
-
-    The convolutions are written out (strided sums, a head GEMM) with plain weights: a
-    one-channel conv over a (B·H·N') batch of tiny images, or a 1×1 conv over a handful of
-    channels, is an order of magnitude slower on CPU. They have no biases: a bias adds one
-    value c to every score of a head, which cancels in the first VA layer's softmax; it would
-    reach further only if that layer's scores are handed to an LA layer, as the rank-one
-    ``c (W_Ψ 1)(W_Θ 1)ᵀ``, constant along keys while Θ keeps equal row sums (exactly so at
-    identity init, where such biases got gradients of ~1e-9).
-
-    ``gamma_init`` is γ's starting value; 0 makes the residual start switched off, so a model
-    with and one without it start as the same function.
+    The key axis is resized (bilinear) only when the SR ratios make the key grids differ
+    (``in_sr_ratio != 2·out_sr_ratio``). Initialised as 2×2 averaging and head averaging.
+    The convolutions are written out (strided sums, a head GEMM): as one-channel or 1×1 convs
+    they are an order of magnitude slower on CPU. No biases: one value per head cancels in the
+    softmax. ``gamma_init`` is γ's starting value.
     """
 
     def __init__(

@@ -1,19 +1,12 @@
-"""LaViT: a PVT-style pyramid whose stages end in Less-Attention layers (docs/spec.md §3).
+"""LaViT (docs/spec.md §3): blocks → stage → model, as in timm's ``pvt_v2.py``.
 
-Blocks → stage → model, as in timm's ``pvt_v2.py``. Each stage m: patch embedding (stride-s
-stem, then conv k=2 s=2), a learnable position embedding, ``num_va_layers[m]`` Vanilla Attention
-blocks, then ``depths[m] − num_va_layers[m]`` Less-Attention blocks that re-use the attention
-handed down the stage. Optionally the first attention of stage m ≥ 2 adds the downsampled last
-attention of stage m−1 (residual attention downsampling).
-
-Variants are registered with timm: ``timm.create_model("lavit_tiny", num_classes=10)``. The input
-size is fixed by ``img_size`` unless ``dynamic_img_size=True`` (then position embeddings and Ψ/Θ
-are resampled per input size, see ``resize.py``).
+Variants are registered with timm: ``timm.create_model("lavit_tiny", num_classes=10)``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -166,12 +159,9 @@ class LaViTStage(nn.Module):
         grid: Grid,
         drop_path: list[float],
         qkv_bias: bool,
-        la_init: LessAttentionInit,
-        la_mixing: str,
+        make_mixing: Callable[[Grid, Grid], TokenMixing],
         attn_state: AttnState,
-        prev_heads: int | None,
-        prev_sr_ratio: int | None,
-        residual_attn_init: float,
+        attn_downsample: AttentionDownsample | None,
         hand_on_scores: bool,
     ) -> None:
         super().__init__()
@@ -179,21 +169,16 @@ class LaViTStage(nn.Module):
         self.grid = tuple(grid)  # the native token grid: position embeddings and Ψ are made for it
         self.sr_ratio = sr_ratio
         self.attn_state = attn_state
-        self.hand_on_scores = hand_on_scores  # the next stage downsamples our last attention
         self.grad_checkpointing = False
         self.downsample = PatchEmbed(in_dim, dim, stride, overlapping=stage_index == 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
         trunc_normal_(self.pos_embed, std=0.02)
-        self.attn_downsample = (
-            AttentionDownsample(prev_heads, num_heads, prev_sr_ratio, sr_ratio, residual_attn_init)
-            if prev_heads is not None
-            else None
-        )
+        self.attn_downsample = attn_downsample  # stage m−1's last attention → this stage
         self.blocks = nn.ModuleList()
         for i in range(depth):
             la = i >= num_va_layers
-            mixing = make_token_mixing(la_mixing, self.grid, self.key_grid, la_init) if la else None
-            hand_on = _hand_on(i, depth, num_va_layers, attn_state, hand_on_scores)
+            mixing = make_mixing(self.grid, self.key_grid) if la else None
+            hand_on = _hand_on(i, depth, num_va_layers, attn_state, to_next=hand_on_scores)
             self.blocks.append(
                 LaViTBlock(
                     dim, num_heads, sr_ratio, mlp_ratio, drop_path[i], qkv_bias, hand_on, mixing
@@ -207,7 +192,6 @@ class LaViTStage(nn.Module):
 
     def stop_handing_on(self) -> None:
         """The next stage is gone (pruned): the last block keeps its attention to itself."""
-        self.hand_on_scores = False
         self.blocks[-1].hand_on = None
 
     def forward(
@@ -241,14 +225,11 @@ class LaViTStage(nn.Module):
 # Shape logic runs as opaque calls under torch.fx (the wrap names this module's globals).
 for _fn in (checked_input, resize_pos_embed):
     register_notrace_function(_fn)
-torch.fx.wrap("checked_input")
-torch.fx.wrap("resize_pos_embed")
+    torch.fx.wrap(_fn.__name__)
 
 
 class LaViT(nn.Module):
-    """LaViT backbone + classifier, with every open choice of the paper as a switch.
-
-    The choices and why are in docs/spec.md §3 and the README's model section.
+    """LaViT backbone + classifier, with every open choice of the paper as a switch (spec §3).
 
     Args:
         img_size: input size (int or (H, W)); fixes the token grids, the position embeddings and
@@ -261,8 +242,7 @@ class LaViT(nn.Module):
         stem_stride: stride of the first patch embedding (4 at ImageNet scale).
         residual_attn_downsample: add the downsampled last attention of stage m−1 to stage m's
             first attention scores, scaled by a learnable γ.
-        residual_attn_init: γ's starting value (default 1); 0 starts the residual switched
-            off, so the on and off arms of the ablation start as the same function.
+        residual_attn_init: γ's starting value (0: the residual starts switched off).
         la_init: Ψ/Θ initialisation, ``"identity"`` (exact reuse at start) or ``"random"``.
         attn_state: what a VA layer hands to the first LA layer: pre-softmax ``"scores"`` or the
             post-softmax ``"probs"`` (the paper's literal reading).
@@ -271,14 +251,10 @@ class LaViT(nn.Module):
         dp_loss_weight: λ of ``CE + λ·DP``; 0 turns the DP loss off (and its computation).
         drop_rate, drop_path_rate: head dropout and stochastic depth (linear over blocks).
         global_pool: ``"avg"``, or ``""`` for unpooled (B, C, h, w) maps (needs num_classes=0).
-        dynamic_img_size: accept any input whose sides are multiples of the total stride (and
-            that the SR ratios divide), resampling position embeddings and Ψ/Θ per size;
-            at ``img_size`` it runs exactly as the fixed model.
-        la_mixing: the form of Ψ/Θ (``token_mixing.py``): ``"dense"``, the paper's N×N matrices;
-            ``"separable"`` (Kronecker factors per grid axis) or ``"pooled"`` (the native-grid
-            matrix acting on scores pooled to that grid), whose parameters and cost do not grow
-            with the input size. All three are the same function at identity initialisation,
-            and a dense checkpoint loads into each (``checkpoint_filter_fn``).
+        dynamic_img_size: accept any input size the strides and SR ratios divide, resampling
+            position embeddings and Ψ/Θ per size (spec §3.5).
+        la_mixing: the form of Ψ/Θ, ``"dense"`` (the paper's), ``"separable"`` or ``"pooled"``
+            (spec §3.5); a dense checkpoint loads into each.
     """
 
     def __init__(
@@ -345,7 +321,15 @@ class LaViT(nn.Module):
         in_dim, cursor = in_chans, 0
         for m in range(len(depths)):
             reduction = stem_stride * 2**m
-            residual = residual_attn_downsample and m > 0
+            attn_downsample = None
+            if residual_attn_downsample and m > 0:
+                attn_downsample = AttentionDownsample(
+                    num_heads[m - 1],
+                    num_heads[m],
+                    sr_ratios[m - 1],
+                    sr_ratios[m],
+                    residual_attn_init,
+                )
             self.stages.append(
                 LaViTStage(
                     stage_index=m,
@@ -360,12 +344,9 @@ class LaViT(nn.Module):
                     grid=(img_size[0] // reduction, img_size[1] // reduction),
                     drop_path=drop_path[cursor : cursor + depths[m]],
                     qkv_bias=qkv_bias,
-                    la_init=la_init,
-                    la_mixing=la_mixing,
+                    make_mixing=partial(make_token_mixing, la_mixing, init=la_init),
                     attn_state=attn_state,
-                    prev_heads=num_heads[m - 1] if residual else None,
-                    prev_sr_ratio=sr_ratios[m - 1] if residual else None,
-                    residual_attn_init=residual_attn_init,
+                    attn_downsample=attn_downsample,
                     hand_on_scores=residual_attn_downsample and m < len(depths) - 1,
                 )
             )
@@ -438,10 +419,8 @@ class LaViT(nn.Module):
         _check_pool(pool, num_classes)
         self.num_classes, self.global_pool = num_classes, pool
         if num_classes > 0:
-            like = self.stages[-1].norm.weight
-            self.head = nn.Linear(
-                self.num_features, num_classes, device=like.device, dtype=like.dtype
-            )
+            like = self.stages[-1].norm.weight  # the model's device and dtype
+            self.head = nn.Linear(self.num_features, num_classes).to(like)
             self._init_weights(self.head)
         else:
             self.head = nn.Identity()
@@ -556,13 +535,9 @@ class LaViT(nn.Module):
                     module.resize_(stage.grid, stage.key_grid)
         self.img_size = img_size
         cfg = getattr(self, "pretrained_cfg", None)
-        if cfg:  # what timm's data-config resolvers read
-            stride = self.stem_stride * 2 ** (len(self.sr_ratios) - 1)
-            self.pretrained_cfg = self.default_cfg = {
-                **cfg,
-                "input_size": (cfg["input_size"][0], *img_size),
-                "pool_size": (img_size[0] // stride, img_size[1] // stride),
-            }
+        if cfg:
+            size = _size_cfg(img_size, cfg["input_size"][0], self.stem_stride, len(self.sr_ratios))
+            self.pretrained_cfg = self.default_cfg = {**cfg, **size}
 
 
 def _check_pool(global_pool: str, num_classes: int) -> None:
@@ -606,11 +581,9 @@ def _create_lavit(variant: str, pretrained: bool = False, **kwargs) -> LaViT:
     # its tests) read input_size, and fixed_input_size tells them not to feed another size.
     overlay: dict = dict(fixed_input_size=not kwargs.get("dynamic_img_size", False))
     if "img_size" in kwargs:
-        h, w = to_2tuple(kwargs["img_size"])
-        stride = kwargs.get("stem_stride", 4) * 2 ** (len(kwargs.get("depths", (0,) * 4)) - 1)
-        overlay.update(
-            input_size=(kwargs.get("in_chans", 3), h, w), pool_size=(h // stride, w // stride)
-        )
+        num_stages = len(kwargs.get("depths", (0,) * 4))
+        in_chans, stem_stride = kwargs.get("in_chans", 3), kwargs.get("stem_stride", 4)
+        overlay.update(_size_cfg(kwargs["img_size"], in_chans, stem_stride, num_stages))
     overlay.update(kwargs.pop("pretrained_cfg_overlay", None) or {})
     return build_model_with_cfg(
         LaViT,
@@ -623,9 +596,15 @@ def _create_lavit(variant: str, pretrained: bool = False, **kwargs) -> LaViT:
     )
 
 
+def _size_cfg(img_size, in_chans: int, stem_stride: int, num_stages: int) -> dict:
+    """The pretrained-cfg entries that timm's data-config resolvers read about the input size."""
+    (h, w), stride = to_2tuple(img_size), stem_stride * 2 ** (num_stages - 1)
+    return dict(input_size=(in_chans, h, w), pool_size=(h // stride, w // stride))
+
+
 def _cfg(**kwargs) -> dict:
-    return {
-        **dict(
+    return (
+        dict(
             url="",
             num_classes=1000,
             input_size=(3, 224, 224),
@@ -637,9 +616,9 @@ def _cfg(**kwargs) -> dict:
             std=(0.229, 0.224, 0.225),
             first_conv="stages.0.downsample.proj",
             classifier="head",
-        ),
-        **kwargs,
-    }
+        )
+        | kwargs
+    )
 
 
 default_cfgs = generate_default_cfgs(

@@ -1,35 +1,15 @@
 """The Diagonality-Preserving (DP) loss of LaViT (docs/spec.md §3.4).
 
-Printed in the paper, for an N×N attention matrix A::
+On row-stochastic attention P (N×N), both variants divided by N:
 
-    L_DP = Σ_i Σ_j |A_ij − A_ji|  +  Σ_i ( (N−1)·A_ii − Σ_{j≠i} A_ij )
+* ``"paper"``, the printed equation: ``(1/N) Σ_ij |P_ij − P_ji| + tr(P) − 1``. Minimising it
+  *lowers* the trace, pushing attention away from the identity; it lies in [−1, N + 1].
+* ``"corrected"`` (default), the diagonal term's sign flipped and shifted so that the identity
+  scores 0: ``(1/N) Σ_ij |P_ij − P_ji| + 1 − tr(P)/N``, in [0, 3] (a cyclic shift reaches 3).
 
-It is applied here to row-stochastic attention (``P = Softmax(S')``, rows summing to 1), where
-``Σ_{j≠i} P_ij = 1 − P_ii``, so the printed second term is exactly ``N·tr(P) − N``. Both
-variants divide by N, so the loss does not grow with resolution:
-
-* ``"paper"``: the printed equation, ``(1/N) Σ_ij |P_ij − P_ji| + tr(P) − 1``. Minimising it
-  *lowers* the trace: it pushes attention away from the identity (tokens attending to
-  themselves), the opposite of its name, and an LA layer initialised as exact reuse of a
-  diagonal-heavy attention is pushed away from it. On row-stochastic P it lies in
-  [−1, N + 1]; on raw scores it would be unbounded below.
-* ``"corrected"`` (default): the diagonal term with its sign flipped and shifted by (N−1), so
-  that the identity scores exactly 0::
-
-      L = (1/N) Σ_ij |P_ij − P_ji|  +  (1/N) Σ_i ( Σ_{j≠i} P_ij − (N−1)·P_ii + (N−1) ) / N
-        = (1/N) Σ_ij |P_ij − P_ji|  +  1 − tr(P)/N
-
-  i.e. the asymmetry plus the mean off-diagonal mass. It rewards a large trace, pulling
-  attention towards the identity. Bounds: the asymmetry term is at most 2 and the mass term
-  at most 1, so L ∈ [0, 3]; a cyclic shift (every token attends only to the next one, N ≥ 3)
-  reaches 3 exactly.
-
-Guidance for λ (``dp_loss_weight``): with ``"corrected"`` the loss is O(1) per layer next to a
-cross-entropy of about ln(classes), and its optimum is every token attending to itself only, an
-LA layer that passes each token's own value through; so a λ large enough to dominate CE
-collapses the attention. Keep it small (``sweeps/dp_loss.yaml`` tries 1e-3 … 1) and watch the
-mean diagonal of the LA attention. ``"paper"`` with λ > 0 works against diagonality: use it only
-to reproduce the printed equation.
+With ``"corrected"`` the loss is O(1) per layer and its optimum is every token attending to
+itself only, so keep λ (``dp_loss_weight``) small enough not to dominate the cross-entropy
+(``sweeps/dp_loss.yaml`` tries 1e-3 … 1).
 """
 
 from __future__ import annotations
@@ -65,11 +45,8 @@ def diagonality_preserving_loss(
 def region_attention(
     probs: torch.Tensor, query_grid: tuple[int, int], key_grid: tuple[int, int]
 ) -> torch.Tensor:
-    """Pool an N×N' attention over its query grid to the square N'×N' region-to-region matrix.
-
-    Row-stochastic input stays row-stochastic (each pooled row is a mean of rows).
-    ``probs``: (B, H, N, N') with N = h·w and N' = h'·w'. Returns (B, H, N', N').
-    """
+    """Pool attention (B, H, N, N') over its query grid to the square region-to-region
+    (B, H, N', N'); row-stochastic input stays so (each pooled row is a mean of rows)."""
     B, H, N, K = probs.shape
     if N == K:
         return probs

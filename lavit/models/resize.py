@@ -1,21 +1,10 @@
-"""Resampling the size-dependent weights of LaViT to another token grid (docs/spec.md §3.5).
+"""Resampling LaViT's size-dependent weights to another token grid (docs/spec.md §3.5).
 
-Three kinds of weights depend on the input size: the per-stage position embeddings (one vector
-per token), Ψ/Θ of the Less-Attention layers (token-mixing matrices, N×N over an h×w grid) and
-Θ's bias (one value per key token). All are resampled with one linear operator per grid pair,
-``R`` (N_new × N_old): bicubic interpolation of the h×w grid, antialiased when it shrinks,
-written as a matrix so that a resampled weight is a differentiable matmul and ``R`` can be cached
-per size (``interpolation_matrix``).
-
-A token-mixing matrix is not a smooth kernel: its identity part (exact reuse of the attention it
-is handed) is a delta, which interpolation would smear. So the *deviation from the identity* is
-resampled and the identity added back::
-
-    W_new = I + (N_old / N_new) · R (W_old − I) Rᵀ
-
-``resize(I) == I`` exactly, at any size, and a learned deviation keeps its scale: the factor
-N_old/N_new compensates for the number of input tokens each output token now sums over, so the
-row sums of ``W`` are (up to border effects) resampled, not multiplied.
+Position embeddings, Ψ/Θ and Θ's bias are resampled with one linear operator per grid pair,
+``R`` (N_new × N_old): bicubic, antialiased when shrinking, as a cached matrix so that resampling
+is a differentiable matmul. Token-mixing matrices are resampled as deviations from the identity,
+``W_new = I + (N_old/N_new)·R (W_old − I) Rᵀ``: identity stays exact, and the factor keeps a
+learned deviation's row sums.
 """
 
 from __future__ import annotations
@@ -80,12 +69,8 @@ def _same(a: Grid, b: Grid) -> bool:
 
 
 def _resample_tokens(values: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
-    """``R v`` for per-token rows ``v`` (N_old, C), as ``R_h`` and ``R_w`` one axis at a time.
-
-    The same operator as ``interpolation_matrix(old_grid, new_grid) @ v`` (R = R_h ⊗ R_w), in
-    h_old·w_new·w_old + h_new·w_new·h_old multiply-adds per channel instead of N_new·N_old:
-    at 800×1344, LaViT's stage-1 position embeddings cost 0.3 G instead of 13.5 G.
-    """
+    """``R v`` for per-token rows ``v`` (N_old, C), as ``R_h`` and ``R_w`` one axis at a time
+    (R = R_h ⊗ R_w): at 800×1344, stage-1 position embeddings cost 0.3 G MACs instead of 13.5 G."""
     (oh, ow), (nh, nw) = old_grid, new_grid
     r_h = interpolation_matrix((oh, 1), (nh, 1), values.device)  # (h_new, h_old)
     r_w = interpolation_matrix((1, ow), (1, nw), values.device)  # (w_new, w_old)
@@ -110,12 +95,8 @@ def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Grid, new_grid: Grid) ->
 
 
 def token_mixing_deviation(weight: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
-    """``W − I`` of a token-mixing matrix learned on old_grid, at new_grid (N_new × N_new).
-
-    The form LA layers compute with (``S + (W − I) S``), so identity is exact reuse whatever the
-    matmul precision (TF32, bf16): a zero deviation contributes exactly zero. At another grid,
-    ``(N_old/N_new) · R (W − I) Rᵀ``; a grid (n, 1) resamples a mixing over a line of tokens.
-    """
+    """``W − I`` of a token-mixing matrix learned on old_grid, at new_grid (N_new × N_new):
+    ``(N_old/N_new) · R (W − I) Rᵀ``. A grid (n, 1) resamples a mixing over a line of tokens."""
     deviation = weight.clone()  # (N_old, N_old); no N×N identity allocated per forward
     deviation.diagonal().sub_(1.0)
     if _same(old_grid, new_grid):

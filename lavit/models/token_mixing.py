@@ -1,29 +1,9 @@
-"""How a Less-Attention layer re-parameterises the attention it is handed (docs/spec.md §3.2).
+"""How a Less-Attention layer transforms the attention it is handed (docs/spec.md §3.2, §3.5).
 
 A ``TokenMixing`` maps scores ``S`` (B, H, N, N') on an h×w query grid and an h'×w' key grid to
-transformed scores ``S'`` of the same shape. It owns the size-dependent parameters of an LA
-layer, so it also follows the input size: ``forward`` takes any grid (``dynamic_img_size``),
-``resize_`` moves its native grids (``set_input_size``) and ``resize_state`` adapts a
-checkpoint's tensors (``checkpoint_filter_fn``).
-
-``"dense"`` is the paper's form, ``S' = Ψ(Θ(S)ᵀ)ᵀ`` with N×N matrices Ψ (N×N) and Θ (N'×N') over
-the tokens of one grid. At dense-prediction sizes they explode:
-N = 4,200 in LaViT-T's stage 3 at 800×1344, so one Ψ holds 17.6 M parameters and costs N²·N′
-multiply-adds per head. Two forms whose parameters stay those of the native (224²) grids, at any
-input size:
-
-* ``"separable"``: Kronecker factors, ``Ψ = Ψ_h ⊗ Ψ_w`` (h×h over the grid's rows, w×w over
-  its columns) and ``Θ = Θ_h ⊗ Θ_w``. Cost N·(h+w)·K per head instead of N²·K; parameters
-  h² + w². At another grid each factor is resampled as a 1-D mixing (its deviation from the
-  identity, as the dense form does in 2-D). From a dense checkpoint: the nearest Kronecker
-  product (Van Loan–Pitsianis), exact for Kronecker matrices such as the identity.
-* ``"pooled"``: a P×P matrix on the native grid, applied as ``S + Up((W − I)·Pool(S))``: at the
-  native grid Pool and Up are identities, so it is exactly the dense form there (a dense
-  checkpoint loads as is); at another grid the deviation acts on the scores average-pooled to
-  the native grid and is upsampled back (bilinear). Cost P²·K plus the pooling.
-
-Every form computes ``S + (W − I)·S``: identity (a zero deviation) is exact reuse at every size
-and in any matmul precision.
+``S'`` of the same shape, and owns the size-dependent parameters of an LA layer: ``forward``
+takes any grid, ``resize_`` moves its native grids, ``resize_state`` adapts a checkpoint. Every
+form computes ``S + (W − I)·S``, so identity is exact reuse at every size and precision.
 """
 
 from __future__ import annotations
@@ -113,8 +93,6 @@ def nearest_kronecker(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, t
 def init_mixing_(init: LessAttentionInit, *weights: nn.Parameter) -> None:
     """``"identity"``: matrices I, vectors (Θ's bias) 0; ``"random"``: ``nn.Linear``'s uniform
     ±1/√fan_in."""
-    if init not in get_args(LessAttentionInit):
-        raise ValueError(f"la_init must be 'identity' or 'random', got {init!r}")
     for weight in weights:
         if init == "random":
             bound = 1.0 / math.sqrt(weight.shape[-1])
@@ -154,19 +132,11 @@ class TokenMixing(nn.Module):
 
 
 class DenseTokenMixing(TokenMixing):
-    """``S' = W_Ψ · S · W_Θᵀ + (W_Ψ 1) b_Θᵀ``: Ψ mixes the query axis, Θ the key axis.
+    """The paper's form, ``S' = W_Ψ · S · W_Θᵀ + (W_Ψ 1) b_Θᵀ``: N×N Ψ on the query axis, Θ on
+    the key axis, one pair per LA layer shared across heads; its cost grows as N²·N' per head.
 
-    One pair per LA layer, shared across heads (the paper's ``R^{N×N}`` linear layers, applied
-    as ``Ψ(Θ(S)ᵀ)ᵀ``). Computed as deviations from the identity, ``T = S + S (Θ−I)ᵀ + 1 b_Θᵀ``,
-    ``S' = T + (Ψ−I) T``: the same products, but with ``init="identity"`` the layer reproduces
-    the attention it is given exactly in any matmul precision (TF32 and bf16 included), since a
-    zero deviation contributes an exact zero.
-
-    Ψ has no bias. Its ``b_Ψ 1ᵀ`` is constant along keys, so it cancels in this layer's
-    softmax; it would act only through the scores handed to a following LA layer, as
-    ``(W_Ψ' b_Ψ)(W_Θ' 1)ᵀ``, which is again constant along keys while Θ' keeps equal row sums
-    (at identity init: exactly), so it would start without gradient and could only ever add a
-    rank-one term. Θ's bias ``(W_Ψ 1) b_Θᵀ`` varies along keys and is kept.
+    Ψ has no bias: ``b_Ψ 1ᵀ`` is constant along keys, so it cancels in the softmax (and reaches
+    a following LA layer only as a rank-one term without gradient at identity init).
     """
 
     def __init__(self, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"):
@@ -203,7 +173,11 @@ class DenseTokenMixing(TokenMixing):
 
 
 class SeparableTokenMixing(TokenMixing):
-    """``S' = (Ψ_h ⊗ Ψ_w) · (S (Θ_h ⊗ Θ_w)ᵀ + 1 b_Θᵀ)``, each factor resampled per grid."""
+    """``S' = (Ψ_h ⊗ Ψ_w) · (S (Θ_h ⊗ Θ_w)ᵀ + 1 b_Θᵀ)``, each factor resampled per grid.
+
+    Parameters h² + w² per matrix at any input size, cost N·(h+w) per key and head. A dense
+    checkpoint loads as its nearest Kronecker factors (exact for the identity).
+    """
 
     def __init__(self, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"):
         super().__init__(query_grid, key_grid)
@@ -238,7 +212,11 @@ class SeparableTokenMixing(TokenMixing):
 
 
 class PooledTokenMixing(TokenMixing):
-    """``S' = Ψ̃(Θ̃(S) + 1 b_Θᵀ)`` with ``Ψ̃(x) = x + Up((Ψ − I)·Pool(x))`` (Θ̃ likewise)."""
+    """``S' = Ψ̃(Θ̃(S) + 1 b_Θᵀ)`` with ``Ψ̃(x) = x + Up((Ψ − I)·Pool(x))`` (Θ̃ likewise).
+
+    Ψ/Θ stay on the native grids: there it is exactly the dense form (a dense checkpoint loads
+    as is); at another grid the deviation acts on scores average-pooled to the native grid.
+    """
 
     def __init__(self, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"):
         super().__init__(query_grid, key_grid)
@@ -250,21 +228,15 @@ class PooledTokenMixing(TokenMixing):
 
     def forward(self, scores: torch.Tensor, query_grid: Grid, key_grid: Grid) -> torch.Tensor:
         bias = resize_token_vector(self.theta_bias, self.key_grid, key_grid)  # (N',)
-        eye = torch.eye(self.theta.shape[0], dtype=scores.dtype, device=scores.device)
-        t = _pooled_mix(scores, self.theta - eye, self.key_grid, key_grid, -1) + bias
-        eye = torch.eye(self.psi.shape[0], dtype=scores.dtype, device=scores.device)
-        return _pooled_mix(t, self.psi - eye, self.query_grid, query_grid, -2)  # (B, H, N, N')
+        d_theta = token_mixing_deviation(self.theta, self.key_grid, self.key_grid)  # Θ − I
+        t = _pooled_mix(scores, d_theta, self.key_grid, key_grid, -1) + bias
+        d_psi = token_mixing_deviation(self.psi, self.query_grid, self.query_grid)  # Ψ − I
+        return _pooled_mix(t, d_psi, self.query_grid, query_grid, -2)  # (B, H, N, N')
 
 
 def make_token_mixing(
     form: LAMixing, query_grid: Grid, key_grid: Grid, init: LessAttentionInit = "identity"
 ) -> TokenMixing:
     """The ``la_mixing`` form of an LA layer, made for its native grids."""
-    forms = {
-        "dense": DenseTokenMixing,
-        "separable": SeparableTokenMixing,
-        "pooled": PooledTokenMixing,
-    }
-    if form not in forms:
-        raise ValueError(f"la_mixing must be one of {LA_MIXINGS}, got {form!r}")
+    forms = dict(dense=DenseTokenMixing, separable=SeparableTokenMixing, pooled=PooledTokenMixing)
     return forms[form](query_grid, key_grid, init)

@@ -1,9 +1,5 @@
-"""What a LaViT accepts: its constructor arguments and its input sizes.
-
-Every mistake is a ``ValueError`` that names the argument (or the input size) and what is
-allowed. The input-size check also runs in every forward (``checked_input``, opaque under
-torch.fx so that a traced model keeps it).
-"""
+"""What a LaViT accepts: its constructor arguments and its input sizes, each mistake a
+``ValueError`` naming the argument (or the input size) and what is allowed."""
 
 from __future__ import annotations
 
@@ -101,9 +97,7 @@ def validate_config(
             raise ValueError(f"{name} must be in [0, 1), got {rate}")
     if not (dp_loss_weight >= 0.0 and math.isfinite(dp_loss_weight)):
         raise ValueError(
-            f"dp_loss_weight must be a finite number ≥ 0 (0 turns the DP loss off), got {dp_loss_weight}"
+            f"dp_loss_weight must be a finite number ≥ 0 (0: off), got {dp_loss_weight}"
         )
     if not math.isfinite(residual_attn_init):
-        raise ValueError(
-            f"residual_attn_init must be a finite number (γ's starting value), got {residual_attn_init}"
-        )
+        raise ValueError(f"residual_attn_init must be a finite number, got {residual_attn_init}")
