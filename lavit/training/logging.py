@@ -148,10 +148,10 @@ class FallbackWandbLogger(WandbLogger):
         self.probe = "mode" not in kwargs
         # Our own Settings object, so the mode can be set after the probe (WANDB_MODE is read
         # only once per process).
-        self.settings = wandb.Settings(
-            init_timeout=init_timeout, mode="online" if self.probe else None
-        )
-        super().__init__(*args, settings=self.settings, **kwargs)
+        self.wandb_settings = wandb.Settings(init_timeout=init_timeout)
+        if self.probe:
+            self.wandb_settings.mode = "online"
+        super().__init__(*args, settings=self.wandb_settings, **kwargs)
         self.init_timeout = init_timeout
 
     @property
@@ -169,7 +169,7 @@ class FallbackWandbLogger(WandbLogger):
             except Exception as err:  # wandb raises several types (CommError, UsageError, ...)
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 wandb.teardown()  # its service keeps the failed run's id otherwise
-        self.settings.mode = "offline"
+        self.wandb_settings.mode = "offline"
         run = super().experiment
         sync_dir = run.settings.sync_dir
         rank_zero_warn(
