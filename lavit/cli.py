@@ -167,9 +167,10 @@ class LaViTCLI(LightningCLI):
             config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir, "checkpoints")
         # The range-checked values as builtins: they end up in checkpoints (read weights-only).
         for group in ("model", "data", "nonfinite", "saturation", "ddp"):
-            if config.get(group) is not None:
-                for key, value in vars(config[group]).items():
-                    config[group][key] = plain(value)
+            section = config.get(group)
+            section = section.get("init_args", section) if section is not None else None
+            for key, value in vars(section or Namespace()).items():
+                section[key] = plain(value)
         apply_pretrained_data_config(config)  # data defaults follow pretrained weights' config
 
     def instantiate_classes(self) -> None:
@@ -295,11 +296,6 @@ class DenseCLI(LaViTCLI):
             name = monitor.split("/")[-1]
             config.checkpoint.monitor = monitor
             config.checkpoint.filename = f"best-epoch{{epoch:03d}}-{name}{{{monitor}:.4f}}"
-        for group in ("model", "data"):  # plain builtins into checkpoints (read weights-only)
-            init_args = config[group].get("init_args")
-            if init_args is not None:
-                for key, value in vars(init_args).items():
-                    init_args[key] = plain(value)
         super().before_instantiate_classes()
 
     def instantiate_classes(self) -> None:
