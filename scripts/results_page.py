@@ -46,7 +46,9 @@ from lavit.tools.report import (
     bench_throughput,
     collect_local,
     csv_rows,
+    format_value,
     plot,
+    run_info,
     summarise_runs,
     table_rows,
 )
@@ -148,12 +150,10 @@ def holm(p_values: list[float], alpha: float = 0.05) -> list[bool]:
 # -------------------------------------------------------------------------------------- sections
 
 
-def _fmt(value: Any) -> str:
-    return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
-
-
 def _setting(values: dict[str, Any]) -> str:
-    return ", ".join(f"{name.removeprefix('model.')}={_fmt(v)}" for name, v in values.items())
+    return ", ".join(
+        f"{name.removeprefix('model.')}={format_value(v)}" for name, v in values.items()
+    )
 
 
 def _question(sweep_file: Path) -> str:
@@ -174,15 +174,9 @@ def _question(sweep_file: Path) -> str:
 
 def _runs_info(sweep_dir: Path) -> list[dict[str, Any]]:
     """Each finished run's ``run_info.json`` (newest attempt)."""
-    infos = []
     state = load_state(sweep_dir)
-    for record in state.runs:
-        if record.state != "finished":
-            continue
-        paths = sorted((sweep_dir / record.run_dir).glob("version_*/run_info.json"))
-        if paths:
-            infos.append(json.loads(paths[-1].read_text(encoding="utf-8")))
-    return infos
+    infos = [run_info(sweep_dir / r.run_dir) for r in state.runs if r.state == "finished"]
+    return [info for info in infos if info]
 
 
 def _cost(infos: list[dict[str, Any]]) -> dict[str, Any]:
@@ -468,8 +462,8 @@ def _saturation_section(root: Path, va_layers: dict) -> list[str]:
     lines = [
         "## Attention saturation: trained LaViT against its all-VA twin",
         "",
-        f"From the `va_layers` runs above: the default split {_fmt(LAVIT_DEFAULT_SPLIT)} "
-        f"(LaViT) and {_fmt(ALL_VA_SPLIT)} (all-VA), each run measured at the end of training on "
+        f"From the `va_layers` runs above: the default split {format_value(LAVIT_DEFAULT_SPLIT)} "
+        f"(LaViT) and {format_value(ALL_VA_SPLIT)} (all-VA), each run measured at the end of training on "
         "32 validation images (`AttentionSaturation`). Per stage and consecutive layer pair: the "
         "cosine similarity of the two layers' attention maps (averaged over heads and images), "
         "and the same after subtracting uniform attention (`centred`, which is near 0 for maps "

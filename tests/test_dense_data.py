@@ -70,9 +70,10 @@ def test_detection_demo_batches_with_flipped_boxes(demo_cache):
     assert data.num_classes == 2 and data.input_size == (128, 128)
     images, targets = next(iter(data.train_dataloader()))
     assert len(images) == 3 and images[0].shape == (3, 128, 128) and images[0].max() <= 1
-    split = data.datasets["train"].split
-    index = split.image_ids.index(targets[0]["image_id"])
-    x0, y0, x1, y1 = split.boxes[index][0]
+    record = next(
+        r for r in data.datasets["train"].split.records if r["image_id"] == targets[0]["image_id"]
+    )
+    x0, y0, x1, y1 = record["boxes"][0]
     flipped = torch.tensor([128 - x1, y0, 128 - x0, y1], dtype=torch.float32)
     assert torch.allclose(targets[0]["boxes"][0], flipped)
     val_images, val_targets = next(iter(data.val_dataloader()))
@@ -214,7 +215,7 @@ def test_bad_boxes_are_named_with_the_fix(tmp_path, box, message):
 
 def test_boxes_a_pixel_outside_are_clipped_not_refused(tmp_path):
     data = _prepare(_coco(tmp_path, [[-0.5, 2, 49, 10]]), scale=None)
-    assert data.datasets["train"].split.boxes[0].tolist() == [[0.0, 2.0, 48.0, 12.0]]
+    assert data.datasets["train"].split.records[0]["boxes"].tolist() == [[0.0, 2.0, 48.0, 12.0]]
 
 
 def test_empty_and_unreadable_images_are_named(tmp_path):

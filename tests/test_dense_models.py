@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.models.detection import RetinaNet
 
-from lavit.dense.backbone import DenseBackbone, classifier_state_dict
+from lavit.dense.backbone import DenseBackbone
 from lavit.dense.detection import RetinaNetModule
 from lavit.dense.segmentation import SemanticFPNModule, sliding_windows
 from lavit.errors import CheckpointError
@@ -125,9 +125,9 @@ def test_map_perfect_half_and_wrong_class_on_hand_made_boxes():
     results = {}
     for name, (boxes, labels) in cases.items():
         _detections(module, [{"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": labels}])
-        module._evaluate(([torch.zeros(3, *SIZE)], [truth]), module.val_map)
-        results[name] = module.val_map.compute()
-        module.val_map.reset()
+        module._evaluate(([torch.zeros(3, *SIZE)], [truth]), module.val_metrics)
+        results[name] = module.val_metrics.compute()
+        module.val_metrics.reset()
     assert results["perfect"]["map"] == pytest.approx(1.0)
     assert results["perfect"]["map_50"] == pytest.approx(1.0)
     # COCO's 101-point interpolation: class 0 found (AP 1), class 1 missed (AP 0) → mean 0.5
@@ -148,8 +148,8 @@ def test_map_is_measured_in_original_image_coordinates():
     _detections(
         module, [{"boxes": truth["boxes"], "scores": torch.ones(1), "labels": truth["labels"]}]
     )
-    module._evaluate(([torch.zeros(3, *SIZE)], [truth]), module.val_map)
-    result = module.val_map.compute()
+    module._evaluate(([torch.zeros(3, *SIZE)], [truth]), module.val_metrics)
+    result = module.val_metrics.compute()
     assert result["map"] == pytest.approx(1.0)
     assert result["map_medium"] == pytest.approx(1.0)
     assert result["map_small"] == -1  # no small object at the original size
@@ -244,15 +244,9 @@ def test_backbone_loads_a_224_checkpoint_at_another_input_size(tmp_path, layout)
     torch.save(saved, path)
 
     backbone = DenseBackbone("lavit_tiny", (8, 16, 32), SIZE, 0.0, TINY_BACKBONE)
-    report = backbone.load_checkpoint(str(path))
-    assert (
-        report.prefix
-        == {"plain": "", "lightning": "model.", "lightning+ema": "ema.module."}[layout]
-    )
-    assert report.dropped == ["head.weight", "head.bias"]
-    assert any(k.endswith("pos_embed") for k in report.converted)
-    assert any(k.endswith(".psi") for k in report.converted)
-    # The same as resizing the classifier itself to the dense size (the model's own resizing).
+    assert backbone.load_checkpoint(str(path)) == len(backbone.body.state_dict())
+    # The same as resizing the classifier itself to the dense size (the model's own resizing);
+    # with an EMA, its weights (the module's own are zeroed above).
     trained.set_input_size(SIZE)
     x = torch.rand(1, 3, *SIZE)
     with torch.no_grad():
@@ -271,8 +265,9 @@ def test_backbone_checkpoint_of_another_model_is_a_clear_error(tmp_path):
         _detector(backbone_checkpoint=str(path))
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         _detector(backbone_checkpoint=str(tmp_path / "missing.ckpt"))
-    with pytest.raises(CheckpointError, match="holds no tensors"):
-        classifier_state_dict({"epoch": 3}, "x.ckpt")
+    torch.save({"epoch": 3}, path)
+    with pytest.raises(CheckpointError, match=r"other.ckpt does not fit .*\d+ missing"):
+        _detector(backbone_checkpoint=str(path))
 
 
 def test_pvt_v2_backbone_takes_any_size_through_the_same_module():
@@ -300,3 +295,35 @@ def test_pvt_v2_backbone_takes_any_size_through_the_same_module():
 def test_value_ranges_are_the_annotations(module, kwargs, message):
     with pytest.raises(ValueError, match=message):
         module(**kwargs)
+
+
+@pytest.mark.parametrize("release", ["timm", "original"])
+def test_pvt_v2_backbone_loads_timm_and_original_pvt_state_dicts(tmp_path, release):
+    """PVTv2's own checkpoint_filter_fn renames the original release's keys (block1.0 ...)."""
+    import re
+
+    import timm
+
+    torch.manual_seed(0)
+    classifier = timm.create_model("pvt_v2_b0", num_classes=7).eval()
+    state = classifier.state_dict()
+    if release == "original":
+        renames = [
+            (r"^patch_embed\.", "patch_embed1."),
+            (r"^stages\.(\d)\.downsample\.", lambda m: f"patch_embed{int(m[1]) + 1}."),
+            (r"^stages\.(\d)\.blocks\.", lambda m: f"block{int(m[1]) + 1}."),
+            (r"^stages\.(\d)\.norm\.", lambda m: f"norm{int(m[1]) + 1}."),
+            (r"\.dwconv\.", ".dwconv.dwconv."),
+        ]
+        for pattern, new in renames:
+            state = {re.sub(pattern, new, k): v for k, v in state.items()}
+        assert "block1.0.attn.q.weight" in state
+    torch.save({"model": state}, tmp_path / "pvt.pth")
+    backbone = DenseBackbone("pvt_v2_b0", (8, 16, 32), None, 0.0)
+    backbone.load_checkpoint(str(tmp_path / "pvt.pth"))
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        maps = list(backbone.eval()(x).values())
+        expected = classifier.forward_intermediates(x, indices=[1, 2, 3], intermediates_only=True)
+    for got, want in zip(maps, expected, strict=True):
+        torch.testing.assert_close(got, want)

@@ -140,8 +140,7 @@ def test_parameters_do_not_grow_with_the_input_size_and_the_backbone_loads_224(t
             {**kwargs, "la_mixing": form, "dynamic_img_size": True},
         )
         count = sum(p.numel() for p in backbone.parameters())
-        report = backbone.load_checkpoint(str(path))
-        assert report.loaded > 0
+        assert backbone.load_checkpoint(str(path)) > 0
         with torch.no_grad():
             for size in [(224, 224), (320, 480)]:
                 maps = list(backbone.eval()(torch.randn(1, 3, *size)).values())

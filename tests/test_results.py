@@ -129,9 +129,9 @@ def test_the_page_states_what_the_seeds_resolve_and_what_they_cannot(tmp_path, m
     assert "| 3 | 0→1 | va→la | 0.900 ± 0.000 | 0.610 ± 0.010 |" in text
     assert "cosine similarity 0.61–0.61 (centred 0.20–0.20; LaViT's transformed maps" in text
     assert "the saturation the paper reports (and that LA reuse presumes) is not seen here" in text
-    # the plot and CSV of the sweep, linked relative to the page
+    # the plot of the sweep, and the page's own copy under its folder (mkdocs serves only that)
     assert (root / "va_layers" / "report" / "ablation.png").stat().st_size > 1000
-    assert "](results/va_layers/report/ablation.png)" in text
+    assert "](ablations/va_layers.png)" in text and (tmp_path / "ablations/va_layers.png").is_file()
 
     assert results.main([*argv, "--check"]) == 0
     page.write_text(text.replace("-10.33", "-9.99"))

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -55,11 +56,6 @@ def collate_lists(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
     return list(images), list(targets)
 
 
-def _collate_segmentation_train(batch):
-    images, masks = zip(*batch, strict=True)
-    return torch.stack(images), torch.stack(masks)
-
-
 class FitCanvas(v2.Transform):
     """Keep-ratio resize of every input alike to fit inside ``canvas`` (H, W)."""
 
@@ -87,88 +83,86 @@ def keep_ratio_resize(scale: tuple[int, int] | None, canvas: tuple[int, int] | N
     return v2.Identity()
 
 
-def _pil_to_image(image) -> tv_tensors.Image:
-    return tv_tensors.Image(TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True))
+def _check_multiple_of_32(name: str, size: tuple[int, int]) -> None:
+    if any(side % 32 or side <= 0 for side in size):
+        raise ValueError(
+            f"{name} {list(size)} must be positive multiples of 32 (the backbone's stride), "
+            f"e.g. {[max(32, round(s / 32) * 32) for s in size]}"
+        )
 
 
+def _to_image(pil) -> tv_tensors.Image:
+    return TF.to_dtype(TF.to_image(pil), torch.float32, scale=True)
+
+
+@dataclass(eq=False)
 class DetectionDataset(Dataset):
     """Decodes image ``i``, checks its boxes against its real size, applies ``transform``."""
 
-    def __init__(self, split: DetectionSplit, transform: v2.Transform, drop_crowd: bool) -> None:
-        self.split = split
-        self.transform = transform
-        self.drop_crowd = drop_crowd  # training ignores crowd regions, as mmdetection does
+    split: DetectionSplit
+    transform: v2.Transform
+    drop_crowd: bool  # training ignores crowd regions, as mmdetection does
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
-        s = self.split
-        pil = decode_image(s.images[i], s.sizes[i])
+        record = self.split.records[i]
+        pil = decode_image(record["image"], record["size"])
         height, width = pil.height, pil.width
-        boxes, labels, crowd = s.boxes[i], s.labels[i], s.iscrowd[i]
-        if s.sizes[i] is None:  # no annotated size: check the boxes against the real one
-            boxes = check_boxes(boxes, (height, width), s.images[i].describe(), "xyxy")
+        boxes, labels, crowd = record["boxes"], record["labels"], record["iscrowd"]
+        if record["size"] is None:  # no annotated size: check the boxes against the real one
+            boxes = check_boxes(boxes, (height, width), str(record["image"]), "xyxy")
         if self.drop_crowd:
             keep = crowd == 0
             boxes, labels, crowd = boxes[keep], labels[keep], crowd[keep]
-        image = _pil_to_image(pil)
         target = {
             "boxes": tv_tensors.BoundingBoxes(
-                torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                format="XYXY",
-                canvas_size=(height, width),
+                torch.as_tensor(boxes).reshape(-1, 4), format="XYXY", canvas_size=(height, width)
             ),
-            "labels": torch.as_tensor(labels, dtype=torch.int64),
-            "iscrowd": torch.as_tensor(crowd, dtype=torch.int64),
+            "labels": torch.as_tensor(labels),
+            "iscrowd": torch.as_tensor(crowd),
         }
-        image, target = self.transform(image, target)
+        image, target = self.transform(_to_image(pil), target)
         target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
-        target["image_id"] = s.image_ids[i]
+        target["image_id"] = record["image_id"]
         target["orig_size"] = (height, width)
         target["size"] = tuple(image.shape[-2:])
         return image.as_subclass(torch.Tensor), target
 
 
+@dataclass(eq=False)
 class SegmentationDataset(Dataset):
     """Decodes image and mask ``i``; training transforms both, evaluation the image only."""
 
-    def __init__(
-        self,
-        split: SegmentationSplit,
-        transform: v2.Transform,
-        train: bool,
-        num_classes: int,
-        reduce_zero_label: bool,
-        ignore_index: int = IGNORE_INDEX,
-    ) -> None:
-        self.split = split
-        self.transform = transform
-        self.train = train
-        self.num_classes = num_classes
-        self.reduce_zero_label = reduce_zero_label
-        self.ignore_index = ignore_index
+    split: SegmentationSplit
+    transform: v2.Transform
+    train: bool
+    num_classes: int
+    reduce_zero_label: bool  # ADE20K: 0 is "other", not a class
+    ignore_index: int = IGNORE_INDEX
 
     def __len__(self) -> int:
         return len(self.split)
 
     def _labels(self, mask: np.ndarray, i: int) -> np.ndarray:
-        if self.reduce_zero_label:  # ADE20K: 0 is "other", not a class
+        if self.reduce_zero_label:
             mask = np.where(mask == 0, self.ignore_index, mask - 1)
         bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
         if bad.any():
             values = sorted(np.unique(mask[bad]).tolist())[:5]
             raise ValueError(
-                f"{self.split.masks[i].describe()}: label values {values} are outside 0.."
+                f"{self.split[i][1]}: label values {values} are outside 0.."
                 f"{self.num_classes - 1} and not the ignore index {self.ignore_index}; set "
                 "data.num_classes (and data.reduce_zero_label for ADE20K-style masks)"
             )
         return mask
 
     def __getitem__(self, i: int):
-        pil = decode_image(self.split.images[i])
-        mask = self._labels(decode_mask(self.split.masks[i], (pil.height, pil.width)), i)
-        image = _pil_to_image(pil)
+        image_ref, mask_ref = self.split[i]
+        pil = decode_image(image_ref)
+        mask = self._labels(decode_mask(mask_ref, (pil.height, pil.width)), i)
+        image = _to_image(pil)
         mask = tv_tensors.Mask(torch.as_tensor(mask, dtype=torch.int64))
         if self.train:
             image, mask = self.transform(image, mask)
@@ -182,19 +176,19 @@ class DenseDataModule(L.LightningDataModule):
     the loaders."""
 
     train_collate = staticmethod(collate_lists)
-    SHARED = ("source", "train_split", "val_split", "test_split", "hub_config", "cache_dir")
-    SHARED += ("image_column", "batch_size", "val_batch_size", "num_workers")
+    SHARED = ("source", "source_type", "train_split", "val_split", "test_split", "hub_config")
+    SHARED += ("cache_dir", "image_column", "batch_size", "val_batch_size", "num_workers")
+    SHARED += ("pin_memory",)
 
     def __init__(self, arguments: dict[str, Any]) -> None:
         super().__init__()
         check_arguments(type(self).__init__, arguments)
         for name in self.SHARED:
             setattr(self, name, arguments[name])
-        source_type, pin_memory = arguments["source_type"], arguments["pin_memory"]
-        self.source_type = source_type
-        if source_type == "auto":
+        if self.source_type == "auto":
             self.source_type = guess_dense_source_type(self.source)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        if self.pin_memory is None:
+            self.pin_memory = torch.cuda.is_available()
         self._splits: dict[str, Any] = {}
         self.datasets: dict[str, Dataset] = {}
 
@@ -207,7 +201,7 @@ class DenseDataModule(L.LightningDataModule):
 
     def _split_names(self) -> list[str]:
         return list(
-            dict.fromkeys(n for n in (self.train_split, self.val_split, self.test_split) if n)
+            dict.fromkeys(filter(None, (self.train_split, self.val_split, self.test_split)))
         )
 
     def _hf(self, split: str):
@@ -217,12 +211,6 @@ class DenseDataModule(L.LightningDataModule):
         if name not in self._splits:
             self._splits[name] = self._read_split(name)
         return self._splits[name]
-
-    def _read_split(self, name: str):
-        raise NotImplementedError
-
-    def _dataset(self, split, train: bool) -> Dataset:
-        raise NotImplementedError
 
     def prepare_data(self) -> None:
         # Reads and checks every split's annotations: a bad file stops the run here.
@@ -244,8 +232,6 @@ class DenseDataModule(L.LightningDataModule):
         return self._loader(self.test_split or self.val_split, False)
 
     def _loader(self, name: str, train: bool) -> DataLoader:
-        if name not in self.datasets:
-            raise RuntimeError("call setup() before asking for a DataLoader")
         return DataLoader(
             self.datasets[name],
             batch_size=self.batch_size if train else self.val_batch_size,
@@ -303,11 +289,8 @@ class DetectionDataModule(DenseDataModule):
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__(locals())
-        if canvas is not None and any(side % 32 or side <= 0 for side in canvas):
-            raise ValueError(
-                f"canvas {list(canvas)} must be positive multiples of 32 (the backbone's stride), "
-                f"e.g. {[max(32, round(s / 32) * 32) for s in canvas]}"
-            )
+        if canvas is not None:
+            _check_multiple_of_32("canvas", canvas)
         self.bbox_format = bbox_format
         self.scale, self.canvas = scale, (tuple(canvas) if canvas else None)
         self.hflip = hflip
@@ -327,16 +310,7 @@ class DetectionDataModule(DenseDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        if self.source_type == "demo":
-            return list(DEMO_CLASSES)
-        names = self._split(self.train_split).class_names
-        if not names:
-            top = max(
-                (int(lab.max()) for lab in self._split(self.train_split).labels if len(lab)),
-                default=-1,
-            )
-            names = [str(k) for k in range(top + 1)]
-        return names
+        return self._split(self.train_split).class_names
 
     @property
     def num_classes(self) -> int:
@@ -349,14 +323,13 @@ class DetectionDataModule(DenseDataModule):
             split = read_hf_detection(
                 self._hf(name), name, self.bbox_format, self.image_column, self.objects_column
             )
-        k = self._num_classes
-        if k is not None:
-            for labels in split.labels:
-                if len(labels) and labels.max() >= k:
-                    raise ValueError(
-                        f"split {name!r} has category {int(labels.max())} but num_classes={k}; "
-                        "raise data.num_classes or leave it unset (the categories decide)"
-                    )
+        top = max((int(r["labels"].max()) for r in split.records if len(r["labels"])), default=-1)
+        if self._num_classes is not None and top >= self._num_classes:
+            raise ValueError(
+                f"split {name!r} has category {top} but num_classes={self._num_classes}; "
+                "raise data.num_classes or leave it unset (the categories decide)"
+            )
+        split.class_names = split.class_names or [str(k) for k in range(top + 1)]
         return split
 
     def _dataset(self, split: DetectionSplit, train: bool) -> Dataset:
@@ -381,7 +354,7 @@ class SegmentationDataModule(DenseDataModule):
         mask_column: Hugging Face column of the masks.
     """
 
-    train_collate = staticmethod(_collate_segmentation_train)  # crops of one size: a tensor
+    train_collate = staticmethod(default_collate)  # crops of one size: a tensor
 
     def __init__(
         self,
@@ -413,8 +386,7 @@ class SegmentationDataModule(DenseDataModule):
             raise ValueError(
                 f"ratio_range must be [low, high] with 0 < low <= high, got {list(ratio_range)}"
             )
-        if any(side % 32 or side <= 0 for side in crop_size):
-            raise ValueError(f"crop_size {list(crop_size)} must be positive multiples of 32")
+        _check_multiple_of_32("crop_size", crop_size)
         self._num_classes = num_classes or len(DEMO_CLASSES) + 1
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = ignore_index

@@ -1,17 +1,11 @@
 """A small detection-and-segmentation set made from the embedded CIFAR-10 images (offline demo).
 
 Each canvas (128×128 by default) has a blurred, dimmed CIFAR-10 image as background and 1–3 other
-CIFAR-10 images pasted on it at known positions and sizes (28–64 px, aspect 0.8–1.25), each cut to
-an ellipse inscribed in its rectangle, with no two objects overlapping. So every box is exact (the
-pasted rectangle, which the ellipse touches on all four sides) and so is every mask (the ellipse).
-Train canvases use the subset's train images, validation canvases its test images.
-
-The categories are CIFAR-10's two super-classes, ``vehicle`` (airplane, automobile, ship, truck)
-and ``animal`` (the other six): a detector trained from scratch for a few minutes on 2 CPU cores
-learns to find and tell those apart, where ten 32-pixel classes would measure mostly the
-classifier. Each annotation keeps its CIFAR-10 class too (``cifar10_class``).
-
-Written in the layouts the real loaders read, so the demo runs through them::
+CIFAR-10 images pasted at known places and sizes (28–64 px, aspect 0.8–1.25), each cut to an
+ellipse inscribed in its rectangle, none overlapping: every box (the rectangle) and mask (the
+ellipse) is exact. Train canvases use the subset's train images, validation ones its test images.
+Categories: CIFAR-10's super-classes ``vehicle`` and ``animal`` (each annotation keeps its
+``cifar10_class``). Written in the layouts the real loaders read::
 
     <root>/train/000000.png ...                  images (COCO's <split>/ image folder)
     <root>/annotations/instances_train.json      COCO detection JSON (2 categories)
@@ -29,7 +23,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +31,7 @@ import PIL.ImageDraw
 import PIL.ImageFilter
 import pyarrow.parquet as pq
 
-__all__ = ["BUILD_VERSION", "CIFAR10_CLASSES", "DEMO_CLASSES", "build_dense_demo", "dense_demo_dir"]
+from lavit.training.sources import embedded_dataset_dir
 
 BUILD_VERSION = 2
 CIFAR10_CLASSES = (
@@ -47,23 +40,18 @@ CIFAR10_CLASSES = (
 DEMO_CLASSES = ("vehicle", "animal")
 VEHICLES = frozenset({"airplane", "automobile", "ship", "truck"})
 DEFAULT_SIZES = {"train": 1000, "val": 200}
-_DONE_FILE = "BUILD_DONE"
-
-
-def _cifar_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "assets" / "cifar10_subset"
+DONE_FILE = "BUILD_DONE"
 
 
 def dense_demo_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the demo set lives: ``<cache_dir or ~/.cache/lavit>/dense_demo_v<version>``."""
-    base = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache"))
-    base = base.expanduser() if cache_dir else base.expanduser() / "lavit"
-    return base / f"dense_demo_v{BUILD_VERSION}"
+    base = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "lavit"
+    return Path(base).expanduser() / f"dense_demo_v{BUILD_VERSION}"
 
 
-def _load_cifar(split: str) -> tuple[Callable[[int], PIL.Image.Image], np.ndarray]:
+def _load_cifar(split: str):
     """The subset's ``image(i)`` (decoded when first used: a build uses a fraction) and labels."""
-    table = pq.read_table(_cifar_dir() / f"{split}.parquet").to_pydict()
+    table = pq.read_table(embedded_dataset_dir() / f"{split}.parquet").to_pydict()
     encoded = [r["bytes"] for r in table["image"]]
     image = functools.cache(lambda i: PIL.Image.open(io.BytesIO(encoded[i])).convert("RGB"))
     return image, np.asarray(table["label"], dtype=np.int64)
@@ -153,7 +141,7 @@ def build_dense_demo(
     leaves nothing half-written behind.
     """
     root = Path(root) if root is not None else dense_demo_dir()
-    if (root / _DONE_FILE).is_file():
+    if (root / DONE_FILE).is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
@@ -161,17 +149,12 @@ def build_dense_demo(
     try:
         for split, count in sizes.items():
             _write_split(staging, split, count, seed, canvas)
-        (staging / _DONE_FILE).write_text(
-            json.dumps({"version": BUILD_VERSION, "seed": seed, "canvas": canvas, "sizes": sizes})
-        )
-        if root.exists():  # a stale partial build from before (no BUILD_DONE): replace it
-            shutil.rmtree(root)
+        recipe = {"version": BUILD_VERSION, "seed": seed, "canvas": canvas, "sizes": sizes}
+        (staging / DONE_FILE).write_text(json.dumps(recipe))
+        shutil.rmtree(root, ignore_errors=True)  # a stale partial build from before
         os.replace(staging, root)
-    except OSError:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
-        if not (root / _DONE_FILE).is_file():  # not another process that finished first
-            raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if not (isinstance(err, OSError) and (root / DONE_FILE).is_file()):
+            raise  # (else another process finished the same build first)
     return root

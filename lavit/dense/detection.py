@@ -18,17 +18,19 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from lavit.dense.backbone import DenseBackbone
-from lavit.dense.task import IMAGENET_MEAN, IMAGENET_STD, DenseTaskModule, LRSchedule
+from lavit.dense.task import DenseTaskModule, LRSchedule
 from lavit.training.options import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -41,14 +43,8 @@ from lavit.training.options import (
 __all__ = ["AP_KEYS", "BackboneWithFPN", "BatchOnlyTransform", "RetinaNetModule"]
 
 # torchmetrics' result key → logged name
-AP_KEYS = {
-    "map": "AP",
-    "map_50": "AP50",
-    "map_75": "AP75",
-    "map_small": "APs",
-    "map_medium": "APm",
-    "map_large": "APl",
-}
+AP_KEYS = {"map": "AP", "map_50": "AP50", "map_75": "AP75"}
+AP_KEYS |= {"map_small": "APs", "map_medium": "APm", "map_large": "APl"}
 
 
 class BackboneWithFPN(nn.Module):
@@ -92,10 +88,8 @@ class BatchOnlyTransform(GeneralizedRCNNTransform):
                     f"an image of {image.shape[-1]}×{image.shape[-2]} does not fit the model's "
                     f"fixed {width}×{height} input: resize the data to fit it (data.canvas)"
                 )
-        batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)
-        for i, image in enumerate(images):
-            batch[i, :, : image.shape[-2], : image.shape[-1]].copy_(image)
-        return batch
+        pads = [(0, width - im.shape[-1], 0, height - im.shape[-2]) for im in images]
+        return torch.stack([F.pad(im, pad) for im, pad in zip(images, pads, strict=True)])
 
 
 class RetinaNetModule(DenseTaskModule):
@@ -139,8 +133,8 @@ class RetinaNetModule(DenseTaskModule):
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
         topk_candidates: int = 1000,
-        image_mean: tuple[float, float, float] = IMAGENET_MEAN,
-        image_std: tuple[float, float, float] = IMAGENET_STD,
+        image_mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        image_std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
         lr: PositiveFloat = 1e-4,
         weight_decay: NonNegativeFloat = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -184,8 +178,8 @@ class RetinaNetModule(DenseTaskModule):
         # Built on the CPU even when the module is built on the meta device (MAC counting):
         # the metric reads its IoU thresholds out of a tensor; it holds no weights.
         with torch.device("cpu"):
-            self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
-            self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+            self.val_metrics = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+            self.test_metrics = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
 
     @property
     def backbone(self) -> DenseBackbone:
@@ -206,30 +200,16 @@ class RetinaNetModule(DenseTaskModule):
         self.log("train/box", losses["bbox_regression"], batch_size=size)
         return loss
 
-    @staticmethod
-    def _to_original(boxes: torch.Tensor, target: dict) -> torch.Tensor:
-        (h0, w0), (h, w) = target["orig_size"], target["size"]
-        scale = boxes.new_tensor([w0 / w, h0 / h, w0 / w, h0 / h])
-        return boxes * scale
-
     def _evaluate(self, batch, metric: MeanAveragePrecision) -> None:
         images, targets = batch
         detections = self.detector(images)
+        # boxes back at each image's original size, so that COCO's small/medium/large hold
         preds = [
-            {
-                "boxes": self._to_original(d["boxes"], t),
-                "scores": d["scores"],
-                "labels": d["labels"],
-            }
+            {**d, "boxes": resize_boxes(d["boxes"], t["size"], t["orig_size"])}
             for d, t in zip(detections, targets, strict=True)
         ]
         truth = [
-            {
-                "boxes": self._to_original(t["boxes"], t),
-                "labels": t["labels"],
-                "iscrowd": t["iscrowd"],
-            }
-            for t in targets
+            {**t, "boxes": resize_boxes(t["boxes"], t["size"], t["orig_size"])} for t in targets
         ]
         metric.update(preds, truth)
 
@@ -240,17 +220,11 @@ class RetinaNetModule(DenseTaskModule):
             self.log(f"{split}/{name}", result[key].float(), prog_bar=name == "AP")
         metric.reset()
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_map)
-
     def on_validation_epoch_end(self) -> None:
-        self._log_map(self.val_map, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_map)
+        self._log_map(self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_map(self.test_map, "test")
+        self._log_map(self.test_metrics, "test")
 
     def predict_step(self, batch, batch_idx: int):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch

@@ -1,20 +1,11 @@
 """Semantic FPN on a LaViT (or any timm pyramid) backbone: segmentation-models-pytorch's head.
 
-The head is ``segmentation_models_pytorch``'s FPN decoder and segmentation head (Kirillov et
-al.'s Panoptic/Semantic FPN: a top-down pyramid on C2–C5, 3×3 conv + GroupNorm + ReLU + 2×
-upsampling per level down to stride 4, summed, 1×1 classifier, 4× upsampling). It is built on
-our :class:`~lavit.dense.backbone.DenseBackbone` rather than smp's ``tu-<timm name>`` encoder:
-that encoder does build LaViT (``smp.FPN("tu-lavit_tiny", img_size=512)`` runs as is), but it
-wraps each timm model its own way (LaViT's weights under ``encoder.model.model.``, PVTv2's under
-``encoder.model.`` with renamed stages), and one backbone class for both tasks keeps one
-checkpoint loader and one set of options.
-
-Differences from mmsegmentation's Semantic FPN (the PVT protocol): GroupNorm instead of
-SyncBN in the head, so that it does not depend on the batch split over GPUs.
-
-mIoU through torchmetrics' ``MulticlassJaccardIndex`` (macro, ``ignore_index`` excluded, classes
-absent from both prediction and truth left out of the mean: mmsegmentation's dataset-level
-mIoU), at the masks' original resolution. Logged: ``val/mIoU``, ``val/aAcc`` (pixel accuracy).
+smp's FPN decoder and segmentation head (Kirillov et al.'s Semantic FPN, with GroupNorm where
+mmsegmentation has SyncBN) on our :class:`~lavit.dense.backbone.DenseBackbone`: smp's own
+``tu-<timm name>`` encoder renames each timm model's weights its own way, where one backbone class
+for both tasks keeps one checkpoint loader. mIoU through torchmetrics' ``MulticlassJaccardIndex``
+(mmsegmentation's dataset-level mIoU) at the masks' original resolution; logged ``val/mIoU`` and
+``val/aAcc`` (pixel accuracy).
 """
 
 from __future__ import annotations
@@ -23,12 +14,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from segmentation_models_pytorch.base import SegmentationHead
 from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from lavit.dense.task import IMAGENET_MEAN, IMAGENET_STD, DenseTaskModule, LRSchedule, normalize
+from lavit.dense.task import DenseTaskModule, LRSchedule
 from lavit.training.options import (
     AtLeastTwoInt,
     NonNegativeFloat,
@@ -45,10 +38,7 @@ Inference = Literal["whole", "slide"]
 
 def sliding_windows(size: int, window: int, stride: int) -> list[int]:
     """Start offsets of windows covering ``[0, size)`` (the last one flush with the end)."""
-    if size <= window:
-        return [0]
-    starts = list(range(0, size - window, stride))
-    return [*starts, size - window]
+    return [*range(0, size - window, stride), size - window] if size > window else [0]
 
 
 def _metrics(num_classes: int, ignore_index: int, prefix: str) -> MetricCollection:
@@ -97,8 +87,8 @@ class SemanticFPNModule(DenseTaskModule):
         dropout: float = 0.1,
         inference: Inference = "slide",
         slide_stride: tuple[int, int] | None = None,
-        image_mean: tuple[float, float, float] = IMAGENET_MEAN,
-        image_std: tuple[float, float, float] = IMAGENET_STD,
+        image_mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        image_std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
         lr: PositiveFloat = 1e-4,
         weight_decay: NonNegativeFloat = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -132,14 +122,13 @@ class SemanticFPNModule(DenseTaskModule):
         self.head = SegmentationHead(
             self.decoder.out_channels, num_classes, kernel_size=1, upsampling=4
         )
-        self.register_buffer("mean", torch.tensor(image_mean), persistent=False)
-        self.register_buffer("std", torch.tensor(image_std), persistent=False)
         self.val_metrics = _metrics(num_classes, ignore_index, "val/")
         self.test_metrics = _metrics(num_classes, ignore_index, "test/")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1], H and W multiples of 32 → logits (B, K, H, W)."""
-        features = list(self.backbone(normalize(images, self.mean, self.std)).values())
+        images = TF.normalize(images, list(self.hparams.image_mean), list(self.hparams.image_std))
+        features = list(self.backbone(images).values())
         return self.head(self.decoder(features))
 
     def training_step(self, batch, batch_idx: int):
@@ -159,20 +148,18 @@ class SemanticFPNModule(DenseTaskModule):
     def _slide(self, image: torch.Tensor) -> torch.Tensor:
         (wh, ww), (h, w) = self.hparams.img_size, image.shape[-2:]
         sh, sw = self.hparams.slide_stride or (max(1, wh * 2 // 3), max(1, ww * 2 // 3))
-        boxes = [(y, x) for y in sliding_windows(h, wh, sh) for x in sliding_windows(w, ww, sw)]
-        crops = [image[:, y : y + wh, x : x + ww] for y, x in boxes]
-        # an image smaller than the window: pad the window to the backbone's size
-        crops = torch.stack(
-            [F.pad(c, (0, ww - c.shape[-1], 0, wh - c.shape[-2])) for c in crops]
-        )  # (n, 3, wh, ww)
-        window_logits = self(crops)
-        logits = image.new_zeros(self.hparams.num_classes, h, w)
-        count = image.new_zeros(1, h, w)
-        for (y, x), out in zip(boxes, window_logits, strict=True):
-            out = out[:, : min(wh, h - y), : min(ww, w - x)]
-            logits[:, y : y + out.shape[1], x : x + out.shape[2]] += out
-            count[:, y : y + out.shape[1], x : x + out.shape[2]] += 1
-        return logits / count
+        image = F.pad(image, (0, max(0, ww - w), 0, max(0, wh - h)))  # at least one window
+        height, width = image.shape[-2:]
+        starts = [
+            (y, x) for y in sliding_windows(height, wh, sh) for x in sliding_windows(width, ww, sw)
+        ]
+        windows = self(torch.stack([image[:, y : y + wh, x : x + ww] for y, x in starts]))
+        logits = image.new_zeros(self.hparams.num_classes, height, width)
+        count = image.new_zeros(1, height, width)
+        for (y, x), out in zip(starts, windows, strict=True):
+            logits[:, y : y + wh, x : x + ww] += out
+            count[:, y : y + wh, x : x + ww] += 1
+        return (logits / count)[:, :h, :w]
 
     def predict_logits(self, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """Logits (K, *out_size) for one image (3, h, w) in [0, 1]."""
@@ -185,12 +172,6 @@ class SemanticFPNModule(DenseTaskModule):
             prediction = self.predict_logits(image, tuple(mask.shape[-2:])).argmax(0)
             metrics.update(prediction[None], mask[None])
         self.log_dict(metrics, prog_bar=True, batch_size=len(images))
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
 
     def predict_step(self, batch, batch_idx: int) -> list[torch.Tensor]:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch

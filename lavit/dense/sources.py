@@ -2,7 +2,7 @@
 
 Detection (:class:`DetectionSplit`): COCO JSON + images (``annotations/instances_<split>.json``,
 ``<split>/`` or ``images/<split>/``), or a Hugging Face dataset with ``image`` and ``objects``
-(``bbox``, ``category``) columns. Segmentation (:class:`SegmentationSplit`): ADE20K's folders
+(``bbox``, ``category``) columns. Segmentation (image and mask pairs): ADE20K's folders
 (``images/<split>/``, ``annotations/<split>/`` paired by stem), or a dataset with image and
 mask columns. Images are decoded later; annotations are checked up front, so a bad file stops
 the run before training with a message that names it and the fix.
@@ -15,16 +15,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import datasets
 import numpy as np
 import PIL.Image
 
+from lavit.training.images import IMAGE_EXTENSIONS
+
 _DECODER = datasets.Image()
 BBoxFormat = Literal["xywh", "xyxy"]
 DenseSourceType = Literal["auto", "demo", "coco", "folders", "hub", "parquet", "disk"]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Boxes may stick out of the image by this many pixels (rounding in annotation tools); they are
 # clipped. Further out is an annotation error.
 BOX_TOLERANCE_PX = 1.0
@@ -32,78 +33,85 @@ BOX_TOLERANCE_PX = 1.0
 
 @dataclass
 class ImageRef:
-    """Where an image is: a file path, or row ``index`` of ``column`` in a HF dataset."""
+    """Where an image is: a file ``path``, or row ``index`` of ``column`` in a HF dataset."""
 
     path: str | None = None
     dataset: datasets.Dataset | None = None
     index: int = -1
     column: str = "image"
 
-    def describe(self) -> str:
-        return self.path if self.path else f"row {self.index} of column {self.column!r}"
+    def __str__(self) -> str:
+        return self.path or f"row {self.index} of column {self.column!r}"
 
-    def load(self) -> PIL.Image.Image:
-        if self.path is not None:
-            return PIL.Image.open(self.path)
-        return _DECODER.decode_example(self.dataset[self.index][self.column])  # bytes or path
+    def open(self, what: str = "an image") -> PIL.Image.Image:
+        """The decoded file; a ValueError naming it when it cannot be read or is empty."""
+        try:
+            if self.path is not None:
+                image = PIL.Image.open(self.path)
+            else:  # bytes or a path
+                image = _DECODER.decode_example(self.dataset[self.index][self.column])
+            image.load()
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ValueError(f"{self}: cannot be read as {what} ({err})") from None
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"{self}: the image is empty (0 pixels); remove it")
+        return image
 
 
 @dataclass
 class DetectionSplit:
-    """One split: per image its reference, boxes (n, 4) xyxy in pixels, labels, crowd flags."""
+    """One split: per image a record of its :class:`ImageRef` (``image``), boxes (n, 4) xyxy in
+    pixels, labels (0..K-1), crowd flags, annotated (height, width) or ``None`` and id."""
 
     name: str
-    images: list[ImageRef]
-    boxes: list[np.ndarray]
-    labels: list[np.ndarray]  # contiguous 0..K-1
-    iscrowd: list[np.ndarray]
-    sizes: list[tuple[int, int] | None]  # annotated (height, width), None when not given
-    image_ids: list[int]
-    class_names: list[str] = field(default_factory=list)
+    bbox_format: BBoxFormat
+    class_names: list[str]
+    records: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.records)
+
+    def add(self, image: ImageRef, where: str, boxes, labels, iscrowd, size, image_id) -> None:
+        """Append one image, its boxes checked (:func:`check_boxes`) and made xyxy."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if len(labels) != len(boxes):
+            raise ValueError(f"{where}: {len(boxes)} boxes but {len(labels)} categories")
+        self.records.append(
+            {
+                "image": image,
+                "boxes": check_boxes(boxes, size, where, self.bbox_format),
+                "labels": np.asarray(labels, dtype=np.int64),
+                "iscrowd": np.asarray(iscrowd, dtype=np.int64).reshape(-1),
+                "size": size,
+                "image_id": image_id,
+            }
+        )
 
 
-@dataclass
-class SegmentationSplit:
-    name: str
-    images: list[ImageRef]
-    masks: list[ImageRef]
-
-    def __len__(self) -> int:
-        return len(self.images)
+SegmentationSplit = list[tuple[ImageRef, ImageRef]]  # (image, mask) pairs
 
 
 # ------------------------------------------------------------------------------------ checks
 def check_boxes(
-    boxes_xywh: np.ndarray, size: tuple[int, int] | None, where: str, bbox_format: BBoxFormat
+    boxes: np.ndarray, size: tuple[int, int] | None, where: str, bbox_format: BBoxFormat
 ) -> np.ndarray:
     """Validated boxes as xyxy, clipped to the image; a ValueError names the first bad one.
 
     ``size`` is (height, width); when ``None`` only the box shapes are checked here (the image
     bounds are checked when the image is decoded).
     """
-    boxes = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    formats = {"xywh": "COCO's [x, y, width, height]", "xyxy": "[x_min, y_min, x_max, y_max]"}
+    other = "xyxy" if bbox_format == "xywh" else "xywh"
     hint = (
-        "boxes are read as COCO's [x, y, width, height] in pixels; set data.bbox_format: xyxy if "
-        "yours are [x_min, y_min, x_max, y_max]"
-        if bbox_format == "xywh"
-        else "boxes are read as [x_min, y_min, x_max, y_max] in pixels; set data.bbox_format: "
-        "xywh if yours are COCO's [x, y, width, height]"
+        f"boxes are read as {formats[bbox_format]} in pixels; set data.bbox_format: {other} if "
+        f"yours are {formats[other]}"
     )
-    if not np.isfinite(boxes).all():
-        i = int(np.flatnonzero(~np.isfinite(boxes).all(axis=1))[0])
-        raise ValueError(f"{where}: box {i} {boxes[i].tolist()} is not finite; fix the annotation")
     xyxy = boxes.copy()
     if bbox_format == "xywh":
         xyxy[:, 2:] += xyxy[:, :2]
-    negative = (xyxy[:, 2] < xyxy[:, 0]) | (xyxy[:, 3] < xyxy[:, 1])
-    if negative.any():
-        i = int(np.flatnonzero(negative)[0])
-        raise ValueError(
-            f"{where}: box {i} {boxes[i].tolist()} has a negative width or height; {hint}"
-        )
+    bad = {"is not finite; fix the annotation": ~np.isfinite(boxes).all(axis=1)}
+    bad[f"has a negative width or height; {hint}"] = (xyxy[:, 2:] < xyxy[:, :2]).any(axis=1)
     if size is not None:
         height, width = size
         if height <= 0 or width <= 0:
@@ -111,36 +119,24 @@ def check_boxes(
                 f"{where}: the image is empty ({width}×{height} pixels); remove it or fix its "
                 "width/height"
             )
-        t = BOX_TOLERANCE_PX
-        outside = (
-            (xyxy[:, 0] < -t)
-            | (xyxy[:, 1] < -t)
-            | (xyxy[:, 2] > width + t)
-            | (xyxy[:, 3] > height + t)
-        )
-        if outside.any():
-            i = int(np.flatnonzero(outside)[0])
-            raise ValueError(
-                f"{where}: box {i} {boxes[i].tolist()} lies outside the {width}×{height} image; "
-                f"fix the annotation ({hint})"
-            )
-        xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, width)
-        xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, height)
+        t, corner = BOX_TOLERANCE_PX, np.array([width, height])
+        outside = (xyxy[:, :2] < -t).any(axis=1) | (xyxy[:, 2:] > corner + t).any(axis=1)
+        bad[f"lies outside the {width}×{height} image; fix the annotation ({hint})"] = outside
+    for problem, rows in bad.items():
+        if rows.any():
+            i = int(np.flatnonzero(rows)[0])
+            raise ValueError(f"{where}: box {i} {boxes[i].tolist()} {problem}")
+    if size is not None:
+        xyxy = xyxy.clip(0, [size[1], size[0]] * 2)
     return xyxy.astype(np.float32)
 
 
 def decode_image(ref: ImageRef, expected: tuple[int, int] | None = None) -> PIL.Image.Image:
     """The RGB image; a ValueError for an unreadable, empty or wrongly annotated image."""
-    try:
-        image = ref.load()
-        image.load()
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"{ref.describe()}: cannot be read as an image ({err})") from None
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"{ref.describe()}: the image is empty (0 pixels); remove it")
+    image = ref.open()
     if expected is not None and (image.height, image.width) != tuple(expected):
         raise ValueError(
-            f"{ref.describe()}: the annotation says {expected[1]}×{expected[0]} but the image is "
+            f"{ref}: the annotation says {expected[1]}×{expected[0]} but the image is "
             f"{image.width}×{image.height}; fix the annotation's width/height"
         )
     return image.convert("RGB")
@@ -148,19 +144,15 @@ def decode_image(ref: ImageRef, expected: tuple[int, int] | None = None) -> PIL.
 
 def decode_mask(ref: ImageRef, image_size: tuple[int, int]) -> np.ndarray:
     """The (H, W) integer label map; a ValueError unless single-channel and of the image's size."""
-    try:
-        mask = ref.load()
-        mask.load()
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"{ref.describe()}: cannot be read as a mask image ({err})") from None
+    mask = ref.open("a mask image")
     if mask.mode not in ("L", "P", "I", "I;16", "1"):
         raise ValueError(
-            f"{ref.describe()}: a mask must be a single-channel label image (mode L, P or I), "
+            f"{ref}: a mask must be a single-channel label image (mode L, P or I), "
             f"got mode {mask.mode}; save one class index per pixel"
         )
     if (mask.height, mask.width) != tuple(image_size):
         raise ValueError(
-            f"{ref.describe()}: the mask is {mask.width}×{mask.height} but its image is "
+            f"{ref}: the mask is {mask.width}×{mask.height} but its image is "
             f"{image_size[1]}×{image_size[0]}; masks must have their image's size"
         )
     return np.asarray(mask, dtype=np.int64)
@@ -249,30 +241,39 @@ def read_coco_split(
     contiguous = {c["id"]: i for i, c in enumerate(categories)}
     per_image: dict[int, list[dict]] = {img["id"]: [] for img in document["images"]}
     for ann in document["annotations"]:
-        if ann["image_id"] not in per_image:
-            raise ValueError(
-                f"{annotation_file}: annotation {ann.get('id')} refers to image "
-                f"{ann['image_id']}, which is not in its images list"
-            )
-        if ann["category_id"] not in contiguous:
-            raise ValueError(
-                f"{annotation_file}: annotation {ann.get('id')} has category_id "
-                f"{ann['category_id']}, which is not in its categories list"
-            )
+        for key, known, listed in (
+            ("image_id", per_image, "images"),
+            ("category_id", contiguous, "categories"),
+        ):
+            if ann[key] not in known:
+                raise ValueError(
+                    f"{annotation_file}: annotation {ann.get('id')} has {key} {ann[key]}, "
+                    f"which is not in its {listed} list"
+                )
         per_image[ann["image_id"]].append(ann)
-    out = DetectionSplit(split, [], [], [], [], [], [], [c["name"] for c in categories])
+    out = DetectionSplit(split, bbox_format, [c["name"] for c in categories])
     for img in document["images"]:
         anns = per_image[img["id"]]
-        size = (int(img["height"]), int(img["width"])) if "height" in img else None
-        where = f"{annotation_file.name}: image {img['id']} ({img['file_name']})"
-        raw = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-        out.images.append(ImageRef(path=str(image_dir / img["file_name"])))
-        out.boxes.append(check_boxes(raw, size, where, bbox_format))
-        out.labels.append(np.array([contiguous[a["category_id"]] for a in anns], dtype=np.int64))
-        out.iscrowd.append(np.array([int(a.get("iscrowd", 0)) for a in anns], dtype=np.int64))
-        out.sizes.append(size)
-        out.image_ids.append(int(img["id"]))
+        out.add(
+            ImageRef(path=str(image_dir / img["file_name"])),
+            f"{annotation_file.name}: image {img['id']} ({img['file_name']})",
+            boxes=[a["bbox"] for a in anns],
+            labels=[contiguous[a["category_id"]] for a in anns],
+            iscrowd=[a.get("iscrowd", 0) for a in anns],
+            size=(int(img["height"]), int(img["width"])) if "height" in img else None,
+            image_id=int(img["id"]),
+        )
     return out
+
+
+def _require_columns(dataset: datasets.Dataset, split: str, columns: dict[str, str]) -> None:
+    """A ValueError unless ``dataset`` has each column, naming the option that sets it."""
+    for column, option in columns.items():
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"split {split!r} has no {column!r} column (columns: {dataset.column_names}); "
+                f"set data.{option}"
+            )
 
 
 def read_hf_detection(
@@ -283,19 +284,16 @@ def read_hf_detection(
     objects_column: str = "objects",
 ) -> DetectionSplit:
     """An HF dataset with ``image`` and ``objects`` (``bbox``, ``category``) columns."""
-    for column in (image_column, objects_column):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"split {split!r} has no {column!r} column (columns: {dataset.column_names}); "
-                "set data.image_column / data.objects_column"
-            )
+    _require_columns(
+        dataset, split, {image_column: "image_column", objects_column: "objects_column"}
+    )
     names = _category_names(dataset.features[objects_column])
     images = dataset.cast_column(image_column, datasets.Image(decode=False))
     columns = [objects_column] + [
         c for c in ("width", "height", "image_id") if c in dataset.column_names
     ]
     table = dataset.select_columns(columns).to_dict()
-    out = DetectionSplit(split, [], [], [], [], [], [], names)
+    out = DetectionSplit(split, bbox_format, names)
     for i, objects in enumerate(table[objects_column]):
         if isinstance(objects, list):  # a list of per-object dicts instead of a dict of lists
             objects = {k: [o[k] for o in objects] for k in (objects[0] if objects else {})}
@@ -304,20 +302,16 @@ def read_hf_detection(
                 f"split {split!r} row {i}: the {objects_column!r} column has no 'bbox' "
                 f"(keys: {sorted(objects)})"
             )
-        size = None
-        if "width" in table and "height" in table:
-            size = (int(table["height"][i]), int(table["width"][i]))
-        where = f"split {split!r} row {i}"
-        raw = np.array(objects.get("bbox", []), dtype=np.float64).reshape(-1, 4)
-        labels = np.array(objects.get("category", []), dtype=np.int64)
-        if len(labels) != len(raw):
-            raise ValueError(f"{where}: {len(raw)} boxes but {len(labels)} categories")
-        out.images.append(ImageRef(dataset=images, index=i, column=image_column))
-        out.boxes.append(check_boxes(raw, size, where, bbox_format))
-        out.labels.append(labels)
-        out.iscrowd.append(np.array(objects.get("iscrowd", [0] * len(raw)), dtype=np.int64))
-        out.sizes.append(size)
-        out.image_ids.append(int(table["image_id"][i]) if "image_id" in table else i)
+        boxes = objects.get("bbox", [])
+        out.add(
+            ImageRef(dataset=images, index=i, column=image_column),
+            f"split {split!r} row {i}",
+            boxes=boxes,
+            labels=objects.get("category", []),
+            iscrowd=objects.get("iscrowd", [0] * len(boxes)),
+            size=(int(table["height"][i]), int(table["width"][i])) if "height" in table else None,
+            image_id=int(table["image_id"][i]) if "image_id" in table else i,
+        )
     return out
 
 
@@ -332,27 +326,23 @@ def _category_names(feature) -> list[str]:
     return []
 
 
-def read_mask_folder_split(
-    root: str | os.PathLike,
-    split: str,
-    images_subdir: str = "images",
-    masks_subdir: str = "annotations",
-) -> SegmentationSplit:
-    """``<root>/<images_subdir>/<split>/*`` paired by stem with ``<root>/<masks_subdir>/<split>/*.png``."""
+def read_mask_folder_split(root: str | os.PathLike, split: str) -> SegmentationSplit:
+    """``<root>/images/<split>/*`` (or ``<root>/<split>/*``, the demo's) paired by stem with
+    ``<root>/annotations/<split>/*``."""
     root = Path(root)
-    image_dir, mask_dir = root / images_subdir / split, root / masks_subdir / split
+    image_dir, mask_dir = root / "images" / split, root / "annotations" / split
     if not image_dir.is_dir() and (root / split).is_dir():
-        image_dir = root / split  # COCO-style <root>/<split>/ images (the demo's layout)
+        image_dir = root / split
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
             raise ValueError(
                 f"{root}: no folder {folder.relative_to(root)}/ for split {split!r}; expected "
-                f"{images_subdir}/{split}/ (images) and {masks_subdir}/{split}/ (masks)"
+                f"images/{split}/ and annotations/{split}/ (masks)"
             )
-    images = {
-        p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS
-    }
-    masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    images, masks = (
+        {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+        for folder in (image_dir, mask_dir)
+    )
     if not images:
         raise ValueError(f"{image_dir}: no images")
     unmatched = sorted(set(images) ^ set(masks))
@@ -363,12 +353,7 @@ def read_mask_folder_split(
             f"{root}: {len(unmatched)} image/mask files have no partner (e.g. {name}: no "
             f"{side} named {name}.*); every image needs a mask with the same file stem"
         )
-    stems = sorted(images)
-    return SegmentationSplit(
-        split,
-        [ImageRef(path=str(images[s])) for s in stems],
-        [ImageRef(path=str(masks[s])) for s in stems],
-    )
+    return [(ImageRef(path=str(images[s])), ImageRef(path=str(masks[s]))) for s in sorted(images)]
 
 
 def read_hf_segmentation(
@@ -377,18 +362,11 @@ def read_hf_segmentation(
     image_column: str = "image",
     mask_column: str = "annotation",
 ) -> SegmentationSplit:
-    for column in (image_column, mask_column):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"split {split!r} has no {column!r} column (columns: {dataset.column_names}); "
-                "set data.image_column / data.mask_column"
-            )
+    _require_columns(dataset, split, {image_column: "image_column", mask_column: "mask_column"})
     rows = dataset.cast_column(image_column, datasets.Image(decode=False)).cast_column(
         mask_column, datasets.Image(decode=False)
     )
-    n = len(rows)
-    return SegmentationSplit(
-        split,
-        [ImageRef(dataset=rows, index=i, column=image_column) for i in range(n)],
-        [ImageRef(dataset=rows, index=i, column=mask_column) for i in range(n)],
-    )
+    return [
+        (ImageRef(None, rows, i, image_column), ImageRef(None, rows, i, mask_column))
+        for i in range(len(rows))
+    ]

@@ -14,18 +14,14 @@ from __future__ import annotations
 from typing import Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lavit.dense.backbone import DenseBackbone
-from lavit.errors import CheckpointError
 from lavit.training.optim import optimizer_and_schedule, step_schedule, steps_per_epoch
 
 __all__ = ["DenseTaskModule", "LRSchedule"]
 
 LRSchedule = Literal["step", "poly"]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DenseTaskModule(L.LightningModule):
@@ -42,32 +38,28 @@ class DenseTaskModule(L.LightningModule):
     def _build_backbone(self, out_strides: tuple[int, ...]) -> DenseBackbone:
         hp = self.hparams
         backbone = DenseBackbone(
-            hp.backbone,
-            out_strides=out_strides,
-            img_size=hp.img_size,
-            drop_path_rate=hp.drop_path_rate,
-            model_kwargs=hp.backbone_kwargs,
+            hp.backbone, out_strides, hp.img_size, hp.drop_path_rate, hp.backbone_kwargs
         )
         if hp.backbone_checkpoint:
-            try:
-                report = backbone.load_checkpoint(hp.backbone_checkpoint)
-            except CheckpointError as err:
-                message = str(err)
-                if not message.startswith("--model.backbone_checkpoint"):
-                    message = f"--model.backbone_checkpoint: {message}"
-                raise CheckpointError(message) from None
-            rank_zero_info(
-                f"backbone: {report.loaded} tensors from {report.path}"
-                f"{f' (under {report.prefix!r})' if report.prefix else ''}; converted to this "
-                f"input size: {len(report.converted)}; dropped: {', '.join(report.dropped) or '-'}"
-            )
+            loaded = backbone.load_checkpoint(hp.backbone_checkpoint)
+            rank_zero_info(f"backbone: {loaded} tensors from {hp.backbone_checkpoint}")
         return backbone
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to ``self``) not decayed besides norms and biases (timm's
-        optimizer factory asks the module it is given)."""
-        prefix = next(name for name, m in self.named_modules() if m is self.backbone)
-        return {f"{prefix}.{n}" for n in self.backbone.no_weight_decay()}
+        optimizer factory asks the module it is given): the backbone's own (LaViT: position
+        embeddings, Ψ/Θ)."""
+        body = self.backbone.body
+        prefix = next(name for name, m in self.named_modules() if m is body)
+        names = body.no_weight_decay() if hasattr(body, "no_weight_decay") else set()
+        return {f"{prefix}.{n}" for n in names}
+
+    # Each task's _evaluate updates its metrics (val_metrics, test_metrics) with one batch.
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -89,7 +81,3 @@ class DenseTaskModule(L.LightningModule):
         )
 
     lr_scheduler_step = step_schedule  # a timm scheduler, stepped per update
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (images - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)

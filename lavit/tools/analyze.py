@@ -15,7 +15,6 @@ noise. ``--wandb`` logs the tables and the plot by ``lavit fit``'s W&B rule.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -131,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``lavit analyze``; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     try:
         model, img_size, label, preprocessing = load_model(args.model, args.img_size)
@@ -160,7 +159,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = {"saturation/plot": (paths["png"], title)}
         log_to_wandb(args, "analyze", meta, tables, images)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -158,7 +158,8 @@ def layer_comparison(
     for hook in hooks:
         hook.remove()
     rows = []
-    for (m, i), (tokens, grid, attn) in inputs.items():
+    # the stage calls a block as (x, grid, handed, return_probs)
+    for (m, i), (tokens, grid, attn, _) in inputs.items():
         la, va = model.stages[m].blocks[i], twin.stages[m].blocks[i]
 
         def tasks(x, handed, la=la, va=va, grid=grid) -> dict[str, Callable[[], Any]]:
@@ -395,7 +396,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables = {f"bench/{key}": result.get(key) for key in ("models", "comparisons", "layers")}
         log_to_wandb(args, "bench", config, tables)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,23 +1,14 @@
 """``lavit export``: a run's checkpoint as a folder that timm loads as it loads Hub weights.
 
     lavit export runs/base                       # its best (else last) checkpoint → runs/base/export/
-    lavit export runs/base/checkpoints/last.ckpt --out exported/lavit_cifar
     lavit export runs/base --push-to-hub my-name/lavit-cifar10   # and upload it (network, token)
 
-The folder holds ``model.safetensors`` (the evaluation weights: the EMA when the run kept one) and
-``config.json``, written by timm's own ``save_for_hf``: the architecture, ``num_classes``,
-``label_names`` (the classes of the run's data), ``model_args`` (everything the model was built
-with: the LaViT switches, widths, ``img_size``) and ``pretrained_cfg`` (input size, mean, std, crop
-and interpolation of the run's evaluation transform). ``--push-to-hub`` uploads the same with
-timm's ``push_to_hf_hub``. After writing, the folder is loaded back through timm and its logits
-compared with the checkpoint's. Loading it (``import lavit`` registers the LaViT architectures)::
+timm's own ``save_for_hf`` writes ``model.safetensors`` (the EMA weights when the run kept them)
+and ``config.json`` (architecture, label names, the model's arguments, the run's evaluation
+preprocessing), ``push_to_hf_hub`` uploads them; the folder is then loaded back through timm and
+its logits compared with the checkpoint's. Loading it (docs/training.md)::
 
-    model = timm.create_model("local-dir:exported/lavit_cifar", pretrained=True)
-    model = timm.create_model("hf-hub:my-name/lavit-cifar10", pretrained=True)  # pushed
-    model = timm.create_model(                                          # the weights file alone
-        "lavit_cifar", pretrained=True, **model_args,
-        pretrained_cfg_overlay=dict(file="exported/lavit_cifar/model.safetensors", num_classes=10),
-    )
+    model = timm.create_model("local-dir:runs/base/export", pretrained=True)  # after `import lavit`
 """
 
 from __future__ import annotations
@@ -26,7 +17,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import timm
 import torch
@@ -61,47 +51,32 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
-def label_names(checkpoint: dict[str, Any]) -> list[str] | None:
-    """The class names: stored by ``lavit fit`` in the checkpoint, else read from its data."""
-    names = checkpoint.get("class_names")
-    if names:
-        return list(names)
-    data = checkpoint.get("datamodule_hyper_parameters")
-    if not data:
-        return None
-    from lavit.training.data import ImageDataModule
-
-    try:  # metadata only for local sources; the Hub (or its cache) for a Hub id
-        return list(ImageDataModule(**data).class_names)
-    except (ValueError, OSError, TypeError) as err:
-        print(f"[export] label names: not stored in the checkpoint, and its data: {err}")
-        return None
-
-
 def check_hub_push_possible(repo_id: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> None:
     """Fail at once (``ExportError``) when a push to ``repo_id`` cannot work from here."""
     import huggingface_hub
     import huggingface_hub.constants
 
+    problem = None
     if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise ExportError(
-            f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set; unset it on a machine with the "
-            "network (the folder can be pushed later from there)"
+        problem = (
+            "HF_HUB_OFFLINE is set; unset it on a machine with the network (the folder can be "
+            "pushed later from there)"
         )
-    if huggingface_hub.get_token() is None:
-        raise ExportError(
-            f"--push-to-hub {repo_id}: no Hugging Face token; set HF_TOKEN or run `hf auth login`"
-        )
-    try:
-        huggingface_hub.HfApi().model_info(repo_id, timeout=timeout)
-    except huggingface_hub.errors.HfHubHTTPError:
-        return  # the Hub answered (a new repo is a 404): reachable
-    except Exception as err:  # the transport's error classes differ between versions
-        raise ExportError(
-            f"--push-to-hub {repo_id}: the Hugging Face Hub is unreachable from this machine "
-            f"({type(err).__name__}: {err}); export without --push-to-hub and push the folder "
-            "from a machine with the network"
-        ) from None
+    elif huggingface_hub.get_token() is None:
+        problem = "no Hugging Face token; set HF_TOKEN or run `hf auth login`"
+    else:
+        try:
+            huggingface_hub.HfApi().model_info(repo_id, timeout=timeout)
+        except huggingface_hub.errors.HfHubHTTPError:
+            pass  # the Hub answered (a new repo is a 404): reachable
+        except Exception as err:  # the transport's error classes differ between versions
+            problem = (
+                f"the Hugging Face Hub is unreachable from this machine ({type(err).__name__}: "
+                f"{err}); export without --push-to-hub and push the folder from a machine with "
+                "the network"
+            )
+    if problem:
+        raise ExportError(f"--push-to-hub {repo_id}: {problem}")
 
 
 def _same_logits(model: nn.Module, folder: Path, input_size: tuple[int, ...]) -> None:
@@ -121,12 +96,13 @@ def _same_logits(model: nn.Module, folder: Path, input_size: tuple[int, ...]) ->
 
 def export_checkpoint(
     checkpoint_path: str | Path,
-    out: str | Path,
+    out: str | Path | None = None,
     ema: bool = True,
     push_to_hub: str | None = None,
     private: bool = False,
 ) -> Path:
-    """Write ``out/model.safetensors`` and ``out/config.json``, optionally push them; ``out``."""
+    """Write ``out/model.safetensors`` and ``out/config.json`` (``out``: by default the run
+    directory's ``export/``), optionally push them; returns ``out``."""
     from timm.models import push_to_hf_hub, save_for_hf
 
     if push_to_hub:
@@ -138,11 +114,12 @@ def export_checkpoint(
     except CheckpointError as err:
         raise ExportError(str(err)) from None
     config = data_config(checkpoint)
-    names = label_names(checkpoint)
+    names = checkpoint.get("class_names")  # stored by `lavit fit`
     model_config = {"label_names": names} if names else None
-    if names is not None and len(names) != model.num_classes:
+    if names and len(names) != model.num_classes:
         raise ExportError(f"{len(names)} class names for a {model.num_classes}-class model")
-    out = Path(out)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    out = Path(out or run_dir / "export")
     save_for_hf(model, out, model_config=model_config, safe_serialization=True, data_config=config)
     saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
     _same_logits(model, out, tuple(saved["pretrained_cfg"]["input_size"]))
@@ -187,13 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     add("--private", action="store_true", help="a new Hub repo is private")
     args = parser.parse_args(argv)
     try:
-        out = args.out
-        if out is None:  # the run directory's export/
-            ckpt = find_checkpoint(args.checkpoint)
-            out = (
-                ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-            ) / "export"
-        export_checkpoint(args.checkpoint, out, not args.no_ema, args.push_to_hub, args.private)
+        export_checkpoint(
+            args.checkpoint, args.out, not args.no_ema, args.push_to_hub, args.private
+        )
     except ExportError as err:
         return fail(PROG, str(err))
     return 0

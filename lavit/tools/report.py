@@ -1,15 +1,11 @@
 """``lavit report``: the ablation table of a sweep, as the paper would print it.
 
     lavit report runs/sweeps/va_layers                      # a sweep run by `lavit sweep`
-    lavit report runs/sweeps/va_layers --top1 final --out reports/va_layers
     lavit report --wandb-sweep my-team/lavit/abc123 --out reports/va_layers   # online only
 
-One row per setting (the swept parameters except the seed): parameters, MACs (from each run's
-``run_info.json``), top-1 as mean ± sample std over the seeds (each run's best epoch of
-``val/top1``, or its last with ``--top1 final``), the seeds that finished, and inference
-throughput: the run's own when it logged one, else measured here with ``lavit bench``'s
-interleaved timing (``--bench-batch``, CPU or the first GPU) unless ``--no-bench``.
-Writes ``ablation.md``, ``ablation.csv`` and ``ablation.png`` (bars with ± std) in ``--out``.
+One row per setting (the swept parameters except the seed): params, MACs, top-1 as mean ± sample
+std over the seeds, and inference throughput (the runs' own, else timed here as ``lavit bench``
+times it). Writes ``ablation.md``, ``.csv`` and ``.png`` in ``--out`` (docs/sweeps.md).
 """
 
 from __future__ import annotations
@@ -18,21 +14,19 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import socket
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from lavit.errors import EXIT_FAILURE
 from lavit.models.factory import LAVIT_SWITCHES, create_model
 from lavit.tables import markdown_table, write_csv
 from lavit.tools._cli import fail, positive_int, say, tool_parser
 from lavit.tools.sweep_engine import STATE_FILE, load_state, read_metric_history, run_values
+from lavit.tools.sweep_status import count_states
 from lavit.tools.timing import inference_task, median, synchronizer, time_interleaved
-from lavit.training.logging import explicit_wandb_mode
+from lavit.training.logging import explicit_wandb_mode, wandb_unreachable
 
 PROG = "lavit report"
 DEFAULT_METRIC = "val/top1"
@@ -95,7 +89,7 @@ def _result(name, values, state, series, meta, throughput) -> RunResult:
                      throughput, model_config)  # fmt: skip
 
 
-def _run_info(run_dir: Path) -> dict[str, Any]:
+def run_info(run_dir: Path) -> dict[str, Any]:
     """The newest readable ``run_info.json`` of a run directory (one per attempt), or ``{}``."""
     for path in sorted(run_dir.rglob("run_info.json"), key=lambda p: -p.stat().st_mtime):
         with contextlib.suppress(OSError, json.JSONDecodeError):  # a run killed while writing
@@ -114,7 +108,7 @@ def collect_local(sweep_dir: Path, metric: str | None = None) -> tuple[list[RunR
     results = []
     for record in state.runs:
         run_dir = sweep_dir / record.run_dir
-        info = _run_info(run_dir)
+        info = run_info(run_dir)
         history = record.history or read_metric_history(run_dir)
         series = [row[metric] for row in history if metric in row]
         final = (info.get("final") or {}).get("metrics") or {}
@@ -131,19 +125,15 @@ def check_wandb_reachable(timeout: float = 5.0) -> None:
     """Fail fast, with a clear message, when the W&B API cannot be used from here."""
     mode = explicit_wandb_mode()
     if mode in ("offline", "disabled"):
-        raise SystemExit(
+        raise ValueError(
             f"--wandb-sweep needs the W&B API, but WANDB_MODE={mode}: unset it, or "
             "report a local sweep instead (`lavit report <sweep dir>` of a `lavit sweep` run)"
         )
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as err:
-        raise SystemExit(
-            f"cannot reach W&B at {host}:{port} ({err}): --wandb-sweep needs the network; "
-            "offline, run the sweep with `lavit sweep` and report its sweep dir"
-        ) from None
+    if reason := wandb_unreachable(timeout):
+        raise ValueError(
+            f"cannot reach W&B: {reason}; --wandb-sweep needs the network (offline, run the "
+            "sweep with `lavit sweep` and report its sweep dir)"
+        )
 
 
 def _swept_value(config: dict[str, Any], name: str) -> Any:
@@ -164,7 +154,7 @@ def collect_wandb(sweep_path: str, metric: str | None = None) -> tuple[list[RunR
     try:
         sweep = wandb.Api(timeout=30).sweep(sweep_path)
     except Exception as err:  # wandb raises CommError, ValueError, auth errors...
-        raise SystemExit(f"cannot read W&B sweep {sweep_path!r}: {err}") from None
+        raise ValueError(f"cannot read W&B sweep {sweep_path!r}: {err}") from None
     metric = metric or (sweep.config.get("metric") or {}).get("name") or DEFAULT_METRIC
     swept = list(sweep.config.get("parameters") or {})
     results = []
@@ -220,29 +210,28 @@ def summarise_runs(
     return parameters, rows
 
 
-def _short(name: str) -> str:
-    return name.removeprefix("model.")
-
-
-def _format_value(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A swept value as the table shows it: lists as ``[1, 2, 1, 1]``."""
     return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
+
+
+def _values(parameters: list[str], row: SettingRow) -> dict[str, str]:
+    return {n.removeprefix("model."): format_value(row.values[n]) for n in parameters}
 
 
 def table_rows(parameters: list[str], rows: list[SettingRow], top1: str) -> list[dict[str, str]]:
     """The table as strings, one dict per row."""
     table = []
     for row in rows:
-        failed = sum(r.state == "failed" for r in row.runs)
-        stopped = sum(r.state == "stopped" for r in row.runs)  # by the sweep's early_terminate
-        apart = [f"{failed} failed"] * bool(failed) + [f"{stopped} stopped early"] * bool(stopped)
+        apart = count_states([r for r in row.runs if r.state != "finished"])
         mean = "n/a" if row.mean is None else f"{row.mean:.2f}"
         table.append(
-            {_short(n): _format_value(row.values[n]) for n in parameters}
+            _values(parameters, row)
             | {
                 "params (M)": "n/a" if row.params is None else f"{row.params / 1e6:.3f}",
                 "MACs (M)": "n/a" if row.macs is None else f"{row.macs / 1e6:.1f}",
                 f"top-1 % ({top1})": mean + ("" if row.std is None else f" ± {row.std:.2f}"),
-                "seeds": str(len(row.top1)) + (f" ({', '.join(apart)})" if apart else ""),
+                "seeds": str(len(row.top1)) + (f" ({apart})" if apart else ""),
                 "throughput (img/s)": f"{row.throughput:.0f}" if row.throughput else "n/a",
             }
         )
@@ -252,7 +241,7 @@ def table_rows(parameters: list[str], rows: list[SettingRow], top1: str) -> list
 def csv_rows(parameters: list[str], rows: list[SettingRow], top1: str) -> list[dict[str, Any]]:
     """Raw numbers (top-1 in percent), one row per setting, for the CSV file."""
     return [
-        {_short(n): _format_value(row.values[n]) for n in parameters}
+        _values(parameters, row)
         | {
             "params": row.params,
             "macs": row.macs,
@@ -274,9 +263,7 @@ def plot(path: Path, parameters: list[str], rows: list[SettingRow], top1: str, t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [
-        "\n".join(f"{_short(n)}={_format_value(row.values[n])}" for n in parameters) for row in rows
-    ]
+    labels = ["\n".join(f"{k}={v}" for k, v in _values(parameters, row).items()) for row in rows]
     means = [row.mean or 0.0 for row in rows]
     errors = [row.std or 0.0 for row in rows]
     figure, axes = plt.subplots(figsize=(max(4.0, 1.6 * len(rows) + 1.5), 4.2))
@@ -364,7 +351,7 @@ def main(argv: list[str]) -> int:
             results, metric = collect_local(args.sweep_dir, args.metric)
             title = load_state(args.sweep_dir).sweep_config.get("name") or args.sweep_dir.name
             out = args.out or args.sweep_dir / "report"
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         return fail(PROG, str(err))
     if not results:
         return fail(PROG, "the sweep has no runs yet", EXIT_FAILURE)

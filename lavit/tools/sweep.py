@@ -2,20 +2,11 @@
 
     lavit sweep sweeps/va_layers.yaml [--count N] [--devices cpu|0,1,...] [--sweep-dir DIR]
 
-* The ``sweeps`` package (W&B's sweep engine, extra ``lavit[sweep]``) validates the file and
-  proposes each run (grid, random or bayes; finished runs' metrics are fed back).
-* Each run is a subprocess of the sweep's ``command``, expanded as ``wandb agent`` expands it,
-  ``--override`` values appended, with its own run directory and log under the sweep dir.
-* One run at a time per ``--devices`` slot, slots in parallel, each run seeing only its GPU(s)
-  through ``CUDA_VISIBLE_DEVICES`` (``cpu`` hides every GPU). A failed run is recorded; the sweep
-  goes on. ``--after-run COMMAND`` runs after each run (e.g. commit the sweep dir).
-* ``early_terminate`` (hyperband) is the engine's own ``stop_runs``, fed the running runs' metric
-  histories from their CSV logs; a marked run gets SIGTERM (``lavit fit`` saves ``last.ckpt``)
-  and is recorded as ``stopped``.
-* ``<sweep dir>/sweep_state.json`` keeps the sweep: the same command again resumes it, skipping
-  finished and failed runs and redoing those an interruption cut short.
-
-``lavit report <sweep dir>`` turns the runs into the ablation table.
+Each run is a subprocess of the sweep's ``command`` as ``wandb agent`` expands it
+(:mod:`~lavit.tools.sweep_engine`), one at a time per ``--devices`` slot, slots in parallel
+(:mod:`~lavit.tools.sweep_runner`); ``<sweep dir>/sweep_state.json`` lets the same command resume
+the sweep. ``lavit report <sweep dir>`` turns the runs into the ablation table. docs/sweeps.md
+tells the whole story: early_terminate, --after-run, the status lines.
 """
 
 from __future__ import annotations
@@ -27,9 +18,9 @@ from pathlib import Path
 
 from lavit.errors import EXIT_INTERRUPTED
 from lavit.tools._cli import fail, positive_int, tool_parser
-from lavit.tools.sweep_engine import DONE_STATES, STOPPED, SweepEngineError
+from lavit.tools.sweep_engine import SweepEngineError
 from lavit.tools.sweep_runner import SweepRunner
-from lavit.tools.sweep_status import LiveStatus
+from lavit.tools.sweep_status import LiveStatus, count_states
 
 PROG = "lavit sweep"
 DEFAULT_SWEEP_ROOT = Path("runs") / "sweeps"
@@ -116,12 +107,5 @@ def main(argv: list[str]) -> int:
         return EXIT_INTERRUPTED
     except (ValueError, OSError, SweepEngineError) as err:
         return fail(PROG, str(err))
-    counts = {s: sum(r.state == s for r in state.runs) for s in (*DONE_STATES, "pending")}
-    print(
-        f"[sweep] {counts['finished']} finished, {counts['failed']} failed"
-        + (f", {counts[STOPPED]} stopped early" if counts[STOPPED] else "")
-        + (f", {counts['pending']} pending" if counts["pending"] else "")
-        + f"; table: lavit report {sweep_dir}",
-        flush=True,
-    )
+    print(f"[sweep] {count_states(state.runs) or 'no runs'}; table: lavit report {sweep_dir}")
     return 0

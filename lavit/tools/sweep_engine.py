@@ -208,8 +208,3 @@ def _number(text: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
-
-
-def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """W&B-style summary: the last logged value of every metric."""
-    return {k: v for row in history for k, v in row.items()}

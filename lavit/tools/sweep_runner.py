@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from filelock import FileLock, Timeout
+
 from lavit.tools.sweep_engine import (
     DONE_STATES,
     RUN_LOG,
@@ -35,7 +37,6 @@ from lavit.tools.sweep_engine import (
     replace_configs,
     run_values,
     save_state,
-    summarise,
 )
 from lavit.tools.sweep_status import LiveStatus, format_values, status_lines
 
@@ -87,7 +88,12 @@ class SweepRunner:
                 raise ValueError(f"{sweep_file}: early_terminate: {err}") from None
         self.name = config.get("name") or sweep_file.stem
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock_sweep_dir(sweep_dir)
+        # Two runners on one state file would run the same grid points twice.
+        self._lock = FileLock(sweep_dir / ".lock")
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise ValueError(f"another `lavit sweep` is running in {sweep_dir}") from None
         try:
             self.state = self._open_state(config, overrides, list(configs or []), retry_failed)
         except BaseException:
@@ -192,7 +198,9 @@ class SweepRunner:
         record.exitcode, record.ended_at = exitcode, now()
         record.duration_s = round(time.monotonic() - active.started, 1)
         history = read_metric_history(self.sweep_dir / record.run_dir)
-        record.summary_metrics, record.history = summarise(history), self._metric_rows(history)
+        # W&B's summary: the last logged value of every metric
+        record.summary_metrics = {k: v for row in history for k, v in row.items()}
+        record.history = self._metric_rows(history)
         finished = "finished" if exitcode == 0 else "failed"
         record.state = STOPPED if active.stop_requested else finished
         metric = self.state.metric_name
@@ -206,42 +214,35 @@ class SweepRunner:
         self.status.log(f"[sweep] {record.name} {said} in {record.duration_s:.0f} s ({outcome})")
         folder = self.sweep_dir / record.run_dir / "checkpoints"
         if self.delete_checkpoints and record.state == "finished" and folder.is_dir():
-            # a failed or stopped run keeps them, to be looked at or resumed
-            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-            shutil.rmtree(folder, ignore_errors=True)
-            self.status.log(
-                f"[sweep] {record.name}: deleted its checkpoints ({size / 2**20:.0f} MiB)"
-            )
+            shutil.rmtree(folder, ignore_errors=True)  # a failed or stopped run keeps them
+            self.status.log(f"[sweep] {record.name}: deleted its checkpoints")
         save_state(self.state, self.sweep_dir)
         if self.after_run:
             self._run_after_run(record)
 
     def _run_after_run(self, record: RunRecord) -> None:
         """``--after-run``, once the state file records the run; its failure is logged only."""
-        env = dict(os.environ)
-        env.update(
-            LAVIT_SWEEP_DIR=str(self.sweep_dir),
-            LAVIT_SWEEP_RUN=record.name,
-            LAVIT_SWEEP_RUN_DIR=str(self.sweep_dir / record.run_dir),
-            LAVIT_SWEEP_RUN_STATE=record.state,
-        )
+        env = os.environ | {
+            "LAVIT_SWEEP_DIR": str(self.sweep_dir),
+            "LAVIT_SWEEP_RUN": record.name,
+            "LAVIT_SWEEP_RUN_DIR": str(self.sweep_dir / record.run_dir),
+            "LAVIT_SWEEP_RUN_STATE": record.state,
+        }
         try:
             done = subprocess.run(
                 self.after_run, shell=True, env=env, capture_output=True, text=True,
                 timeout=AFTER_RUN_TIMEOUT_S,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
-            self.status.log(
-                f"[sweep] warning: --after-run did not finish in {AFTER_RUN_TIMEOUT_S} s after "
-                f"{record.name}; stopped it, the sweep goes on"
-            )
-            return
-        if done.returncode != 0:
+            problem = f"did not finish in {AFTER_RUN_TIMEOUT_S} s (stopped it)"
+        else:
+            if done.returncode == 0:
+                return
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            self.status.log(
-                f"[sweep] warning: --after-run exited with {done.returncode} after "
-                f"{record.name}; the sweep goes on" + "".join(f"\n  {line}" for line in tail)
-            )
+            problem = f"exited with {done.returncode}" + "".join(f"\n  {line}" for line in tail)
+        self.status.log(
+            f"[sweep] warning: --after-run {problem} after {record.name}; the sweep goes on"
+        )
 
     def _early_terminate(self, active: dict[int, _ActiveRun]) -> None:
         """Stop the running runs that the engine's hyperband marks (the file's early_terminate)."""
@@ -286,7 +287,7 @@ class SweepRunner:
 
     def close(self) -> None:
         """Release the sweep dir for another runner."""
-        self._lock.close()
+        self._lock.release()
 
     def run(self) -> SweepState:
         """Run until the sweep is exhausted or ``count`` runs have been started."""
@@ -317,19 +318,3 @@ class SweepRunner:
         except BaseException:  # KeyboardInterrupt, SIGTERM (see main), errors
             self._stop_all(active)
             raise
-
-
-def _lock_sweep_dir(sweep_dir: Path) -> IO[str]:
-    """An exclusive lock on the sweep dir while this process lives: two runners on one state
-    file would run the same grid points twice."""
-    handle = open(sweep_dir / ".lock", "w")  # noqa: SIM115 (held until the process exits)
-    try:
-        import fcntl
-
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # no fcntl (Windows): no lock
-        pass
-    except BlockingIOError:
-        handle.close()
-        raise ValueError(f"another `lavit sweep` is running in {sweep_dir}") from None
-    return handle

@@ -21,8 +21,6 @@ import yaml
 from lavit.tools.sweep_engine import DONE_STATES, read_metric_history, run_values
 from lavit.units import format_duration
 
-ERASE_LINE = "\x1b[2K"
-
 
 @dataclass
 class RunProgress:
@@ -34,16 +32,12 @@ class RunProgress:
     epochs_done: int = 0  # epochs with a logged value of the sweep metric
     eta_s: float | None = None  # the run's own estimate of its remaining training time
 
-    @property
-    def fraction(self) -> float | None:
-        """Validated epochs / max_epochs, when known."""
-        return min(1.0, self.epochs_done / self.max_epochs) if self.max_epochs else None
-
     def fraction_at(self, elapsed: float) -> float | None:
-        """Share done after ``elapsed`` s: from ``train/eta_s`` when logged, else the epochs."""
-        if self.eta_s is None or elapsed + self.eta_s <= 0:
-            return self.fraction
-        return min(1.0, elapsed / (elapsed + self.eta_s))
+        """Share done after ``elapsed`` s: from ``train/eta_s`` when logged, else validated
+        epochs / max_epochs (``None``: unknown)."""
+        if self.eta_s is not None and elapsed + self.eta_s > 0:
+            return min(1.0, elapsed / (elapsed + self.eta_s))
+        return min(1.0, self.epochs_done / self.max_epochs) if self.max_epochs else None
 
 
 def _max_epochs(run_dir: Path) -> int | None:
@@ -59,16 +53,16 @@ def _max_epochs(run_dir: Path) -> int | None:
 
 def run_progress(history: list[dict[str, Any]], run_dir: Path, metric: str | None) -> RunProgress:
     """A running run's progress from its metric rows (``read_metric_history``) and run dir."""
-    progress = RunProgress(max_epochs=_max_epochs(run_dir))
     epochs = [row["epoch"] for row in history if "epoch" in row]
-    progress.epoch = int(max(epochs)) + 1 if epochs else None
     values = [row for row in history if metric and metric in row]
-    if values:
-        progress.top1 = values[-1][metric]
-        progress.epochs_done = len({row.get("epoch", i) for i, row in enumerate(values)})
     etas = [row["train/eta_s"] for row in history if "train/eta_s" in row]
-    progress.eta_s = etas[-1] if etas else None
-    return progress
+    return RunProgress(
+        epoch=int(max(epochs)) + 1 if epochs else None,
+        max_epochs=_max_epochs(run_dir),
+        top1=values[-1][metric] if values else None,
+        epochs_done=len({row.get("epoch", i) for i, row in enumerate(values)}),
+        eta_s=etas[-1] if etas else None,
+    )
 
 
 def sweep_eta(
@@ -97,6 +91,13 @@ def sweep_eta(
 
 def format_values(values: dict[str, Any]) -> str:
     return " ".join(f"{name}={value}" for name, value in values.items())
+
+
+def count_states(runs: list) -> str:
+    """``2 finished, 1 failed, 1 stopped early``: the runs by state (none left out but zeros)."""
+    said = {"stopped": "stopped early"}
+    counts = {s: sum(r.state == s for r in runs) for s in (*DONE_STATES, "pending", "running")}
+    return ", ".join(f"{n} {said.get(s, s)}" for s, n in counts.items() if n)
 
 
 def total_runs(runner) -> int | None:
@@ -128,11 +129,9 @@ def status_lines(runner, active: dict[int, Any]) -> list[str]:
         progress = run_progress(read_metric_history(run_dir), run_dir, metric)
         fraction = progress.fraction_at(elapsed)
         running.append((elapsed, fraction))
-        epoch = (
-            "epoch ?"
-            if progress.epoch is None
-            else f"epoch {progress.epoch}/{progress.max_epochs or '?'}"
-        )
+        epoch = f"epoch {progress.epoch or '?'}"
+        if progress.epoch:
+            epoch += f"/{progress.max_epochs or '?'}"
         if progress.eta_s is not None and fraction is not None:
             epoch += f" ({fraction:.0%})"
         value = "-" if progress.top1 is None else f"{progress.top1:.4f}"
@@ -142,13 +141,13 @@ def status_lines(runner, active: dict[int, Any]) -> list[str]:
             f"({format_values(run_values(record.config))}): {epoch}, {metric} {value}, "
             f"{format_duration(elapsed)}"
         )
-    counts = {s: sum(r.state == s for r in runs) for s in DONE_STATES}
-    finished = [r.duration_s for r in runs if r.state == "finished" and r.duration_s]
+    done = [r for r in runs if r.state in DONE_STATES]
+    finished = [r.duration_s for r in done if r.state == "finished" and r.duration_s]
     started = sum(r.state != "pending" for r in runs)
     eta = sweep_eta(total, started, finished, running, len(runner.devices))
-    apart = ", ".join(f"{n} {s}" for s, n in counts.items() if n and s != "finished")
+    apart = count_states([r for r in done if r.state != "finished"])
     summary = (
-        f"[sweep] {runner.name}: {sum(counts.values())} of {total or '?'} runs done"
+        f"[sweep] {runner.name}: {len(done)} of {total or '?'} runs done"
         f"{f' ({apart})' if apart else ''}, {len(active)} running, "
         f"{format_duration(now_s - runner.started_at)} elapsed, ETA {format_duration(eta)}"
     )
@@ -164,38 +163,22 @@ class LiveStatus:
         self.stream = stream or sys.stdout
         self.tty = bool(self.stream.isatty()) if tty is None else tty
         self.interval_s = 1.0 if self.tty else interval_s
-        self._drawn: list[str] = []
-        self._last_shown = -math.inf
+        self.block: list[str] = []  # the lines on screen (a terminal only)
+        self.last_shown = -math.inf
 
-    def _write(self, text: str) -> None:
-        self.stream.write(text)
+    def _print(self, lines: list[str]) -> None:
+        # on a terminal: back to the block's first line and erase to the end of the screen
+        erase = f"\x1b[{len(self.block)}F\x1b[J" if self.block else ""
+        self.stream.write(erase + "".join(f"{line}\n" for line in lines))
         self.stream.flush()
-
-    def _erase(self) -> None:
-        if self._drawn:  # up to the block's first line, clear every line of it, up again
-            up = f"\x1b[{len(self._drawn)}F"
-            self._write(up + f"{ERASE_LINE}\n" * len(self._drawn) + up)
-
-    def _draw(self, lines: list[str]) -> None:
-        self._write("".join(f"{ERASE_LINE}{line}\n" for line in lines))
-        self._drawn = list(lines)
 
     def show(self, lines: list[str], force: bool = False) -> None:
         """Show ``lines`` now if due (or ``force``)."""
-        if not force and time.monotonic() - self._last_shown < self.interval_s:
-            return
-        self._last_shown = time.monotonic()
-        if self.tty:
-            self._erase()
-            self._draw(lines)
-        else:
-            self._write("".join(f"{line}\n" for line in lines))
+        if force or time.monotonic() - self.last_shown >= self.interval_s:
+            self.last_shown = time.monotonic()
+            self._print(lines)
+            self.block = list(lines) if self.tty else []
 
     def log(self, message: str) -> None:
         """An event line; on a terminal above the live block, which is drawn again below it."""
-        if not (self.tty and self._drawn):
-            return self._write(f"{message}\n")
-        block = self._drawn
-        self._erase()
-        self._write(f"{ERASE_LINE}{message}\n")
-        self._draw(block)
+        self._print([message, *self.block])

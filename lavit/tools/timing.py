@@ -85,10 +85,8 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+def autocast(device: torch.device, dtype: str) -> torch.autocast:
+    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
 
 
 def inference_task(model: nn.Module, x: torch.Tensor, device, dtype: str) -> Callable[[], Any]:
