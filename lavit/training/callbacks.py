@@ -71,14 +71,10 @@ def git_info() -> dict[str, Any] | None:
 def model_input_shape(model: nn.Module, datamodule: Any = None) -> tuple[int, int, int]:
     """(C, H, W) the model is trained at: LaViT's img_size, else the data's, else timm's cfg."""
     cfg_shape = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
-    channels = getattr(model, "in_chans", cfg_shape[0])
-    size = getattr(model, "img_size", None)
-    if size is None:
-        size = getattr(datamodule, "hparams", {}).get("img_size") if datamodule else None
-    if size is None:
-        size = cfg_shape[1:]
+    size = getattr(model, "img_size", None) or getattr(datamodule, "hparams", {}).get("img_size")
+    size = size or cfg_shape[1:]
     size = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(channels), int(size[0]), int(size[1]))
+    return (int(getattr(model, "in_chans", cfg_shape[0])), int(size[0]), int(size[1]))
 
 
 def run_file_dir(trainer: L.Trainer) -> Path:
