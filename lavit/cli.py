@@ -5,13 +5,9 @@
     lavit test --config experiments/base.yaml --ckpt_path best
     lavit bench ... | analyze ... | sweep ... | report ...   # non-Lightning tools (TOOL_COMMANDS)
 
-The run directory is ``--trainer.default_root_dir``; inside it: ``checkpoints/`` (``last.ckpt``
-and the best by ``val/top1``), one ``version_N/`` per attempt (config.yaml, metrics.csv,
-hparams.yaml, run_info.json, attention/), ``wandb/`` and ``wandb_run_id``; under ``wandb agent``
-it is ``<default_root_dir>/<sweep id>/<run id>``.
-
-This module only wires the pieces together; exit codes and exceptions are in
-:mod:`lavit.errors` (see RELIABILITY.md).
+The run directory is ``--trainer.default_root_dir``: ``checkpoints/`` (``last.ckpt``, the best by
+``val/top1``), one ``version_N/`` per attempt (config.yaml, metrics.csv, hparams.yaml,
+run_info.json, attention/), ``wandb/`` and ``wandb_run_id``. Exit codes: :mod:`lavit.errors`.
 """
 
 from __future__ import annotations
@@ -21,7 +17,6 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import yaml
@@ -33,8 +28,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lavit.errors import (
     EXIT_CONFIG_ERROR,
-    EXIT_DISK_FULL,
-    EXIT_DIVERGED,
     EXIT_FAILURE,
     EXIT_PREEMPTED,
     CheckpointError,
@@ -64,7 +57,7 @@ from lavit.training.predictions import PredictionWriter
 from lavit.training.pretrained import apply_pretrained_data_config
 from lavit.training.progress import Throughput
 from lavit.training.saturation_callback import AttentionSaturation
-from lavit.training.secrets import secret_in_arguments
+from lavit.training.secrets import config_files, secret_in_arguments
 
 __all__ = ["TOOL_COMMANDS", "DenseCLI", "LaViTCLI", "main", "names_task_classes"]
 
@@ -174,9 +167,10 @@ class LaViTCLI(LightningCLI):
             config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir, "checkpoints")
         # The range-checked values as builtins: they end up in checkpoints (read weights-only).
         for group in ("model", "data", "nonfinite", "saturation", "ddp"):
-            if config.get(group) is not None:
-                for key, value in vars(config[group]).items():
-                    config[group][key] = plain(value)
+            section = config.get(group)
+            section = section.get("init_args", section) if section is not None else None
+            for key, value in vars(section or Namespace()).items():
+                section[key] = plain(value)
         apply_pretrained_data_config(config)  # data defaults follow pretrained weights' config
 
     def instantiate_classes(self) -> None:
@@ -194,10 +188,8 @@ class LaViTCLI(LightningCLI):
         config = self._init("trainer")
         # Atomic, NaN-refusing, weights-only checkpoint files, unless a CheckpointIO is given or
         # the strategy writes sharded checkpoints its own way.
-        plugins = config.get("plugins")
-        plugins = (
-            [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
-        )
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
         strategy = config.get("strategy")
         sharded = isinstance(strategy, str) and any(
             name in strategy for name in ("fsdp", "deepspeed", "xla")
@@ -228,41 +220,32 @@ class LaViTCLI(LightningCLI):
             trainer.callbacks.append(PredictionWriter(options.output, int(options.top_k)))
         return trainer
 
-    # Data and checkpoint problems are reported before Lightning starts (one line, exit code 2).
     def before_fit(self) -> None:
-        self._check_data()
-        self._check_checkpoint()
+        """Data and checkpoint problems: one line and exit code 2 before Lightning starts.
 
-    def _before_evaluation(self) -> None:
-        resolve_best_checkpoint(self.config_init[self.subcommand], self.trainer.checkpoint_callback)
-        self._check_data()
-        self._check_checkpoint()
-
-    before_validate = before_test = before_predict = _before_evaluation
-
-    def _check_data(self) -> None:
-        """Load the data now (what Lightning's prepare_data would do), to report errors cleanly.
-
-        Local rank 0 only, as Lightning's ``prepare_data``: the other ranks load in ``setup``.
+        The data is loaded now (what Lightning's ``prepare_data`` would do, on local rank 0 only).
         """
-        if self.datamodule is None or self.trainer.local_rank != 0:
-            return
-        try:
-            self.datamodule.prepare_data()
-            problem = (
-                too_few_batches(self.datamodule, self.trainer, str(self.subcommand))
-                if isinstance(self.datamodule, ImageDataModule)
-                else None
+        if self.subcommand != "fit":
+            resolve_best_checkpoint(
+                self.config_init[self.subcommand], self.trainer.checkpoint_callback
             )
-        except (ValueError, OSError) as err:
-            raise DataError(str(err)) from None
-        if problem:
-            raise ConfigError(problem)
-
-    def _check_checkpoint(self) -> None:
+        if self.datamodule is not None and self.trainer.local_rank == 0:
+            try:
+                self.datamodule.prepare_data()
+                problem = (
+                    too_few_batches(self.datamodule, self.trainer, str(self.subcommand))
+                    if isinstance(self.datamodule, ImageDataModule)
+                    else None
+                )
+            except (ValueError, OSError) as err:
+                raise DataError(str(err)) from None
+            if problem:
+                raise ConfigError(problem)
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         path = checkpoint_file(ckpt_path, self.trainer.checkpoint_callback)
         check_checkpoint(path, self.model, fitting=self.subcommand == "fit")
+
+    before_validate = before_test = before_predict = before_fit
 
     def _subcommand_config(self):
         return self.config.get(str(self.subcommand), self.config)
@@ -313,11 +296,6 @@ class DenseCLI(LaViTCLI):
             name = monitor.split("/")[-1]
             config.checkpoint.monitor = monitor
             config.checkpoint.filename = f"best-epoch{{epoch:03d}}-{name}{{{monitor}:.4f}}"
-        for group in ("model", "data"):  # plain builtins into checkpoints (read weights-only)
-            init_args = config[group].get("init_args")
-            if init_args is not None:
-                for key, value in vars(init_args).items():
-                    init_args[key] = plain(value)
         super().before_instantiate_classes()
 
     def instantiate_classes(self) -> None:
@@ -339,19 +317,13 @@ def names_task_classes(args: Sequence[str]) -> bool:
     Such a run is a dense task (:class:`DenseCLI`); classification configs give the
     ``LaViTModule`` arguments directly.
     """
-    for i, arg in enumerate(args):
-        if arg.startswith(("--model=", "--model.class_path")) or arg == "--model":
-            return True
-        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else None
-        if arg.startswith(("--config=", "-c=")):
-            path = arg.split("=", 1)[1]
-        if path is None:
-            continue
+    if any(a == "--model" or a.startswith(("--model=", "--model.class_path")) for a in args):
+        return True
+    for path in config_files(args):
         try:
-            content = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError):
+            model = (yaml.safe_load(path.read_text()) or {}).get("model")
+        except (OSError, yaml.YAMLError, AttributeError):
             continue  # jsonargparse reports it
-        model = content.get("model") if isinstance(content, dict) else None
         if isinstance(model, str) or (isinstance(model, dict) and "class_path" in model):
             return True
     return False
@@ -400,16 +372,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli_class(args=None if argv is None else args)  # None: LightningCLI reads sys.argv
     except SIGTERMException:  # pre-empted: LastCheckpoint saved last.ckpt
         sys.exit(EXIT_PREEMPTED)
-    except DiskFullError as err:
-        _fail(str(err), EXIT_DISK_FULL)
     except ArgumentError as err:
         _fail(describe_parse_error(str(err), args), EXIT_CONFIG_ERROR)
-    except DataError as err:  # may list bad files, one per line
-        _fail(str(err).strip(), EXIT_CONFIG_ERROR)
-    except (ConfigError, CheckpointError) as err:
-        _fail(one_line(str(err)), EXIT_CONFIG_ERROR)
-    except NonFiniteLossError as err:
-        _fail(str(err), EXIT_DIVERGED)
+    except (ConfigError, CheckpointError, DiskFullError, NonFiniteLossError) as err:
+        # a DataError may list bad files, one per line
+        message = str(err).strip() if isinstance(err, DataError) else one_line(str(err))
+        _fail(message, err.exit_code)
     except RuntimeError as err:
         failure = distributed_failure(err)  # a traceback into the collective would tell nothing
         if failure is None:

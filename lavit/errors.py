@@ -1,8 +1,8 @@
 """The project's exceptions and exit codes, in one place.
 
-Every ``lavit`` command ends with one of these codes:
+Every ``lavit`` command ends with one of these codes (0: done); each error below carries its
+``exit_code``:
 
-* :data:`EXIT_OK` (0): done.
 * :data:`EXIT_FAILURE` (1): anything not listed below (a bug, a crashed DDP peer, ...).
 * :data:`EXIT_CONFIG_ERROR` (2): a bad option, data or checkpoint, reported before any work
   starts with one ``error: ...`` line.
@@ -24,7 +24,6 @@ __all__ = [
     "EXIT_DIVERGED",
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
-    "EXIT_OK",
     "EXIT_PREEMPTED",
     "CheckpointError",
     "ConfigError",
@@ -36,7 +35,6 @@ __all__ = [
     "one_line",
 ]
 
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG_ERROR = 2
 EXIT_DIVERGED = 3
@@ -47,6 +45,8 @@ EXIT_INTERRUPTED = 130
 
 class ConfigError(Exception):
     """A configuration value rejected when the model, data or trainer is built."""
+
+    exit_code = EXIT_CONFIG_ERROR
 
 
 class DataError(ConfigError):
@@ -68,9 +68,13 @@ class OptionError(ValueError):
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message is one line naming the file."""
 
+    exit_code = EXIT_CONFIG_ERROR
+
 
 class DiskFullError(OSError):
     """No space left to write a checkpoint; the message names it, the space, and how to resume."""
+
+    exit_code = EXIT_DISK_FULL
 
 
 class NonFiniteCheckpointError(RuntimeError):
@@ -79,6 +83,8 @@ class NonFiniteCheckpointError(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped on a non-finite loss; the message names the step and the last good checkpoint."""
+
+    exit_code = EXIT_DIVERGED
 
 
 def one_line(message: str) -> str:

@@ -911,15 +911,17 @@ FAKE_WANDB_KEY = "0123456789abcdef" * 2 + "deadbeef"  # 40 characters, like a re
 
 @contextlib.contextmanager
 def fake_wandb_server(kind: str):
-    """``http://127.0.0.1:<port>`` that refuses connections, accepts and never answers, or
-    answers every request with HTTP 401 (a server that rejects the key)."""
+    """``http://127.0.0.1:<port>`` that refuses connections, accepts and never answers, answers
+    every request with HTTP 401 (a rejected key), answers every request with garbage, or answers
+    the first request (our probe) and then never again."""
     if kind == "refused":
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
         probe.close()  # nothing listens there any more
         yield f"http://127.0.0.1:{port}"
-    elif kind == "silent":
+        return
+    if kind == "silent":
         server = socket.socket()
         server.bind(("127.0.0.1", 0))
         server.listen(64)  # connections complete in the backlog; nothing ever answers
@@ -927,64 +929,89 @@ def fake_wandb_server(kind: str):
             yield f"http://127.0.0.1:{server.getsockname()[1]}"
         finally:
             server.close()
-    else:
+        return
+    done, answered = threading.Event(), []
 
-        class Reject(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.send_response(401)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(b'{"errors": [{"message": "invalid api key"}]}')
+    class Fake(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            answered.append(self.path)
+            if kind == "stalls_after_probe" and len(answered) > 1:
+                done.wait()  # the connection stays open, unanswered, until the test ends
+                return
+            self.send_response(401 if kind == "bad_key" else 200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            body = {
+                "bad_key": b'{"errors": [{"message": "invalid api key"}]}',
+                "garbage": b"<html>not the W&B API</html>",
+                "stalls_after_probe": b'{"data": {"viewer": {"id": "u"}}}',
+            }[kind]
+            self.wfile.write(body)
 
-            do_GET = do_POST
+        do_GET = do_POST
 
-            def log_message(self, *args):
-                pass
+        def log_message(self, *args):
+            pass
 
-        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Reject)
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        try:
-            yield f"http://127.0.0.1:{httpd.server_address[1]}"
-        finally:
-            httpd.shutdown()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        done.set()
+        httpd.shutdown()
 
 
+# kind of server => what the warning names (after a good probe: wandb.init's error, whatever
+# it says), and the seconds the start may take with --wandb.init_timeout=3.
 WANDB_DOWN = {
-    "refused": "cannot reach",
-    "silent": "cannot reach",
-    "bad_key": "rejected the API key (HTTP 401)",
+    "refused": ("cannot reach", 3 + 5),
+    "silent": ("cannot reach", 3 + 5),
+    "bad_key": ("rejected the API key (HTTP 401)", 3 + 5),
+    "garbage": ("", 3 + 10),
+    "stalls_after_probe": ("", 3 + 40),
 }
 
 
-@pytest.mark.parametrize("kind", list(WANDB_DOWN))
+@pytest.mark.parametrize(
+    "kind, entry", [*((kind, "fit") for kind in WANDB_DOWN), ("garbage", "tools")]
+)
 def test_wandb_with_a_key_and_no_usable_server_starts_offline_in_bounded_time(
-    kind, tmp_path, monkeypatch, recwarn
+    kind, entry, tmp_path, monkeypatch, recwarn
 ):
     """A W&B API key in the environment and WANDB_BASE_URL at a local port that refuses
-    connections, accepts and never answers, or answers HTTP 401 (a rejected key);
-    --wandb.init_timeout=3
-    => the logger starts an offline W&B run within init_timeout + 5 s (no online run is started,
-    so no "run ID in use"), logs to it, and warns once, naming the reason and the `wandb sync`
-    command for the offline run
+    connections, accepts and never answers, answers HTTP 401 (a rejected key), answers garbage,
+    or answers the probe and then stalls; --wandb.init_timeout=3; `lavit fit`'s logger, or the
+    tools' start_wandb_run (`lavit bench|analyze --wandb`)
+    => an offline W&B run within init_timeout + 5 s (refused, silent, rejected: no online run is
+    started, so no "run ID in use"), or once wandb.init gives up (garbage: 10 s, stalls: 40 s);
+    it logs, and one warning names the reason and the `wandb sync` command for the offline run
     """
-    from lavit.training.logging import WandbOptions, default_loggers
+    from lavit.training.logging import WandbOptions, default_loggers, start_wandb_run
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
+    reason, seconds = WANDB_DOWN[kind]
     with fake_wandb_server(kind) as url:
         monkeypatch.setenv("WANDB_BASE_URL", url)
-        logger = default_loggers(tmp_path, WandbOptions(init_timeout=3))[1]
         started = time.monotonic()
-        run = logger.experiment
+        if entry == "fit":
+            logger = default_loggers(tmp_path, WandbOptions(init_timeout=3))[1]
+            run = logger.experiment
+            assert run.id == logger.version
+        else:
+            run = start_wandb_run(3, project="p", dir=str(tmp_path), config={"a": 1})
         elapsed = time.monotonic() - started
     try:
         run.log({"x": 1.0})
-        assert run.settings.mode == "offline" and run.id == logger.version
+        assert run.settings.mode == "offline"
     finally:
         run.finish()
-    assert elapsed < 3 + 5, elapsed
+    assert elapsed < seconds, elapsed
     warned = [str(w.message) for w in recwarn if "W&B could not start online" in str(w.message)]
-    assert len(warned) == 1 and WANDB_DOWN[kind] in warned[0], warned
+    assert len(warned) == 1 and reason in warned[0], warned
     assert f"wandb sync {run.settings.sync_dir}" in warned[0]
 
 

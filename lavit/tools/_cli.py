@@ -52,7 +52,7 @@ def log_to_wandb(
     fit``'s rule (``start_wandb_run``: offline when the server does not answer)."""
     import wandb
 
-    from lavit.training.wandb_runs import start_wandb_run
+    from lavit.training.logging import start_wandb_run
 
     run = start_wandb_run(
         args.wandb_init_timeout, project=args.wandb_project, job_type=job_type,

@@ -26,7 +26,7 @@ from lavit.tools._cli import fail, positive_int, say, tool_parser
 from lavit.tools.sweep_engine import STATE_FILE, load_state, read_metric_history, run_values
 from lavit.tools.sweep_status import count_states
 from lavit.tools.timing import inference_task, median, synchronizer, time_interleaved
-from lavit.training.wandb_runs import explicit_wandb_mode, wandb_unreachable
+from lavit.training.logging import explicit_wandb_mode, wandb_unreachable
 
 PROG = "lavit report"
 DEFAULT_METRIC = "val/top1"

@@ -46,13 +46,8 @@ PACKAGES = (
 
 
 def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    installed = {d.metadata["Name"].lower(): d.version for d in metadata.distributions()}
+    return {"python": sys.version.split()[0], **{name: installed.get(name) for name in PACKAGES}}
 
 
 def git_info() -> dict[str, Any] | None:
@@ -76,14 +71,10 @@ def git_info() -> dict[str, Any] | None:
 def model_input_shape(model: nn.Module, datamodule: Any = None) -> tuple[int, int, int]:
     """(C, H, W) the model is trained at: LaViT's img_size, else the data's, else timm's cfg."""
     cfg_shape = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
-    channels = getattr(model, "in_chans", cfg_shape[0])
-    size = getattr(model, "img_size", None)
-    if size is None:
-        size = getattr(datamodule, "hparams", {}).get("img_size") if datamodule else None
-    if size is None:
-        size = cfg_shape[1:]
+    size = getattr(model, "img_size", None) or getattr(datamodule, "hparams", {}).get("img_size")
+    size = size or cfg_shape[1:]
     size = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(channels), int(size[0]), int(size[1]))
+    return (int(getattr(model, "in_chans", cfg_shape[0])), int(size[0]), int(size[1]))
 
 
 def run_file_dir(trainer: L.Trainer) -> Path:
@@ -98,12 +89,6 @@ def run_file_dir(trainer: L.Trainer) -> Path:
     else:
         log_dir = logger.save_dir if logger is not None else None
     return Path(log_dir or trainer.default_root_dir)
-
-
-def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {
-        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) or v.numel() == 1
-    }
 
 
 class RunMetadata(Callback):
@@ -149,7 +134,7 @@ class RunMetadata(Callback):
         config = redact_secrets(self.config) if self.config is not None else None
         for logger in trainer.loggers:
             logger.log_hyperparams({"meta": self.info, **({"config": config} if config else {})})
-        self._write(trainer, {**self.info, "config": config})
+        self._write(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # --data.bad_images=lazy: the unreadable images met so far, counted by the data
@@ -159,13 +144,8 @@ class RunMetadata(Callback):
                 logger.log_metrics({"data/unreadable_images": met}, trainer.global_step)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._record_end(trainer)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._record_end(trainer)
-
-    def _record_end(self, trainer: L.Trainer) -> None:
         checkpoint = trainer.checkpoint_callback
+        best_score = getattr(checkpoint, "best_model_score", None)
         cpu = os.times()
         self.info["final"] = {
             # cost of the run: wall time since setup, and this process's CPU time (all threads)
@@ -174,22 +154,20 @@ class RunMetadata(Callback):
             "unreadable_images_met": getattr(trainer.datamodule, "num_unreadable_met", 0),
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
-            "metrics": _scalar_metrics(trainer.callback_metrics),
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
             "best_model_path": getattr(checkpoint, "best_model_path", None) or None,
-            "best_model_score": (
-                float(checkpoint.best_model_score)
-                if getattr(checkpoint, "best_model_score", None) is not None
-                else None
-            ),
+            "best_model_score": None if best_score is None else float(best_score),
         }
-        config = redact_secrets(self.config) if self.config is not None else None
-        self._write(trainer, {**self.info, "config": config})
+        self._write(trainer)
+
+    on_test_end = on_fit_end
 
     @rank_zero_only
-    def _write(self, trainer: L.Trainer, info: dict[str, Any]) -> None:
+    def _write(self, trainer: L.Trainer) -> None:
+        config = redact_secrets(self.config) if self.config is not None else None
         path = run_file_dir(trainer) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(info, indent=2, default=str) + "\n")
+        path.write_text(json.dumps({**self.info, "config": config}, indent=2, default=str) + "\n")
 
 
 class AttentionMaps(Callback):

@@ -1,26 +1,21 @@
-"""Checkpoint files that survive a crash and cannot run code: atomic writes, weights-only reads.
+"""Checkpoint files that survive a crash and cannot run code: :class:`AtomicCheckpointIO`.
 
-:class:`AtomicCheckpointIO` is the Lightning ``CheckpointIO`` plugin the CLI installs by default:
+The Lightning ``CheckpointIO`` plugin the CLI installs by default:
 
-* **writes** go to ``.<name>.partial`` in the same folder, are flushed and ``fsync``-ed, then
-  ``os.replace``-d over ``<name>`` (and the folder is ``fsync``-ed): a process killed at any moment,
-  even mid-write, leaves either the previous complete file or the new complete one, never a
-  truncated ``last.ckpt``. Replacing also turns a ``last.ckpt`` symlink into a real file.
+* **writes** go to ``.<name>.partial``, are ``fsync``-ed, then ``os.replace``-d over ``<name>``:
+  a process killed at any moment leaves the previous complete file or the new one, never a
+  truncated ``last.ckpt``;
 * a **full disk** leaves the previous files intact too, and ends in one :class:`DiskFullError`
   naming the file, the space it needed and the checkpoint to resume from;
-* a checkpoint whose weights hold NaN is **refused** (:class:`NonFiniteCheckpointError`), so a
-  diverged run can never overwrite a good checkpoint with a broken one.
-* **reads** use ``torch.load(weights_only=True)`` whatever the caller asks: a checkpoint holds
-  tensors and plain values only, so a file that needs pickled code (a malicious ``__reduce__``) is
-  refused before anything in it runs. Every failure is a :class:`CheckpointError` with a one-line
-  message (missing, empty, truncated, not a checkpoint, pickled objects, not a Lightning one).
-
-Which checkpoint a run resumes from, and when ``last.ckpt`` is written, is
-:mod:`lavit.training.checkpointing`'s business.
+* a checkpoint whose weights hold NaN is **refused** (:class:`NonFiniteCheckpointError`);
+* **reads** are ``torch.load(weights_only=True)`` whatever the caller asks: a file that needs
+  pickled code is refused before anything in it runs. Every failure is a one-line
+  :class:`CheckpointError` (missing, empty, truncated, not a checkpoint, pickled objects).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -28,6 +23,7 @@ import pickle
 import re
 import shutil
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -70,16 +66,12 @@ def nan_tensors(state_dict: dict[str, Any]) -> list[str]:
 
 
 def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # not supported here (e.g. Windows): the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with contextlib.suppress(OSError):  # a folder cannot be opened everywhere; rename is atomic
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _first_line(text: str) -> str:
@@ -127,18 +119,12 @@ def load_checkpoint_file(
         raise CheckpointError(f"{path}: no such checkpoint file")
     if file.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    # no mmap for the legacy (non-zip) format: torch.load refuses it
+    mmap = mmap and zipfile.is_zipfile(file)
     with warnings.catch_warnings():  # torch warns about the pickle protocol of garbage files
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
-            try:
-                checkpoint = torch.load(
-                    file, map_location=map_location, weights_only=True, mmap=mmap
-                )
-            except RuntimeError as err:
-                if not (mmap and "mmap can only be used" in str(err)):
-                    raise
-                # Not the zip format: no mmap, read it whole (still weights-only).
-                checkpoint = torch.load(file, map_location=map_location, weights_only=True)
+            checkpoint = torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
         except Exception as err:  # torch.load raises many types for a bad file
             raise _load_error(path, err) from None
     if lightning and (not isinstance(checkpoint, dict) or "state_dict" not in checkpoint):
@@ -187,7 +173,8 @@ def state_dict_mismatch(
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` with atomic, durable writes, NaN refusal and weights-only reads.
 
-    Remote paths (``s3://...``) keep Lightning's own writing; reads are weights-only everywhere.
+    Lightning's own writes a file in place (a kill mid-write truncates it); remote paths
+    (``s3://...``) keep them. Reads are weights-only everywhere.
     """
 
     def save_checkpoint(
@@ -213,7 +200,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             temporary.unlink(missing_ok=True)
             if not isinstance(err, OSError | RuntimeError):
                 raise
-            needed, free = _file_size(checkpoint), shutil.disk_usage(target.parent).free
+            buffer = io.BytesIO()  # the exact size the file needs (only after a failed write)
+            torch.save(checkpoint, buffer)
+            needed, free = buffer.tell(), shutil.disk_usage(target.parent).free
             # torch's zip writer reports ENOSPC as "unexpected pos": tell it by the free space
             if getattr(err, "errno", None) == errno.ENOSPC or free < needed:
                 raise DiskFullError(_disk_full_message(target, needed, free)) from None
@@ -240,25 +229,6 @@ def _nan_message(path: _PATH, keys: list[str]) -> str:
         f"refusing to write checkpoint {path}: {len(keys)} weight tensor(s) hold NaN "
         f"(e.g. {keys[0]}); the checkpoint already on disk is kept"
     )
-
-
-class _ByteCounter(io.RawIOBase):
-    """A file that keeps nothing and counts what is written: the size a checkpoint needs."""
-
-    size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.size += memoryview(data).nbytes
-        return memoryview(data).nbytes
-
-
-def _file_size(checkpoint: dict[str, Any]) -> int:
-    counter = _ByteCounter()
-    torch.save(checkpoint, counter)
-    return counter.size
 
 
 def _disk_full_message(target: Path, needed: int, free: int) -> str:

@@ -28,10 +28,8 @@ __all__ = ["DDPOptions", "StopOtherRanks", "ddp_strategy", "distributed_failure"
 class StopOtherRanks(Callback):
     """When this process fails, kills the other ranks it launched instead of leaving them behind.
 
-    Lightning's DDP launcher (``--trainer.strategy=ddp`` started as one command) starts ranks
-    1..N-1 of a node as child processes of rank 0 and kills everything when a *child* dies, but
-    when rank 0 itself fails (e.g. its collective timed out because a child hangs) the children
-    are left running, holding the job (and its GPUs) forever.
+    Lightning's DDP launcher kills every rank when a child rank dies, but leaves the children
+    running (holding the job and its GPUs) when rank 0 itself fails.
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

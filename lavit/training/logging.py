@@ -1,31 +1,55 @@
-"""Loggers: CSV always, plus Weights & Biases online with credentials and offline without.
+"""Loggers: CSV always, plus Weights & Biases, which never crashes or hangs a run.
 
-W&B must never block or crash a run: :mod:`lavit.training.wandb_runs` decides the mode (offline
-at once without an API key, offline after a bounded probe when the server cannot be used) and
-says how to upload an offline run later.
+Every W&B run (``lavit fit`` through :func:`default_loggers`, ``lavit bench|analyze --wandb``
+through :func:`start_wandb_run`; ``lavit sweep`` runs ``lavit fit``) starts the same way, in
+:class:`FallbackWandbLogger`:
 
-A run directory keeps its W&B run id in ``<run_dir>/wandb_run_id``; a resumed run (``--ckpt_path``)
-continues that W&B run instead of starting a new one. Under ``wandb agent`` each run gets its own
-run directory (:func:`sweep_run_dir`).
+1. :func:`resolve_wandb_mode`: ``WANDB_MODE`` / ``WANDB_DISABLED`` when set, else online with an
+   API key (``WANDB_API_KEY`` or ``wandb login``'s ``~/.netrc`` entry), else offline, at once.
+2. Online: one authenticated request to the server (``WANDB_BASE_URL``) within the init timeout
+   (:func:`wandb_unreachable`); a refused connection, a silent server or a rejected key means
+   offline without starting an online run (``wandb.init`` retries a dead server for longer than
+   its ``init_timeout``, and a failed online start keeps the run id busy).
+3. If ``wandb.init`` fails online anyway (a server that stalls or answers garbage), W&B's
+   service is torn down and the run starts offline.
 
+Falling back says so once, with the ``wandb sync`` command that uploads the run later.
+A run directory keeps its W&B run id in ``<run_dir>/wandb_run_id``: a resumed run continues it.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import netrc
 import os
 import re
 import secrets
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lavit.training.options import PositiveSeconds
-from lavit.training.wandb_runs import FallbackWandbLogger, WandbMode, resolve_wandb_mode
 
-__all__ = ["WandbOptions", "default_loggers", "sweep_run_dir"]
+__all__ = [
+    "FallbackWandbLogger",
+    "WandbOptions",
+    "default_loggers",
+    "explicit_wandb_mode",
+    "resolve_wandb_mode",
+    "start_wandb_run",
+    "sweep_run_dir",
+    "wandb_unreachable",
+]
 
+WandbMode = Literal["auto", "online", "offline", "disabled"]
 RUN_ID_FILE = "wandb_run_id"
 
 
@@ -53,6 +77,122 @@ class WandbOptions:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     init_timeout: PositiveSeconds = 30.0
+
+
+def _base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+
+
+def _api_key() -> str | None:
+    """The API key W&B would use: ``WANDB_API_KEY``, else the ``~/.netrc`` entry of the server."""
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    host = urlparse(_base_url()).hostname
+    try:
+        entry = netrc.netrc().authenticators(host) if host else None
+    except (OSError, netrc.NetrcParseError):  # no ~/.netrc, or one we cannot read
+        return None
+    return entry[2] if entry else None
+
+
+def explicit_wandb_mode() -> Literal["online", "offline", "disabled"] | None:
+    """The mode the environment asks for (``WANDB_DISABLED``, ``WANDB_MODE``), or ``None``."""
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return "disabled"
+    env_mode = os.environ.get("WANDB_MODE", "").lower()
+    if env_mode:
+        return {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode)  # type: ignore[return-value]
+    return None
+
+
+def resolve_wandb_mode(mode: WandbMode = "auto") -> Literal["online", "offline", "disabled"]:
+    """The mode W&B starts in, before the server is asked (see the module docstring)."""
+    if mode != "auto":
+        return mode
+    return explicit_wandb_mode() or ("online" if _api_key() else "offline")
+
+
+def wandb_unreachable(timeout: float) -> str | None:
+    """Why an online W&B run cannot start from here, or ``None`` if the server accepts our key.
+
+    One GraphQL ``viewer`` query with the API key, answered within ``timeout`` seconds or not.
+    """
+    url = f"{_base_url()}/graphql"
+    auth = base64.b64encode(f"api:{_api_key() or ''}".encode()).decode()
+    request = urllib.request.Request(
+        url,
+        data=json.dumps({"query": "query Viewer { viewer { id } }"}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            return f"{url} rejected the API key (HTTP {err.code}); check WANDB_API_KEY or `wandb login`"
+        return f"{url} answered HTTP {err.code}"
+    except (OSError, ValueError) as err:  # refused, timed out, DNS, TLS, a malformed URL
+        return f"cannot reach {url} within {timeout:g} s ({getattr(err, 'reason', err)})"
+    return None
+
+
+class FallbackWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` that starts offline when the W&B server cannot be used.
+
+    Without ``mode`` (an online run) the run starts by steps 2 and 3 of the module docstring.
+    """
+
+    def __init__(self, *args: Any, init_timeout: float = 30.0, **kwargs: Any) -> None:
+        import wandb
+
+        self.probe = "mode" not in kwargs
+        # Our own Settings object, so the mode can be set after the probe (WANDB_MODE is read
+        # only once per process).
+        self.wandb_settings = wandb.Settings(init_timeout=init_timeout)
+        if self.probe:
+            self.wandb_settings.mode = "online"
+        super().__init__(*args, settings=self.wandb_settings, **kwargs)
+        self.init_timeout = init_timeout
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):  # noqa: D102 (documented by WandbLogger)
+        import wandb
+
+        if not self.probe:
+            return super().experiment
+        self.probe = False
+        reason = wandb_unreachable(self.init_timeout)
+        if reason is None:
+            try:
+                return super().experiment
+            except Exception as err:  # wandb raises several types (CommError, UsageError, ...)
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                wandb.teardown()  # its service keeps the failed run's id otherwise
+        self.wandb_settings.mode = "offline"
+        run = super().experiment
+        sync_dir = run.settings.sync_dir
+        rank_zero_warn(
+            f"W&B could not start online ({reason}); logging offline instead to {sync_dir}. "
+            f"Upload the run later with: wandb sync {sync_dir}"
+        )
+        return run
+
+
+def start_wandb_run(init_timeout: float = 30.0, mode: WandbMode = "auto", **init_kwargs: Any):
+    """A W&B run started as ``lavit fit``'s is, or ``None`` when W&B is disabled.
+
+    For the tools (``lavit bench --wandb``, ``lavit analyze --wandb``); ``init_kwargs`` go to
+    ``wandb.init`` (``dir``: where its files go).
+    """
+    resolved = resolve_wandb_mode(mode)
+    if resolved == "disabled":
+        return None
+    save_dir = init_kwargs.pop("dir", None) or "."
+    chosen = {} if resolved == "online" else {"mode": resolved}  # online: probed first
+    return FallbackWandbLogger(
+        save_dir=save_dir, init_timeout=init_timeout, **chosen, **init_kwargs
+    ).experiment
 
 
 def sweep_run_dir(run_dir: str) -> str:

@@ -27,12 +27,6 @@ __all__ = ["PREDICTIONS_FILE", "PredictionWriter"]
 PREDICTIONS_FILE = "predictions.csv"
 
 
-def _dataset_of(trainer: L.Trainer, dataloader_idx: int) -> Any:
-    loaders = trainer.predict_dataloaders
-    loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-    return loader.dataset
-
-
 class PredictionWriter(BasePredictionWriter):
     """Writes the predictions of ``lavit predict`` to a CSV file (see the module docstring).
 
@@ -62,7 +56,8 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        dataset = _dataset_of(trainer, dataloader_idx)
+        loaders = trainer.predict_dataloaders
+        dataset = (loaders[dataloader_idx] if isinstance(loaders, list) else loaders).dataset
         names = getattr(trainer.datamodule, "class_names", None)
         probs = prediction["probs"].float().cpu()
         labels = batch[1].cpu() if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
@@ -95,16 +90,11 @@ class PredictionWriter(BasePredictionWriter):
             return
         unique = {row["index"]: row for row in rows}  # a padded sampler repeats some images
         self.path = Path(self.output) if self.output else run_file_dir(trainer) / PREDICTIONS_FILE
-        self._write([unique[i] for i in sorted(unique)])
-        rank_zero_info(f"wrote {len(unique)} predictions to {self.path}")
-
-    def _write(self, rows: list[dict[str, Any]]) -> None:
-        assert self.path is not None
+        rows = [unique[i] for i in sorted(unique)]
+        columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c != "index"]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        columns = [c for c in (rows[0] if rows else {}) if c != "index"]
-        if rows and any("label" in row for row in rows):
-            columns += [c for c in ("label", "correct") if c not in columns]
         with self.path.open("w", newline="", encoding="utf-8") as stream:
             writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
+        rank_zero_info(f"wrote {len(rows)} predictions to {self.path}")

@@ -1,20 +1,11 @@
 """Exact resume at any step: a training loader that remembers where it is, and the RNG states.
 
-A checkpoint saved mid-epoch (SIGTERM, ``every_n_train_steps``) resumes with bit-identical
-results on CPU with ``num_workers=0``, because everything that draws random numbers continues
-where it stopped:
-
-* the data order: the training loader is torchdata's ``StatefulDataLoader`` (Lightning saves
-  and restores its state itself) with :class:`ResumableShuffle`, which shuffles exactly as
-  torch's ``RandomSampler`` does (a seed drawn from the global RNG when an epoch's iteration
-  starts) and stores that seed and how many indices it has handed out;
-* the augmentations, Mixup/CutMix and drop path, which draw from the global torch, numpy and
-  Python RNGs: :func:`rng_states` are stored in the checkpoint and put back
-  (:func:`set_rng_states`) just before the resumed epoch fetches its next batch.
-
-With worker processes (``num_workers > 0``) the order still resumes exactly, but each worker's
-augmentation RNG is seeded anew when the workers start, so the augmentations of the rest of
-that epoch differ from an uninterrupted run's.
+A checkpoint saved mid-epoch resumes bit-identically (CPU, ``num_workers=0``): the training
+loader is torchdata's ``StatefulDataLoader`` (Lightning saves its state) over
+:class:`ResumableShuffle`, and the global torch, numpy and Python RNGs (augmentations,
+Mixup/CutMix, drop path) are stored (:func:`rng_states`) and put back (:func:`set_rng_states`)
+just before the resumed epoch fetches its next batch. With worker processes the order still
+resumes exactly, but each worker's augmentation RNG is seeded anew.
 """
 
 from __future__ import annotations
@@ -42,7 +33,11 @@ def mid_epoch(trainer: Any) -> bool:
 # torchdata's stateful RandomSampler seeds once when built, so a resume from an epoch's end
 # shuffles anew (tests/test_module.py::test_resume_gives_the_same_weights...): hence this one.
 class ResumableShuffle(Sampler[int]):
-    """A random permutation per epoch, like ``RandomSampler``, that resumes where it stopped."""
+    """A random permutation per epoch, like ``RandomSampler``, that resumes where it stopped.
+
+    Like ``RandomSampler`` it draws a seed from the global RNG when an epoch's iteration starts;
+    its state is that seed and how many indices it has handed out.
+    """
 
     def __init__(self, data_source: Sized) -> None:
         self.data_source = data_source

@@ -16,7 +16,13 @@ from typing import Any
 
 import yaml
 
-__all__ = ["SECRET_ENV_VARS", "SECRET_KEYS", "redact_secrets", "secret_in_arguments"]
+__all__ = [
+    "SECRET_ENV_VARS",
+    "SECRET_KEYS",
+    "config_files",
+    "redact_secrets",
+    "secret_in_arguments",
+]
 
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 # Option or config keys that hold a credential (exact names: `class_token` etc. are model options).
@@ -50,7 +56,8 @@ def _secret_key(dotted: str) -> bool:
     return dotted.rsplit(".", 1)[-1].lower().replace("-", "_") in SECRET_KEYS
 
 
-def _config_files(args: Sequence[str]) -> list[Path]:
+def config_files(args: Sequence[str]) -> list[Path]:
+    """The existing files given as ``--config``/``-c`` in ``args``."""
     files = []
     for i, arg in enumerate(args):
         if arg in ("--config", "-c") and i + 1 < len(args):
@@ -78,7 +85,7 @@ def secret_in_arguments(args: Sequence[str]) -> str | None:
         for name, value in env_secrets.items():
             if value in arg:
                 return f"the value of {name} appears in the command line: {SECRET_HELP}"
-    for path in _config_files(args):
+    for path in config_files(args):
         text = path.read_text(errors="replace")
         try:
             content = yaml.safe_load(text)
