@@ -1,6 +1,6 @@
 """Process-wide CPU settings that the ``lavit`` commands apply before they build a model.
 
-Two avoidable costs of a PyTorch step on a CPU (measured in BENCHMARKS.md):
+Two avoidable costs of a PyTorch step on a CPU (measured in docs/benchmarks.md):
 
 * **Fresh pages.** glibc serves large allocations (every activation of a batch) with their own
   ``mmap`` and unmaps them on free, so each step faults its activations in again and the kernel

@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export PYTHON=${PYTHON:-python}  # exported: the --after-run hook uses it
-SLOTS=${SLOTS:-cpu,cpu}  # 2 cores: two 1-thread runs are ~1.2x one 2-thread run (BENCHMARKS.md)
+SLOTS=${SLOTS:-cpu,cpu}  # 2 cores: two 1-thread runs are ~1.2x one 2-thread run (docs/benchmarks.md)
 COMMIT=${COMMIT:-1}
 CONFIGS=(--config experiments/base.yaml --config experiments/ablation_cifar10.yaml)
 SWEEPS=("$@")

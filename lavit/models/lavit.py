@@ -1,6 +1,8 @@
 """LaViT (docs/spec.md §3): blocks → stage → model, as in timm's ``pvt_v2.py``.
 
 Variants are registered with timm: ``timm.create_model("lavit_tiny", num_classes=10)``.
+One model family per file, as timm keeps it (hence over 400 lines): the stage's attention
+hand-on, the standard timm API (intermediates, resizing, classifier reset) and the variants.
 """
 
 from __future__ import annotations
