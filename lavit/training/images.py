@@ -80,7 +80,11 @@ def check_images(paths: list[str], cache_file: Path) -> dict[str, str]:
         temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(known))
         os.replace(temporary, cache_file)  # atomically: a half-written cache is never read
-    rank_zero_info(f"checked {len(paths)} image files, {len(todo)} decoded (cache: {cache_file})")
+    message = f"checked {len(paths)} image files: {len(todo)} decoded (cache: {cache_file})"
+    if todo:  # from every process that decoded: a DDP job shows that one process per node did
+        print(message, file=sys.stderr)
+    else:
+        rank_zero_info(message)
     return {path: known[path][2] for path in paths if known[path][2]}
 
 
