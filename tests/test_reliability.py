@@ -976,7 +976,19 @@ WANDB_DOWN = {
 
 
 @pytest.mark.parametrize(
-    "kind, entry", [*((kind, "fit") for kind in WANDB_DOWN), ("garbage", "tools")]
+    "kind, entry",
+    [
+        (
+            "refused",
+            "fit",
+        ),  # the fast default run keeps one case; the others wait for real timeouts
+        *(
+            pytest.param(kind, "fit", marks=pytest.mark.slow)
+            for kind in WANDB_DOWN
+            if kind != "refused"
+        ),
+        pytest.param("garbage", "tools", marks=pytest.mark.slow),
+    ],
 )
 def test_wandb_with_a_key_and_no_usable_server_starts_offline_in_bounded_time(
     kind, entry, tmp_path, monkeypatch, recwarn

@@ -138,6 +138,7 @@ def test_the_page_states_what_the_seeds_resolve_and_what_they_cannot(tmp_path, m
     assert results.main([*argv, "--check"]) == 1  # stale
 
 
+@pytest.mark.slow
 def test_no_resolved_difference_is_said_so(tmp_path, monkeypatch):
     noisy = {"[1, 2, 3, 2]": [0.50, 0.52, 0.49], "[1, 2, 1, 1]": [0.51, 0.49, 0.50],
              "[1, 1, 1, 1]": [0.48, 0.50, 0.51]}  # fmt: skip

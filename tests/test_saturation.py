@@ -128,6 +128,7 @@ def test_callback_logs_files_and_wandb_table_and_image(tmp_path):
     assert model.training is False  # the model's mode is restored
 
 
+@pytest.mark.slow
 def test_the_cli_runs_the_callback_when_fit_ends_and_can_switch_it_off(tmp_path, monkeypatch):
     from conftest import TINY_LAVIT
 

@@ -59,6 +59,7 @@ def write_sweep(tmp_path: Path, values: list[float], **extra) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_hyperband_early_terminate_stops_the_run_below_the_band(tmp_path, monkeypatch, capsys):
     """min_iter 2, eta 2: at 2, 4, ... validations a running run whose best so far is below the
     median of every run's value there is stopped. The third setting is the worst."""

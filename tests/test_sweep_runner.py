@@ -137,6 +137,7 @@ def test_grid_with_a_crash_resumes_without_redoing_runs(tmp_path, fake_program, 
     assert (out / "ablation.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_redoes_the_cut_run(tmp_path, fake_program):
     sweep_file = write_sweep(
         tmp_path / "grid.yaml", fake_program, "grid", {"model.x": {"values": [0.1, 0.2, 0.3]}}

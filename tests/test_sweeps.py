@@ -308,7 +308,11 @@ def test_agent_command_expands_like_wandb_agent():
     ]
 
 
-@pytest.mark.parametrize("path", SWEEP_FILES, ids=ids(SWEEP_FILES))
+@pytest.mark.parametrize(
+    "path",
+    [*CIFAR_FILES, *(pytest.param(p, marks=pytest.mark.slow) for p in PAPER_FILES)],  # 224²: slow
+    ids=ids(SWEEP_FILES),
+)
 def test_every_proposed_run_reaches_the_model(path: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     config = load_sweep_config(path)
